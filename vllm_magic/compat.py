@@ -1,0 +1,75 @@
+"""The one place that knows how vLLM's API moved between 0.26 and 0.33.
+
+Everything else in vllm_magic imports these names from here instead of from vLLM directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:  # vLLM >= 0.11 moved the parser into argparse_utils
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+except ImportError:  # pragma: no cover - older layout
+    from vllm.utils import FlexibleArgumentParser  # type: ignore[no-redef]
+
+from vllm import SamplingParams
+from vllm.sampling_params import RequestOutputKind
+
+try:
+    from vllm.sampling_params import StructuredOutputsParams
+
+    _STRUCTURED_FIELD = "structured_outputs"
+except ImportError:  # pragma: no cover - before the rename, the same thing was "guided decoding"
+    from vllm.sampling_params import GuidedDecodingParams as StructuredOutputsParams  # type: ignore
+
+    _STRUCTURED_FIELD = "guided_decoding"
+
+__all__ = [
+    "FlexibleArgumentParser",
+    "SamplingParams",
+    "RequestOutputKind",
+    "StructuredOutputsParams",
+    "structured_outputs_kwargs",
+    "abort_requests",
+    "shutdown_engine",
+    "tokens_prompt",
+    "vllm_version",
+]
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def structured_outputs_kwargs(*, json: Any = None, regex: str | None = None,
+                              choice: list[str] | None = None) -> dict[str, Any]:
+    """SamplingParams keyword arguments that constrain the output, or ``{}``."""
+    spec = {k: v for k, v in {"json": json, "regex": regex, "choice": choice}.items() if v is not None}
+    if not spec:
+        return {}
+    return {_STRUCTURED_FIELD: StructuredOutputsParams(**spec)}
+
+
+def tokens_prompt(token_ids: list[int]) -> dict[str, Any]:
+    """A prompt given as token ids (we tokenize ourselves to know lengths before submitting).
+
+    vLLM 0.32 logs a one-time deprecation notice for raw prompt dicts in favour of its renderer
+    objects; the dict form works through 0.33 and is the one 0.26 understands.
+    """
+    return {"prompt_token_ids": list(token_ids)}
+
+
+def abort_requests(engine: Any, request_ids: list[str]) -> None:
+    """Abort requests in an ``LLMEngine`` (vLLM 0.32 added an ``internal`` flag; positional works)."""
+    if request_ids:
+        engine.abort_request(list(request_ids))
+
+
+def shutdown_engine(llm: Any) -> None:
+    """Stop an ``LLM``'s engine core and its worker processes."""
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()

@@ -1,0 +1,287 @@
+"""Request handles and results: what ``EngineSession.submit`` gives back.
+
+A :class:`RequestHandle` is filled by the engine's driver thread and read by any caller: iterate it
+for text deltas as they arrive, ``result()`` to wait for the final :class:`GenerationResult`,
+``await handle`` / ``async for delta in handle`` from asyncio, ``abort()`` to stop it. Waiting is
+interruptible: a ``KeyboardInterrupt`` while waiting aborts the request in the engine first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator
+
+__all__ = ["Completion", "GenerationResult", "RequestHandle", "RequestAborted", "EngineDiedError"]
+
+
+class EngineDiedError(RuntimeError):
+    """The engine process died; the session must be loaded again."""
+
+
+class RequestAborted(RuntimeError):
+    """Raised by ``result(raise_on_abort=True)`` for an aborted request."""
+
+
+@dataclass
+class Completion:
+    """One sampled answer (there are ``n`` per request)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    """The final state of one request.
+
+    ``ttft`` is the time from submission to the first generated text, in seconds;
+    ``tokens_per_second`` is the decode rate after the first token (output tokens / elapsed time
+    when only one token was produced).
+    """
+
+    request_id: str
+    prompt: str
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+    ttft: float | None
+    elapsed: float
+    aborted: bool = False
+    error: str | None = None
+    parsed: Any = None
+
+    @property
+    def text(self) -> str:
+        return self.completions[0].text if self.completions else ""
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.completions[0].token_ids if self.completions else []
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.completions[0].finish_reason if self.completions else None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.completions)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        tokens = self.output_tokens
+        if tokens == 0 or self.elapsed <= 0:
+            return None
+        if self.ttft is not None and tokens > 1 and self.elapsed > self.ttft:
+            return (tokens - 1) / (self.elapsed - self.ttft)
+        return tokens / self.elapsed
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_POLL = 0.05  # seconds between wake-ups while waiting, so Ctrl-C is handled promptly
+
+
+class RequestHandle:
+    """A live request; written by the driver thread, readable from any thread or event loop."""
+
+    def __init__(self, request_id: str, prompt: str, prompt_token_ids: list[int], n: int,
+                 abort: Callable[[str], None], parse: Callable[[str], Any] | None = None) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.submitted_at = time.perf_counter()
+        self._completions = [Completion(index=i) for i in range(n)]
+        self._deltas: list[tuple[int, str]] = []  # (completion index, text) in arrival order
+        self._first_token_at: float | None = None
+        self._finished_at: float | None = None
+        self._aborted = False
+        self._error: BaseException | None = None
+        self._abort = abort
+        self._parse = parse
+        self._cond = threading.Condition()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+
+    # ----- written by the driver thread ---------------------------------------------------------
+    def _push(self, index: int, text: str, token_ids: list[int], finish_reason: str | None) -> None:
+        with self._cond:
+            if self._finished_at is not None:
+                return
+            if self._first_token_at is None and (text or token_ids):
+                self._first_token_at = time.perf_counter()
+            completion = self._completions[index] if index < len(self._completions) else None
+            if completion is None:
+                completion = Completion(index=index)
+                self._completions.append(completion)
+            completion.text += text
+            completion.token_ids.extend(token_ids)
+            if finish_reason is not None:
+                completion.finish_reason = finish_reason
+            if text:
+                self._deltas.append((index, text))
+        self._notify()
+
+    def _finish(self, *, aborted: bool = False, error: BaseException | None = None) -> None:
+        with self._cond:
+            if self._finished_at is not None:
+                return
+            self._finished_at = time.perf_counter()
+            self._aborted = aborted
+            self._error = error
+            if aborted:
+                for c in self._completions:
+                    c.finish_reason = c.finish_reason or "abort"
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+            waiters, self._async_waiters = self._async_waiters, []
+        for loop, future in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # the loop was closed meanwhile
+                pass
+
+    # ----- read by callers -------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self._finished_at is not None
+
+    @property
+    def text(self) -> str:
+        """Text of the first completion generated so far."""
+        return self._completions[0].text
+
+    def abort(self) -> None:
+        """Stop the request in the engine; what was generated so far stays in the result."""
+        if not self.done:
+            self._abort(self.request_id)
+
+    def _wait_for(self, cursor: int, timeout: float | None) -> bool:
+        """Block until there are deltas past ``cursor`` or the request ended; Ctrl-C aborts."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with self._cond:
+                while len(self._deltas) <= cursor and self._finished_at is None:
+                    remaining = _POLL if deadline is None else min(_POLL, deadline - time.monotonic())
+                    if remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+            return True
+        except KeyboardInterrupt:
+            self.abort()
+            raise
+
+    def iter_deltas(self, timeout: float | None = None) -> Iterator[tuple[int, str]]:
+        """Yield ``(completion_index, text)`` deltas as they arrive, until the request ends."""
+        cursor = 0
+        while True:
+            if not self._wait_for(cursor, timeout):
+                raise TimeoutError(f"request {self.request_id} produced nothing for {timeout} s")
+            with self._cond:
+                fresh = self._deltas[cursor:]
+                cursor = len(self._deltas)
+                finished = self._finished_at is not None
+            yield from fresh
+            if finished and cursor == len(self._deltas):
+                self._raise_error()
+                return
+
+    def __iter__(self) -> Iterator[str]:
+        """Text deltas of the first completion (index 0) as they arrive."""
+        for index, text in self.iter_deltas():
+            if index == 0:
+                yield text
+
+    def result(self, timeout: float | None = None, *, raise_on_abort: bool = False) -> GenerationResult:
+        """Wait for the request to end and return its result."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"request {self.request_id} did not finish in {timeout} s")
+            self._wait_for(len(self._deltas), left)
+        self._raise_error()
+        if raise_on_abort and self._aborted:
+            raise RequestAborted(f"request {self.request_id} was aborted")
+        return self.snapshot()
+
+    def snapshot(self) -> GenerationResult:
+        """The result as it stands now (complete once ``done``)."""
+        with self._cond:
+            end = self._finished_at or time.perf_counter()
+            ttft = None if self._first_token_at is None else self._first_token_at - self.submitted_at
+            completions = [Completion(c.index, c.text, list(c.token_ids), c.finish_reason) for c in self._completions]
+            result = GenerationResult(
+                request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_token_ids),
+                completions=completions, ttft=ttft, elapsed=end - self.submitted_at, aborted=self._aborted,
+                error=None if self._error is None else str(self._error))
+        if self._parse is not None and self.done and not self._aborted and result.text:
+            try:
+                result.parsed = self._parse(result.text)
+            except Exception:  # an unparseable answer stays available as text
+                result.parsed = None
+        return result
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # ----- asyncio ---------------------------------------------------------------------------
+    async def _async_wait(self, cursor: int) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            future = loop.create_future()
+            with self._cond:
+                if len(self._deltas) > cursor or self._finished_at is not None:
+                    return
+                self._async_waiters.append((loop, future))
+            try:
+                await future
+            except asyncio.CancelledError:
+                self.abort()
+                raise
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        """``async for delta in handle``: text deltas of the first completion."""
+        cursor = 0
+        while True:
+            await self._async_wait(cursor)
+            with self._cond:
+                fresh = self._deltas[cursor:]
+                cursor = len(self._deltas)
+                finished = self._finished_at is not None
+            for index, text in fresh:
+                if index == 0:
+                    yield text
+            if finished and cursor == len(self._deltas):
+                self._raise_error()
+                return
+
+    async def aresult(self) -> GenerationResult:
+        """Await the final result without blocking the event loop."""
+        while not self.done:
+            await self._async_wait(len(self._deltas))
+        self._raise_error()
+        return self.snapshot()
+
+    def __await__(self):
+        return self.aresult().__await__()
+
+    def __repr__(self) -> str:
+        state = "aborted" if self._aborted else ("done" if self.done else "running")
+        return f"<RequestHandle {self.request_id} {state} {len(self.text)} chars>"
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,542 @@
+"""The kernel's one live vLLM engine, shared by every front-end.
+
+``get_session()`` returns the process-wide :class:`EngineSession`. ``load()`` is idempotent: the same
+resolved configuration returns the running engine at once; another one shuts the old engine down,
+checks that its memory came back, then starts the new one. ``submit()`` accepts many prompts or
+conversations at once and returns :class:`~vllm_magic.handles.RequestHandle` objects; one driver
+thread owns the engine, so callers on any thread or event loop are batched together by vLLM's
+scheduler.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import itertools
+import json
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from .engine_config import ConfigError, EngineConfig, platform_name, resolve_engine_config
+from .engine_log import EngineLog, quiet_vllm_environment
+from .handles import EngineDiedError, GenerationResult, RequestHandle
+from .sampling import SamplingDefaults, build_sampling_params
+
+__all__ = [
+    "EngineSession", "get_session", "LoadInfo", "SessionStatus", "NoEngineError", "EngineStartError",
+    "PromptTooLongError", "ConfigError", "EngineDiedError",
+]
+
+Message = dict[str, str]
+PromptLike = str | Sequence[Message]
+
+
+class NoEngineError(RuntimeError):
+    """No engine is loaded."""
+
+
+class EngineStartError(RuntimeError):
+    """The engine failed to start; the message carries vLLM's root cause in a few lines."""
+
+
+class PromptTooLongError(ValueError):
+    """A prompt does not fit the model's context window."""
+
+
+@dataclass
+class LoadInfo:
+    """What ``load()`` did."""
+
+    config: EngineConfig
+    already_loaded: bool
+    seconds: float
+    summary: str
+
+
+@dataclass
+class SessionStatus:
+    """A snapshot of the session, as ``%vllm_status`` shows it."""
+
+    loaded: bool
+    model: str | None = None
+    platform: str | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    max_model_len: int | None = None
+    kv_cache_tokens: int | None = None
+    memory_bytes: int | None = None
+    memory_kind: str | None = None
+    uptime: float | None = None
+    load_seconds: float | None = None
+    submissions: int = 0
+    requests_served: int = 0
+    tokens_out: int = 0
+    requests_live: int = 0
+    vllm_version: str | None = None
+    fingerprint: str | None = None
+    log_path: str | None = None
+
+    def _repr_markdown_(self) -> str:
+        if not self.loaded:
+            return "**vllm-magic**: no engine loaded. Run `%vllm_load` (demo model) or `%vllm_load MODEL`."
+        mem = "n/a" if self.memory_bytes is None else f"{self.memory_bytes / 2**30:.2f} GiB ({self.memory_kind})"
+        rows = [
+            ("model", f"`{self.model}`"), ("platform", self.platform), ("vLLM", self.vllm_version),
+            ("dtype", self.dtype), ("max model len", self.max_model_len),
+            ("KV cache", f"{self.kv_cache_tokens} tokens" if self.kv_cache_tokens else "n/a"),
+            ("memory", mem), ("uptime", f"{self.uptime:.0f} s"), ("load time", f"{self.load_seconds:.1f} s"),
+            ("requests served", self.requests_served), ("tokens out", self.tokens_out),
+            ("requests running", self.requests_live),
+            ("engine args", ", ".join(f"{k}={v}" for k, v in sorted(self.engine_args.items())) or "-"),
+        ]
+        return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+    def __repr__(self) -> str:
+        if not self.loaded:
+            return "SessionStatus(loaded=False)"
+        return (f"SessionStatus(model={self.model!r}, platform={self.platform!r}, requests_served="
+                f"{self.requests_served}, tokens_out={self.tokens_out})")
+
+
+class _Engine:
+    """What exists while an engine is loaded."""
+
+    def __init__(self, llm: Any, config: EngineConfig, driver: Any, children: set[int], load_seconds: float):
+        self.llm = llm
+        self.config = config
+        self.driver = driver
+        self.children = children
+        self.load_seconds = load_seconds
+        self.started = time.monotonic()
+        self.tokenizer = llm.get_tokenizer()
+        model_config = llm.llm_engine.model_config
+        self.max_model_len = int(model_config.max_model_len)
+        self.dtype = str(model_config.dtype).replace("torch.", "")
+        cache = llm.llm_engine.vllm_config.cache_config
+        blocks = getattr(cache, "num_gpu_blocks", None)
+        self.kv_cache_tokens = int(blocks * cache.block_size) if blocks else None
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+
+
+class EngineSession:
+    """Owns at most one vLLM engine and serves every front-end from it."""
+
+    def __init__(self, log: EngineLog | None = None) -> None:
+        self.defaults = SamplingDefaults()
+        self._log = log
+        self._engine: _Engine | None = None
+        self._lock = threading.RLock()  # serializes load/unload; submit only reads _engine
+        self._ids = itertools.count(1)
+        self._counter_lock = threading.Lock()
+        self.submissions = 0
+        self.requests_served = 0
+        self.tokens_out = 0
+        self.engines_created = 0
+        self.last_result: GenerationResult | None = None
+        self._listeners: list[Callable[[GenerationResult], None]] = []
+        weakref.finalize(self, _shutdown_engine_of, self._engine_box())
+
+    # ----- lifecycle -----------------------------------------------------------------------------
+    @property
+    def log(self) -> EngineLog:
+        if self._log is None:
+            self._log = EngineLog()
+        return self._log
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def config(self) -> EngineConfig | None:
+        return None if self._engine is None else self._engine.config
+
+    @property
+    def llm(self) -> Any:
+        """The underlying ``vllm.LLM`` (its engine is driven by the session's thread: don't step it)."""
+        return self._require().llm
+
+    def load(self, model: str | None = None, *, verbose: bool = False,
+             progress: Callable[[str, float], None] | None = None, **engine_kwargs: Any) -> LoadInfo:
+        """Load ``model`` (None: the demo model) with vLLM engine arguments, or reuse the live engine.
+
+        Raises :class:`ConfigError` (old engine kept) for a configuration that is invalid before
+        anything starts, and :class:`EngineStartError` (session left empty) when vLLM fails to start.
+        ``progress(stage, elapsed)`` is called about twice a second while a new engine starts.
+        """
+        start = time.perf_counter()
+        if self._engine is None:
+            quiet_vllm_environment(verbose)
+            with self.log.capture(verbose):  # the first vLLM imports print to the terminal
+                platform_name()
+                import vllm.engine.arg_utils  # noqa: F401
+        config = resolve_engine_config(model, **engine_kwargs)
+        with self._lock:
+            current = self._engine
+            if current is not None and current.config.fingerprint == config.fingerprint and current.driver.dead is None:
+                return LoadInfo(config, True, time.perf_counter() - start, self._summary(current, already=True))
+            quiet_vllm_environment(verbose)
+            if current is not None:
+                self._validate(config)  # refuse a bad new configuration while the old engine still runs
+                self.unload()
+            self._engine = self._start(config, verbose, progress)
+            return LoadInfo(config, False, time.perf_counter() - start, self._summary(self._engine))
+
+    def _validate(self, config: EngineConfig) -> None:
+        from vllm.engine.arg_utils import EngineArgs
+
+        try:
+            args = EngineArgs(**config.llm_kwargs())
+            with self.log.capture(self.log.verbose):
+                args.create_engine_config()
+        except Exception as exc:
+            raise ConfigError(_short_reason(exc)) from None
+
+    def _start(self, config: EngineConfig, verbose: bool, progress: Callable[[str, float], None] | None) -> _Engine:
+        import psutil
+
+        log = self.log
+        offset = log.size()
+        log.mark(f"loading {config.model} {json.dumps(config.engine_kwargs, default=str)}")
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        t0 = time.perf_counter()
+        try:
+            with log.follow(progress), log.capture(verbose):
+                from vllm import LLM
+
+                llm = LLM(**config.llm_kwargs())
+                # vLLM (re)configures its logger while the engine starts: take it over afterwards.
+                log.route_python_logger(verbose)
+        except BaseException as exc:
+            _reap(_engine_processes(before))
+            gc.collect()
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            reasons = log.errors_since(offset)
+            message = _short_reason(exc)
+            detail = "\n".join(r for r in reasons if r not in message)
+            raise EngineStartError(
+                f"vLLM could not start {config.model}: {message}" + (f"\n{detail}" if detail else "")
+                + "\nThe session is empty; %vllm_log shows vLLM's full log.") from None
+        children = _engine_processes(before)
+        self.engines_created += 1
+        from .driver import EngineDriver
+
+        driver = EngineDriver(llm.llm_engine, on_finished=self._count)
+        engine = _Engine(llm, config, driver, children, time.perf_counter() - t0)
+        self._box[0] = engine
+        return engine
+
+    def unload(self) -> bool:
+        """Shut the engine down and wait until its processes (and GPU memory) are gone.
+
+        Returns False when nothing was loaded. Safe to call twice.
+        """
+        with self._lock:
+            engine, self._engine = self._engine, None
+            self._box[0] = None
+            if engine is None:
+                return False
+            self.log.mark(f"unloading {engine.config.model}")
+            engine.driver.stop()
+            _shutdown(engine.llm)
+            llm = engine.llm
+            engine.llm = None
+            del llm
+            gc.collect()
+            _empty_device_cache()
+            leftovers = _reap(engine.children)
+            if leftovers:
+                self.log.mark(f"killed {leftovers} engine process(es) that outlived shutdown")
+            return True
+
+    def _engine_box(self) -> list:
+        self._box: list = [None]
+        return self._box
+
+    # ----- requests ------------------------------------------------------------------------------
+    def submit(self, prompts: PromptLike | Sequence[PromptLike], sampling: Any = None, *,
+               raw: bool | None = None, system: str | None = None, json_schema: Any = None,
+               regex: str | None = None, choice: list[str] | None = None,
+               **overrides: Any) -> list[RequestHandle]:
+        """Submit one or many prompts together; returns one handle per prompt.
+
+        ``prompts`` is a string, a conversation (a list of ``{"role", "content"}`` dicts), or a list
+        of either. Strings go through the model's chat template as one user message (with
+        ``system`` or the defaults' system prompt) unless ``raw`` is true. ``sampling`` is a
+        ``SamplingParams`` used as given, or None to build one from the session defaults and
+        ``overrides`` (``temperature=0``, ``max_tokens=5``, ``n=2``, ...).
+        """
+        engine = self._require()
+        items = _as_prompt_list(prompts)
+        raw = self.defaults.raw if raw is None else raw
+        system = self.defaults.system_prompt if system is None else system
+        if sampling is None:
+            sampling = build_sampling_params(self.defaults, overrides, json_schema=json_schema,
+                                             regex=regex, choice=choice)
+        elif overrides or json_schema is not None or regex is not None or choice is not None:
+            raise TypeError("pass either a SamplingParams or sampling keyword arguments, not both")
+        else:
+            from .compat import RequestOutputKind
+
+            sampling = sampling.clone()
+            sampling.output_kind = RequestOutputKind.DELTA
+        parse = json.loads if json_schema is not None else None
+        prepared = [self._prepare(engine, item, raw, system) for item in items]
+        handles, batch = [], []
+        for text, token_ids in prepared:
+            params = _fit_params(sampling, len(token_ids), engine.max_model_len)
+            request_id = f"vm-{next(self._ids)}"
+            handle = RequestHandle(request_id, text, token_ids, params.n, self._abort_one, parse)
+            from .compat import tokens_prompt
+
+            batch.append((handle, tokens_prompt(token_ids), params))
+            handles.append(handle)
+        engine.driver.add(batch)
+        with self._counter_lock:
+            self.submissions += 1
+        return handles
+
+    def generate(self, prompt: PromptLike, **kwargs: Any) -> GenerationResult:
+        """Submit one prompt and wait for its result (Ctrl-C aborts it)."""
+        return self.submit(prompt, **kwargs)[0].result()
+
+    def render_prompt(self, prompt: PromptLike, *, raw: bool | None = None, system: str | None = None) -> str:
+        """The exact text that would be sent for ``prompt`` (after the chat template)."""
+        engine = self._require()
+        raw = self.defaults.raw if raw is None else raw
+        system = self.defaults.system_prompt if system is None else system
+        return self._prepare(engine, prompt, raw, system)[0]
+
+    def _prepare(self, engine: _Engine, item: PromptLike, raw: bool, system: str) -> tuple[str, list[int]]:
+        tokenizer = engine.tokenizer
+        if isinstance(item, str) and raw:
+            text = item
+            token_ids = list(tokenizer.encode(text))
+        else:
+            messages = [{"role": "user", "content": item}] if isinstance(item, str) else [dict(m) for m in item]
+            if system and not any(m.get("role") == "system" for m in messages):
+                messages.insert(0, {"role": "system", "content": system})
+            if engine.has_chat_template:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                token_ids = list(tokenizer.encode(text, add_special_tokens=False))
+            else:  # a base model without a template: the contents as plain text
+                text = "\n\n".join(m["content"] for m in messages)
+                token_ids = list(tokenizer.encode(text))
+        if len(token_ids) >= engine.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(token_ids)} tokens but the model's context holds {engine.max_model_len} "
+                f"(prompt plus answer); shorten it or load with a larger --max-model-len")
+        return text, token_ids
+
+    def abort_all(self) -> int:
+        """Abort every request in flight (the Stop button); returns how many were stopped."""
+        engine = self._engine
+        return 0 if engine is None else engine.driver.abort_all()
+
+    def _abort_one(self, request_id: str) -> None:
+        engine = self._engine
+        if engine is not None:
+            engine.driver.abort([request_id])
+
+    def run_on_engine(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(llm)`` on the driver thread, between engine steps (benchmarks use raw vLLM here)."""
+        engine = self._require()
+        return engine.driver.call(lambda _engine: fn(engine.llm))
+
+    def add_listener(self, fn: Callable[[GenerationResult], None]) -> None:
+        """Call ``fn(result)`` after every finished request (the widgets' status line)."""
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[GenerationResult], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    def _count(self, handle: RequestHandle) -> None:
+        result = handle.snapshot()
+        with self._counter_lock:
+            self.requests_served += 1
+            self.tokens_out += result.output_tokens
+        self.last_result = result
+        for fn in list(self._listeners):
+            try:
+                fn(result)
+            except Exception:
+                pass
+
+    def _require(self) -> _Engine:
+        engine = self._engine
+        if engine is None:
+            raise NoEngineError("no model is loaded: run %vllm_load (the demo model) or %vllm_load MODEL first")
+        if engine.driver.dead is not None:
+            raise EngineDiedError(
+                f"the engine process died ({engine.driver.dead}); run %vllm_load again to restart it")
+        return engine
+
+    # ----- status --------------------------------------------------------------------------------
+    def status(self) -> SessionStatus:
+        """Model, engine args, platform, memory, uptime and request counters."""
+        engine = self._engine
+        if engine is None:
+            return SessionStatus(loaded=False, submissions=self.submissions, requests_served=self.requests_served,
+                                 tokens_out=self.tokens_out)
+        from .compat import vllm_version
+
+        memory, kind = _engine_memory(engine)
+        return SessionStatus(
+            loaded=True, model=engine.config.model, platform=engine.config.platform,
+            engine_args=dict(engine.config.engine_kwargs), dtype=engine.dtype, max_model_len=engine.max_model_len,
+            kv_cache_tokens=engine.kv_cache_tokens, memory_bytes=memory, memory_kind=kind,
+            uptime=time.monotonic() - engine.started, load_seconds=engine.load_seconds,
+            submissions=self.submissions, requests_served=self.requests_served, tokens_out=self.tokens_out,
+            requests_live=engine.driver.live_count, vllm_version=vllm_version(),
+            fingerprint=engine.config.fingerprint, log_path=str(self.log.path))
+
+    def _summary(self, engine: _Engine, already: bool = False) -> str:
+        name = os.path.basename(engine.config.model.rstrip("/")) or engine.config.model
+        if already:
+            return f"{name} already loaded ({engine.config.platform}, {engine.dtype})"
+        kv = f", KV cache {engine.kv_cache_tokens:,} tokens" if engine.kv_cache_tokens else ""
+        return f"{name} loaded on {engine.config.platform} ({engine.dtype}{kv}) in {engine.load_seconds:.1f} s"
+
+
+# ----- helpers ------------------------------------------------------------------------------------
+
+def _as_prompt_list(prompts: Any) -> list[PromptLike]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], dict):
+        return [prompts]  # one conversation
+    if not prompts:
+        raise ValueError("no prompts given")
+    return prompts
+
+
+def _fit_params(params: Any, prompt_len: int, max_model_len: int) -> Any:
+    """Bound max_tokens by the room left in the context window."""
+    room = max_model_len - prompt_len
+    if params.max_tokens is None or params.max_tokens > room:
+        params = params.clone()
+        params.max_tokens = room
+    return params
+
+
+def _short_reason(exc: BaseException) -> str:
+    """The innermost message of an exception chain, on one or two lines."""
+    seen = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for candidate in reversed(seen):
+        text = str(candidate).strip()
+        if text:
+            lines = [line for line in text.splitlines() if line.strip()]
+            return f"{type(candidate).__name__}: " + " ".join(lines[:3])[:600]
+    return type(seen[0]).__name__ if seen else "unknown error"
+
+
+def _shutdown(llm: Any) -> None:
+    from .compat import shutdown_engine
+
+    try:
+        shutdown_engine(llm)
+    except Exception:
+        pass
+
+
+def _shutdown_engine_of(box: list) -> None:
+    engine = box[0]
+    if engine is not None and engine.llm is not None:
+        engine.driver.stop(timeout=5)
+        _shutdown(engine.llm)
+
+
+def _empty_device_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+def _engine_processes(before: set[int]) -> set[int]:
+    """Child processes that appeared since ``before``, except multiprocessing's resource tracker
+    (it serves the whole kernel and outlives every engine)."""
+    import psutil
+
+    pids = set()
+    for proc in psutil.Process().children(recursive=True):
+        if proc.pid in before:
+            continue
+        try:
+            if "resource_tracker" in " ".join(proc.cmdline()):
+                continue
+        except psutil.Error:
+            continue
+        pids.add(proc.pid)
+    return pids
+
+
+def _reap(pids: Iterable[int], timeout: float = 15.0) -> int:
+    """Wait for engine processes to exit; kill the ones that do not. Returns how many were killed."""
+    import psutil
+
+    procs = []
+    mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    for pid in pids:
+        if pid in mine:
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                pass
+    if not procs:
+        return 0
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return len(alive)
+
+
+def _engine_memory(engine: _Engine) -> tuple[int | None, str]:
+    if engine.config.platform == "cuda":
+        try:
+            import torch
+
+            free, total = torch.cuda.mem_get_info()
+            return total - free, "device memory in use"
+        except Exception:
+            return None, "device"
+    import psutil
+
+    total = 0
+    for pid in engine.children:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total, "RSS of engine processes"
+
+
+_session: EngineSession | None = None
+_session_lock = threading.Lock()
+
+
+def get_session() -> EngineSession:
+    """The process-wide engine session (created on first use, shut down at exit)."""
+    global _session
+    with _session_lock:
+        if _session is None:
+            _session = EngineSession()
+            atexit.register(_session.unload)
+        return _session
