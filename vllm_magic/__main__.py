@@ -1,0 +1,95 @@
+"""Command line: ``python -m vllm_magic demo-model`` prepares the demo model;
+``python -m vllm_magic demo`` runs the quickstart notebook headless and prints what each cell showed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from .demo_model import DemoModelError, prepare_demo_model
+
+    try:
+        path = prepare_demo_model(verify=args.verify, quiet=args.quiet)
+    except DemoModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _cell_text(output: dict) -> str:
+    if output.get("output_type") == "stream":
+        return output.get("text", "")
+    if output.get("output_type") == "error":
+        return f"{output.get('ename')}: {output.get('evalue')}"
+    data = output.get("data", {})
+    for key in ("text/markdown", "text/plain"):
+        if key in data:
+            value = data[key]
+            return "".join(value) if isinstance(value, list) else value
+    return ""
+
+
+def _demo(args: argparse.Namespace) -> int:
+    notebook = Path(args.notebook) if args.notebook else NOTEBOOKS / "01-quickstart.ipynb"
+    if not notebook.is_file():
+        return _demo_without_notebook()
+    import nbformat
+    from nbclient import NotebookClient
+
+    print(f"Running {notebook.name} headless (the first run prepares the demo model and starts vLLM)...\n")
+    nb = nbformat.read(notebook, as_version=4)
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}})
+    start = time.perf_counter()
+    client.execute()
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        print("In : " + cell.source.replace("\n", "\n     "))
+        for output in cell.get("outputs", []):
+            text = _cell_text(output).rstrip()
+            if text:
+                print("Out: " + text.replace("\n", "\n     "))
+        print()
+    print(f"Done in {time.perf_counter() - start:.0f} s.")
+    return 0
+
+
+def _demo_without_notebook() -> int:
+    from .session import get_session
+
+    session = get_session()
+    info = session.load()
+    print(info.summary)
+    prompt = "What is the capital of France?"
+    print(f"> {prompt}")
+    for delta in session.submit(prompt, temperature=0)[0]:
+        print(delta, end="", flush=True)
+    print()
+    session.unload()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vllm_magic", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo-model", help="prepare the embedded demo model and print its directory")
+    p.add_argument("--verify", action="store_true", help="re-hash every file and rebuild on a mismatch")
+    p.add_argument("--quiet", action="store_true", help="print only the directory")
+    p.set_defaults(func=_demo_model)
+    p = sub.add_parser("demo", help="run the quickstart notebook headless and print its outputs")
+    p.add_argument("--notebook", help="another notebook to run")
+    p.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
