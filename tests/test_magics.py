@@ -257,8 +257,9 @@ def test_batch_is_sent_together_and_stored_with_out(ip, pub, submitted):
     assert len(submitted) == 1 and len(submitted[-1]["prompts"]) == 3
     assert isinstance(results, list) and len(results) == 3
     assert ip.user_ns["answers"] is results
-    assert "Paris" in results[0].text and "Rome" in results[1].text
     assert [r.user_prompt for r in results] == cell.split("\n---\n")
+    assert all(r.user_prompt in r.prompt and r.text for r in results)
+    assert "Paris" in results[0].text
     labels = [o["text/markdown"].split("\n")[0] for o in pub.outputs() if "text/markdown" in o
               and o["text/markdown"].startswith("**[")]
     assert labels == ["**[1] What is the capital of France?**", "**[2] What is the capital of Italy?**",

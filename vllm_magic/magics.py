@@ -7,6 +7,7 @@ Parsing and display only: the engine lives in :mod:`vllm_magic.session`, prompts
 
 from __future__ import annotations
 
+import os
 import shlex
 from typing import Any, Callable
 
@@ -29,6 +30,10 @@ __all__ = ["VllmMagics", "register", "unregister"]
 #: Traits of the magics that mirror the session's :class:`SamplingDefaults` (linked both ways).
 SAMPLING_TRAITS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "repetition_penalty",
                    "presence_penalty", "frequency_penalty", "seed", "stop", "system_prompt", "raw")
+
+# Validates values of the mirrored traits with SamplingDefaults' own ranges (config is applied
+# before the session is attached, so the session's instance cannot be used).
+_VALIDATOR = SamplingDefaults()
 
 # %vllm_load's own flags; everything else is a `vllm serve` engine flag. Values: takes an argument.
 _LOAD_FLAGS = {"--as": True, "--remote": True, "--verbose": False, "--no-controls": False}
@@ -112,15 +117,18 @@ class VllmMagics(Magics):
     def _valid_default(self, proposal: dict) -> Any:
         # Check with the session's traits (ranges live there) so %config gets a clear error.
         name, value = proposal["trait"].name, proposal["value"]
-        trait = self.session.defaults.traits()[name]
+        trait = _VALIDATOR.traits()[name]
         try:
-            return trait.validate(self.session.defaults, value)
+            return trait.validate(_VALIDATOR, value)
         except TraitError as exc:
             raise TraitError(f"VllmMagics.{name}: {exc}") from None
 
     def close(self) -> None:
-        """Stop mirroring the session's defaults (the extension is being unloaded)."""
-        for item in self._links:
+        """Stop mirroring the session's defaults and leave ``%config`` (the extension is unloaded)."""
+        configurables = getattr(self.shell, "configurables", [])
+        if self in configurables:
+            configurables.remove(self)
+        for item in getattr(self, "_links", []):
             try:
                 item.unlink()
             except Exception:
@@ -195,7 +203,7 @@ class VllmMagics(Magics):
         """Shut the engine down and free its memory."""
         model = self.session.config.model if self.session.loaded else None
         if self.session.unload():
-            print(f"unloaded {model}")
+            print(f"unloaded {os.path.basename(model.rstrip('/')) or model}")
         else:
             print("no model is loaded")
 
@@ -301,7 +309,9 @@ class VllmMagics(Magics):
             items = [self._conversation_with(prompts[0], args.system)]
         try:
             handles = self.session.submit(items, sampling, raw=args.raw, system=args.system)
-        except (NoEngineError, EngineDiedError, PromptTooLongError) as exc:
+        except EngineDiedError as exc:
+            raise UsageError(_died(exc)) from None
+        except (NoEngineError, PromptTooLongError) as exc:
             raise UsageError(str(exc)) from None
         return self._stream(handles, prompts, items, sampling, parse, args)
 
@@ -343,7 +353,7 @@ class VllmMagics(Magics):
             except EngineDiedError as exc:
                 for s in streams:
                     s.discard()
-                raise UsageError(str(exc)) from None
+                raise UsageError(_died(exc)) from None
             except Exception as exc:  # the engine refused this request (e.g. a schema it cannot compile)
                 for s in streams:
                     s.discard()
@@ -416,6 +426,13 @@ def _split_load_args(line: str) -> tuple[list[str], str | None, list[str]]:
     return ours, model, engine
 
 
+def _died(exc: BaseException) -> str:
+    message = _one_line(exc)
+    if "%vllm_load" not in message:
+        message += "; run %vllm_load again to restart it (%vllm_log shows why it died)"
+    return message
+
+
 def _label(index: int, prompt: str) -> str:
     first = prompt.strip().splitlines()[0] if prompt.strip() else ""
     first = first if len(first) <= 60 else first[:59] + "…"
@@ -442,16 +459,14 @@ def display_widget(widget: Any) -> None:
 def register(ipython: Any, session: EngineSession | None = None) -> VllmMagics:
     """Register the magics on ``ipython`` (``%load_ext vllm_magic``); returns the magics object."""
     unregister(ipython, shutdown=False)  # %reload_ext: never two instances writing the same defaults
-    magics = VllmMagics(shell=ipython, session=session)
+    magics = VllmMagics(shell=ipython, session=session)  # also joins ipython.configurables (%config)
     ipython.register_magics(magics)
-    ipython.configurables.append(magics)  # %config VllmMagics
     return magics
 
 
 def unregister(ipython: Any, shutdown: bool = True) -> None:
     """Remove the magics and (by default) shut the engine down, freeing its memory."""
     for magics in [c for c in ipython.configurables if isinstance(c, VllmMagics)]:
-        ipython.configurables.remove(magics)
         table = ipython.magics_manager.magics
         for kind in ("line", "cell"):
             for name in list(magics.magics.get(kind, {})):
