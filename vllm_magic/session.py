@@ -140,6 +140,19 @@ class _Engine:
         blocks = getattr(cache, "num_gpu_blocks", None)
         self.kv_cache_tokens = int(blocks * cache.block_size) if blocks else None
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.memory_before_load: int | None = None
+
+    def processes_alive(self) -> bool:
+        """Whether every engine process is still running (a killed engine otherwise hangs requests)."""
+        import psutil
+
+        for pid in self.children:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    return False
+            except psutil.NoSuchProcess:
+                return False
+        return True
 
 
 class EngineSession:
@@ -198,7 +211,8 @@ class EngineSession:
         config = resolve_engine_config(model, **engine_kwargs)
         with self._lock:
             current = self._engine
-            if current is not None and current.config.fingerprint == config.fingerprint and current.driver.dead is None:
+            if (current is not None and current.config.fingerprint == config.fingerprint
+                    and current.driver.dead is None and current.processes_alive()):
                 return LoadInfo(config, True, time.perf_counter() - start, self._summary(current, already=True))
             quiet_vllm_environment(verbose)
             if current is not None:
@@ -398,6 +412,8 @@ class EngineSession:
         engine = self._engine
         if engine is None:
             raise NoEngineError("no model is loaded: run %vllm_load (the demo model) or %vllm_load MODEL first")
+        if engine.driver.dead is None and not engine.processes_alive():
+            engine.driver.dead = RuntimeError("an engine process exited")
         if engine.driver.dead is not None:
             raise EngineDiedError(
                 f"the engine process died ({engine.driver.dead}); run %vllm_load again to restart it")
