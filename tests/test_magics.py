@@ -196,6 +196,7 @@ def test_format_text_and_code(ip, pub, fmt):
     if fmt == "text":
         assert "text/markdown" not in final
     else:
+        assert "```" not in result.text  # a plain answer becomes one code block
         assert final["text/markdown"] == f"```\n{result.text}\n```"
 
 

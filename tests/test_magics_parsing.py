@@ -109,6 +109,10 @@ def test_stats_line_reports_tokens_ttft_rate_and_interruption():
 def test_answer_bundles_per_format():
     assert answer_bundle("**hi**") == {"text/plain": "**hi**", "text/markdown": "**hi**"}
     assert answer_bundle("x = 1", "code")["text/markdown"] == "```\nx = 1\n```"
+    fenced = answer_bundle("Here:\n```python\ndef f():\n    return 1\n```\nThis returns 1.", "code")
+    assert fenced == {"text/plain": "def f():\n    return 1", "text/markdown": "```python\ndef f():\n    return 1\n```"}
+    unfinished = answer_bundle("```python\nx = 1\ny = ", "code")  # cut by max tokens
+    assert unfinished["text/plain"] == "x = 1\ny = "
     assert "text/markdown" not in answer_bundle("plain", "text")
     rendered = answer_bundle('{"a":1}', "json")
     assert json.loads(rendered["text/plain"]) == {"a": 1} and rendered["text/markdown"].startswith("```json")
