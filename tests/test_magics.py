@@ -383,3 +383,17 @@ def test_kernel_interrupt_aborts_the_request_in_the_engine(ip, pub, engine):
     assert result.interrupted and 0 < result.tokens < 400
     assert engine.status().requests_live == 0 and engine.requests_served == served + 1
     assert_still_answers(ip)
+
+
+def test_terminal_shell_prints_the_answer_as_it_streams(ip, capsys):
+    from IPython.core.displaypub import DisplayPublisher
+
+    recording = ip.display_pub
+    ip.display_pub = DisplayPublisher(shell=ip)  # what terminal IPython has: no in-place updates
+    try:
+        result = vllm(ip, "-t 0 -m 24", QUESTION)
+    finally:
+        ip.display_pub = recording
+    out = capsys.readouterr().out
+    assert out.startswith(result.text + "\n") and "▌" not in out
+    assert f"{result.tokens} tokens · TTFT" in out

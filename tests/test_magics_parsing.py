@@ -117,3 +117,16 @@ def test_answer_bundles_per_format():
     rendered = answer_bundle('{"a":1}', "json")
     assert json.loads(rendered["text/plain"]) == {"a": 1} and rendered["text/markdown"].startswith("```json")
     assert answer_bundle("partial", streaming=True)["text/plain"].endswith("▌")
+
+
+def test_help_of_the_magics_lists_our_flags_and_points_at_vllm_serve():
+    from vllm_magic.magics import VllmMagics
+
+    load_help = " ".join(VllmMagics.vllm_load.__doc__.split())
+    for flag in ("--as NAME", "--verbose", "--no-controls", "--remote URL", "vllm serve --help"):
+        assert flag in load_help
+    cell_help = " ".join(VllmMagics.vllm.__doc__.split())
+    assert "%%vllm [--raw]" in cell_help
+    for flag in ("-t TEMPERATURE, --temperature TEMPERATURE", "--stop TEXT", "--json SCHEMA", "--choice A,B,C",
+                 "-c, --continue", "--out NAME", "--show-prompt", "--format {markdown,text,code,json}"):
+        assert flag in cell_help

@@ -175,6 +175,8 @@ class VllmMagics(Magics):
             info = self.session.load(model, verbose=args.verbose, progress=progress, **engine_kwargs)
         except (ConfigError, EngineStartError) as exc:
             raise UsageError(str(exc)) from None
+        except KeyboardInterrupt:
+            raise UsageError("loading interrupted; no engine is loaded (run %vllm_load again)") from None
         finally:
             progress.close()
         print(("✓ " if not info.already_loaded else "") + info.summary)
@@ -185,18 +187,15 @@ class VllmMagics(Magics):
 
     def _publish_langchain(self, name: str) -> None:
         """Put a LangChain LLM over the live engine into the namespace as ``name``."""
-        try:
-            from . import langchain as lc
-        except ImportError:
+        lc = _optional_module("langchain")
+        if lc is None:  # the LangChain integration is not part of this installation
             return
         self.shell.user_ns[name] = lc.VLLM.from_session(self.session)
 
     def _show_controls(self) -> None:
-        try:
-            from .widgets import SamplingPanel
-        except ImportError:  # widgets are optional: loading works without them
-            return
-        display_widget(SamplingPanel(self.session))
+        widgets = _optional_module("widgets")
+        if widgets is not None:  # without the widgets module, loading simply shows no panel
+            display_widget(widgets.SamplingPanel(self.session))
 
     @line_magic
     def vllm_unload(self, line: str = "") -> None:
@@ -244,16 +243,12 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_controls(self, line: str = "") -> None:
         """Show the sampling panel (sliders bound to the session's defaults, and a Stop button)."""
-        from .widgets import SamplingPanel
-
-        display_widget(SamplingPanel(self.session))
+        display_widget(_widgets().SamplingPanel(self.session))
 
     @line_magic
     def vllm_playground(self, line: str = "") -> None:
         """Show the playground: a prompt box, the sampling panel and a Generate button."""
-        from .widgets import Playground
-
-        display_widget(Playground(self.session))
+        display_widget(_widgets().Playground(self.session))
 
     # ----- prompts ------------------------------------------------------------------------------
     @magic_arguments()
@@ -343,7 +338,8 @@ class VllmMagics(Magics):
             for handle in handles:
                 display_text(handle.prompt)
         batch = len(handles) > 1
-        streams = [AnswerStream(h, fmt, live=live, label=_label(i, p) if batch else None, echo=not batch)
+        echo = not batch and (sampling.n or 1) == 1  # a terminal prints a single answer as it comes
+        streams = [AnswerStream(h, fmt, live=live, label=_label(i, p) if batch else None, echo=echo)
                    for i, (h, p) in enumerate(zip(handles, prompts))]
         interrupted = stream_answers(streams, self.stream_interval)
         results = []
@@ -373,6 +369,10 @@ class VllmMagics(Magics):
         if args.out:
             self.shell.user_ns[args.out] = value
         return value
+
+
+# magic_arguments writes every usage as "%name"; the cell magic's help should read "%%vllm".
+VllmMagics.vllm.__doc__ = VllmMagics.vllm.__doc__.replace("  %vllm [", "  %%vllm [", 1)
 
 
 # ----- helpers ------------------------------------------------------------------------------------
@@ -424,6 +424,25 @@ def _split_load_args(line: str) -> tuple[list[str], str | None, list[str]]:
             engine.append(token)
         i += 1
     return ours, model, engine
+
+
+def _optional_module(name: str) -> Any:
+    """``vllm_magic.<name>``, or None when that module does not exist (other import errors raise)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"vllm_magic.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"vllm_magic.{name}":
+            return None
+        raise
+
+
+def _widgets() -> Any:
+    widgets = _optional_module("widgets")
+    if widgets is None:
+        raise UsageError("the sampling widgets are not available in this installation")
+    return widgets
 
 
 def _died(exc: BaseException) -> str:
