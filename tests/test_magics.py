@@ -128,12 +128,16 @@ def test_greedy_answer_streams_then_renders_markdown_and_stats(ip, pub, submitte
     assert repr(result).startswith("VllmResult(") and "tokens=" in repr(result)
 
 
-def test_greedy_answer_knows_paris_and_keeps_the_exact_prompt(ip, engine):
+def test_greedy_answer_knows_paris_and_keeps_the_exact_prompt(ip, pub, engine):
     result = vllm(ip, "-t 0 -m 32", QUESTION)
-    assert "Paris" in result.text
+    assert "Paris" in result.text and str(result) == result.text
     assert result.prompt == engine.render_prompt(QUESTION)
     assert result.user_prompt == QUESTION
     assert result.finish_reason == "stop" and not result.interrupted
+    assert result.metrics["tokens"] == result.tokens == len(result.token_ids)
+    pub.clear()
+    result.show("text")
+    assert pub.outputs() == [{"text/plain": result.text}]
 
 
 def test_max_tokens_bounds_the_answer(ip, submitted):

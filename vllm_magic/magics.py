@@ -308,7 +308,12 @@ class VllmMagics(Magics):
             raise UsageError(_died(exc)) from None
         except (NoEngineError, PromptTooLongError) as exc:
             raise UsageError(str(exc)) from None
-        return self._stream(handles, prompts, items, sampling, parse, args)
+        try:
+            return self._stream(handles, prompts, items, sampling, parse, args)
+        except KeyboardInterrupt:  # outside the streaming loop (which handles it): never leave requests running
+            for handle in handles:
+                handle.abort()
+            raise
 
     def _structured(self, args: Any, namespace: dict) -> tuple[dict, Callable[[str], Any] | None]:
         given = [flag for flag in ("json", "regex", "choice") if getattr(args, flag)]
