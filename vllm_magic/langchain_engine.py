@@ -16,7 +16,7 @@ import os
 import warnings
 from dataclasses import MISSING, fields
 from functools import lru_cache
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from IPython.core.error import UsageError
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
@@ -119,7 +119,7 @@ class EngineFields(BaseModel):
                 self._wanted = resolve_engine_config(model, **requested)
                 self._requested = requested
             live = session.config
-            if live is not None and engine_serves(live, self._wanted, self._requested):
+            if live is not None and engine_serves(live, self._wanted, self._requested, lambda: _effective(session)):
                 return
             if live is not None and not load:
                 raise UsageError(
@@ -191,21 +191,36 @@ def _engine_arg_defaults() -> dict[str, Any]:
     return {f.name: f.default for f in fields(EngineArgs) if f.default is not MISSING}
 
 
-def engine_serves(live: EngineConfig, wanted: EngineConfig, requested: dict[str, Any]) -> bool:
+def engine_serves(live: EngineConfig, wanted: EngineConfig, requested: dict[str, Any],
+                  effective: Callable[[], dict[str, Any]] | None = None) -> bool:
     """Whether the live engine serves ``wanted``: the same model, and every engine argument the
-    user gave has the same value there (or is vLLM's default and the live engine left it so)."""
+    user gave has the same value there — set explicitly, left at vLLM's default, or (for the
+    values vLLM derives, like ``max_model_len``) what ``effective()`` says the engine runs with."""
     if live.model != wanted.model or live.platform != wanted.platform:
         return False
     if live.fingerprint == wanted.fingerprint:
         return True
     defaults = _engine_arg_defaults()
+    derived: dict[str, Any] | None = None
     for key, value in requested.items():
         if key in _FETCH_ONLY_ARGS:
             continue
+        value = wanted.engine_kwargs.get(key, value)
         have = live.engine_kwargs.get(key, defaults.get(key, MISSING))
-        if have != wanted.engine_kwargs.get(key, value):
-            return False
+        if have == value:
+            continue
+        if key not in live.engine_kwargs and effective is not None:
+            derived = effective() if derived is None else derived
+            if derived.get(key, MISSING) == value:
+                continue
+        return False
     return True
+
+
+def _effective(session: EngineSession) -> dict[str, Any]:
+    """Engine arguments vLLM derived when the live engine started (not given by anyone)."""
+    status = session.status()
+    return {"max_model_len": status.max_model_len, "dtype": status.dtype}
 
 
 def display_model_name(model: str, *, for_field: bool = False) -> str:
