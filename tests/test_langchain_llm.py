@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import warnings
 
@@ -134,10 +135,16 @@ async def test_50_concurrent_ainvoke_return_their_own_answers(engine):
     llm = VLLM(temperature=0, max_new_tokens=12)
     prompts = [f"Write the number {i} in words." for i in range(50)]
     alone = [llm.invoke(p) for p in prompts]
-    served = engine.requests_served
-    answers = await asyncio.gather(*(llm.ainvoke(p) for p in prompts))
+    served, threads_before = engine.requests_served, threading.active_count()
+    peak = threads_before
+    calls = asyncio.gather(*(llm.ainvoke(p) for p in prompts))
+    while not calls.done():  # sample the thread count while the 50 calls are in flight
+        peak = max(peak, threading.active_count())
+        await asyncio.sleep(0.01)
+    answers = await calls
     assert engine.requests_served == served + 50
     assert answers == alone
+    assert peak <= threads_before + 2  # awaited on the event loop, not one blocked thread per call
 
 
 # ----- sampling, stop, metadata ---------------------------------------------------------------------
