@@ -74,7 +74,7 @@ class EngineFields(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _move_unknown_arguments(cls, values: Any) -> Any:
+    def _drop_unknown_arguments(cls, values: Any) -> Any:
         """Warn about and drop arguments this class does not know (``api_key``, ``max_retries``, ...)."""
         if not isinstance(values, dict):
             return values
@@ -93,8 +93,6 @@ class EngineFields(BaseModel):
 
     @model_validator(mode="after")
     def _attach_engine(self) -> "EngineFields":
-        if self.session is None:
-            self.session = get_session()
         self._follow_live = _FOLLOW_LIVE.get()
         if not self._follow_live:
             self._ensure_engine(load=True)
