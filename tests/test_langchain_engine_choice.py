@@ -6,7 +6,7 @@ import pytest
 from IPython.core.error import UsageError
 
 from vllm_magic.engine_config import EngineConfig
-from vllm_magic.langchain_engine import call_overrides, engine_request, engine_serves
+from vllm_magic.langchain_engine import call_overrides, engine_request, engine_serves, without_needless_fetch_args
 
 LIVE = EngineConfig(model="/models/demo", platform="cpu",
                     engine_kwargs={"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.5})
@@ -58,3 +58,14 @@ def test_call_overrides_merge_and_call_time_stop_wins():
     assert options == {"choice": ["x", "y"]}
     with pytest.raises(UsageError, match="temprature"):
         call_overrides({}, None, {"temprature": 0}, "VLLM")
+
+
+def test_fetch_only_arguments_are_dropped_for_a_local_model_without_code(tmp_path):
+    plain, coded = tmp_path / "plain", tmp_path / "coded"
+    plain.mkdir(), coded.mkdir()
+    (plain / "config.json").write_text('{"model_type": "llama"}')
+    (coded / "config.json").write_text('{"model_type": "x", "auto_map": {"AutoConfig": "x.XConfig"}}')
+    asked = {"trust_remote_code": True, "download_dir": "/d", "max_model_len": 2048}
+    assert without_needless_fetch_args(str(plain), asked) == {"max_model_len": 2048}
+    assert without_needless_fetch_args(str(coded), asked) == {"trust_remote_code": True, "max_model_len": 2048}
+    assert without_needless_fetch_args("org/model", asked) == asked  # a Hub id: nothing known locally

@@ -41,6 +41,7 @@ def test_seed_constructor_and_invoke(engine):
     answer = llm.invoke("What is the capital of France ?")
     assert isinstance(answer, str) and answer.strip()
     assert engine.engines_created == created  # attached: trust_remote_code does not make another engine
+    assert llm._wanted.fingerprint == engine.config.fingerprint  # loaded first, it is the engine %vllm_load makes
     assert llm._default_params == {"max_tokens": 128, "top_k": 10, "top_p": 0.95, "temperature": 0.8}
 
 

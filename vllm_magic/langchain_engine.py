@@ -27,7 +27,7 @@ from .handles import GenerationResult, RequestHandle
 from .sampling import SAMPLING_FIELDS
 from .session import EngineSession, NoEngineError, PromptTooLongError, get_session
 
-__all__ = ["EngineFields", "engine_request", "engine_serves", "display_model_name", "user_errors",
+__all__ = ["EngineFields", "engine_request", "engine_serves", "without_needless_fetch_args", "display_model_name", "user_errors",
            "call_overrides", "usage_counts", "CALL_OPTIONS", "wait_all", "await_all", "deltas", "adeltas",
            "with_last", "awith_last"]
 
@@ -114,8 +114,11 @@ class EngineFields(BaseModel):
             if self._wanted is None:
                 model, requested = engine_request(self.model, self.tensor_parallel_size, self.trust_remote_code,
                                                   self.dtype, self.download_dir, self.vllm_kwargs)
-                self._wanted = resolve_engine_config(model, **requested)
-                self._requested = requested
+                wanted = resolve_engine_config(model, **requested)
+                needed = without_needless_fetch_args(wanted.model, requested)
+                if needed != requested:  # so that the engine it loads is the one %vllm_load would load
+                    requested, wanted = needed, resolve_engine_config(model, **needed)
+                self._wanted, self._requested = wanted, requested
             live = session.config
             if live is not None and engine_serves(live, self._wanted, self._requested, lambda: _effective(session)):
                 return
@@ -180,6 +183,32 @@ def engine_request(model: str | None, tensor_parallel_size: int | None, trust_re
     if model in DEMO_MODEL_ALIASES or model == "":
         model = None
     return model, requested
+
+
+def without_needless_fetch_args(model_path: str, requested: dict[str, Any]) -> dict[str, Any]:
+    """Drop fetch-only arguments that cannot matter for a local model directory: ``download_dir``
+    (nothing to download) and ``trust_remote_code`` when the model ships no code (no ``auto_map``,
+    as with the demo model). Keeps the seed's ``trust_remote_code=True`` from making an engine
+    that differs from ``%vllm_load``'s."""
+    if not os.path.isdir(model_path):
+        return requested
+    needed = {k: v for k, v in requested.items() if k != "download_dir"}
+    if needed.get("trust_remote_code") and not _ships_code(model_path):
+        del needed["trust_remote_code"]
+    return needed
+
+
+def _ships_code(model_path: str) -> bool:
+    import json
+
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            with open(os.path.join(model_path, name)) as f:
+                if "auto_map" in json.load(f):
+                    return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 @lru_cache(maxsize=1)
