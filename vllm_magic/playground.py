@@ -21,7 +21,8 @@ from .widgets import SamplingPanel, _result_summary, changed_settings, model_nam
 __all__ = ["Playground", "PlaygroundRun"]
 
 _REFRESH = 0.1  # seconds between updates of the streamed answer (each update is one comm message)
-_PRE = "<pre class='vllm-answer' style='white-space: pre-wrap; margin: 0; font-size: 95%'>{}</pre>"
+_PRE = ("<pre class='vllm-answer' style='white-space: pre-wrap; word-break: normal; overflow-wrap: anywhere; "
+        "margin: 0; font-family: inherit'>{}</pre>")
 
 
 @dataclass
