@@ -19,7 +19,7 @@ from typing import Any, Callable
 import ipywidgets as widgets
 import traitlets
 
-__all__ = ["SamplingPanel", "SLIDERS", "encode_stop", "decode_stop", "parse_seed", "model_name",
+__all__ = ["SamplingPanel", "Playground", "PlaygroundRun", "SLIDERS", "encode_stop", "decode_stop", "parse_seed", "model_name",
            "changed_settings"]
 
 #: Slider controls: trait name -> (widget class, min, max, step, label, tooltip). The bounds are the
@@ -297,3 +297,13 @@ def _result_summary(result: Any) -> str:
     if result.aborted:
         parts.append("aborted")
     return " · ".join(parts)
+
+
+def __getattr__(name: str) -> Any:
+    # The playground is built from the panel and importable from here too; a lazy import keeps
+    # either module importable first.
+    if name in ("Playground", "PlaygroundRun"):
+        from . import playground
+
+        return getattr(playground, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
