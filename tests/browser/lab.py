@@ -47,6 +47,21 @@ def ensure_chromium() -> str:
     return CHROMIUM
 
 
+# Starts JupyterLab so that it ends with the test process even when that one is killed: Linux sends
+# it SIGTERM when its parent dies (PR_SET_PDEATHSIG survives exec), the server then shuts its
+# kernels down, and a kernel whose server is gone exits on its own (ipykernel's parent poller).
+_LAUNCHER = """
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except Exception:
+    pass
+if os.getppid() != int(os.environ["VLLM_MAGIC_TEST_PARENT"]):
+    sys.exit("the test process is gone")
+os.execv(sys.executable, [sys.executable, "-m", "jupyterlab", *sys.argv[1:]])
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -102,8 +117,9 @@ class JupyterLab:
 
     def start(self, timeout: float = 180.0) -> None:
         env = self._prepare()
+        env["VLLM_MAGIC_TEST_PARENT"] = str(os.getpid())
         command = [
-            self.python, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
+            self.python, "-c", _LAUNCHER, "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
             "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
             f"--ServerApp.root_dir={self.root}", "--ServerApp.open_browser=False",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
