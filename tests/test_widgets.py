@@ -312,3 +312,127 @@ def test_playground_history_keeps_the_last_runs(engine):
 
 def test_widgets_are_ipywidgets_containers(engine, panels, playground):
     assert isinstance(panels(), widgets.VBox) and isinstance(playground, widgets.VBox)
+
+
+# ----- what the magics see ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shell(engine):
+    """An IPython shell with the magics loaded (panels are shown only where a test asks)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from ipython_capture import make_shell
+    from vllm_magic.magics import unregister
+
+    ip, publisher = make_shell()
+    ip.run_line_magic("load_ext", "vllm_magic")
+    yield ip, publisher
+    unregister(ip, shutdown=False)  # the engine is shared with the other test modules
+    InteractiveShell.clear_instance()
+
+
+@pytest.fixture
+def ip(shell):
+    ip, publisher = shell
+    publisher.clear()
+    return ip
+
+
+def _magics(ip):
+    from vllm_magic.magics import VllmMagics
+
+    return next(c for c in ip.configurables if isinstance(c, VllmMagics))
+
+
+def test_panel_values_reach_the_next_vllm_cell(engine, panels, ip):
+    panel = panels()
+    c = panel.controls
+    c["temperature"].value = 0.5  # not 0: greedy sampling makes vLLM drop top_k and top_p
+    c["top_k"].value = 12
+    c["max_tokens"].value = 6
+    c["repetition_penalty"].value = 1.2
+    c["seed"].value = "77"
+    c["stop"].value = ["THE END"]
+    result = ip.run_cell_magic("vllm", "--quiet", LONG_PROMPT)
+    params = result.sampling_params
+    assert params.temperature == 0.5 and params.top_k == 12 and params.max_tokens == 6
+    assert params.repetition_penalty == pytest.approx(1.2) and params.seed == 77 and params.stop == ["THE END"]
+    assert 0 < result.generation.output_tokens <= 6
+    flagged = ip.run_cell_magic("vllm", "--quiet -m 3", LONG_PROMPT)  # a flag of the cell wins for that cell
+    assert flagged.sampling_params.max_tokens == 3 and flagged.sampling_params.top_k == 12
+
+
+def test_raw_mode_and_system_prompt_reach_the_vllm_cell(engine, panels, ip):
+    panel = panels()
+    panel.controls["max_tokens"].value = 2
+    panel.controls["system_prompt"].value = "You answer in French."
+    chat = ip.run_cell_magic("vllm", "--quiet", "Hello")
+    assert "You answer in French." in chat.prompt
+    panel.controls["raw"].value = True
+    raw = ip.run_cell_magic("vllm", "--quiet", "Hello")
+    assert raw.prompt == "Hello"
+
+
+def test_config_and_panel_stay_in_sync(engine, panels, ip):
+    panel = panels()
+    ip.run_line_magic("config", "VllmMagics.temperature = 0.25")
+    ip.run_line_magic("config", "VllmMagics.stop = ['\\n\\n']")
+    assert panel.controls["temperature"].value == 0.25
+    assert panel.controls["stop"].value == ["\\n\\n"]
+    panel.controls["max_tokens"].value = 99
+    assert _magics(ip).max_tokens == 99
+    panel.reset_button.click()
+    assert _magics(ip).temperature == 0.7 and _magics(ip).stop == []
+
+
+def test_magics_show_the_panel_and_the_playground(engine, ip, monkeypatch):
+    import vllm_magic.magics as magics_module
+
+    shown = []
+    real = magics_module.display_widget
+
+    def record(widget):
+        shown.append(widget)
+        real(widget)
+
+    monkeypatch.setattr(magics_module, "display_widget", record)
+    magics = _magics(ip)
+    magics.show_controls = True
+    try:
+        ip.run_line_magic("vllm_load", "")  # already loaded: returns at once, then shows the panel
+        ip.run_line_magic("vllm_load", "--no-controls")
+        ip.run_line_magic("vllm_controls", "")
+        ip.run_line_magic("vllm_playground", "")
+    finally:
+        magics.show_controls = False
+        for widget in shown:
+            widget.close()
+    assert [type(w) for w in shown] == [SamplingPanel, SamplingPanel, Playground]
+    views = [d for d in ip.display_pub.outputs() if "application/vnd.jupyter.widget-view+json" in d]
+    assert [d["text/plain"].split("(")[0] for d in views] == ["SamplingPanel", "SamplingPanel", "Playground"]
+
+
+def test_stop_ends_a_running_vllm_cell_with_what_was_streamed(engine, panels, ip):
+    import threading
+
+    panel = panels()
+    panel.controls["max_tokens"].value = 4000
+    clicked = {}
+
+    def click_when_streaming():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (engine.status().requests_live and engine_text()):
+            time.sleep(0.02)
+        clicked["at"] = time.perf_counter()
+        panel.stop_button.click()
+
+    def engine_text():
+        return any(c["update"] for c in ip.display_pub.calls)
+
+    thread = threading.Thread(target=click_when_streaming)
+    thread.start()
+    result = ip.run_cell_magic("vllm", "--quiet", LONG_PROMPT)
+    ended = time.perf_counter()
+    thread.join()
+    assert result.interrupted and 0 < result.generation.output_tokens < 4000
+    assert ended - clicked["at"] < 1.0
