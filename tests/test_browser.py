@@ -2,7 +2,7 @@
 
 A JupyterLab server starts on loopback with token auth and the project's kernel; a generated
 notebook loads the demo model and shows the sampling panel. The test checks that the sliders render,
-sets max_tokens through the slider's readout, runs a prompt cell and checks that the answer is that
+sets max_tokens through the slider's readout, runs a ``%%vllm`` cell and checks that the answer is that
 short, then types into the playground, clicks Generate and watches the streamed answer grow.
 Screenshots go to ``artifacts/browser/``.
 """
@@ -25,20 +25,15 @@ SHORT = 5  # max_tokens set through the UI
 STREAM_TOKENS = 80  # max_tokens set in the playground's own controls
 
 CELLS = [
-    # 0: load the demo model (greedy, so the answers are reproducible) and show the panel
-    "from vllm_magic import get_session\n"
-    "from vllm_magic.widgets import SamplingPanel\n"
-    "session = get_session()\n"
-    "session.load()\n"
-    "session.defaults.temperature = 0.0\n"
-    "SamplingPanel(session)",
-    # 1: a prompt with the panel's settings
-    "result = session.generate('Write a long story about a dragon who learns to cook.')\n"
-    "print(f'tokens={result.output_tokens} finish={result.finish_reason}')\n"
-    "print(result.text)",
+    # 0: load the demo model (greedy, so the answers are reproducible); %vllm_load shows the panel
+    "%load_ext vllm_magic\n"
+    "%config VllmMagics.temperature = 0\n"
+    "%vllm_load",
+    # 1: a prompt cell with the panel's settings
+    "%%vllm\n"
+    "Write a long story about a dragon who learns to cook.",
     # 2: the playground
-    "from vllm_magic.playground import Playground\n"
-    "Playground(session)",
+    "%vllm_playground",
 ]
 
 LOAD_TIMEOUT = 420_000  # ms: a kernel start plus a CPU engine load on a busy 2-core machine
@@ -167,8 +162,11 @@ def test_max_tokens_set_in_the_ui_bounds_the_next_answer(page):
     cell = _run_cell(page, 1, RUN_TIMEOUT)
     _no_errors(cell)
     output = cell.locator(".jp-OutputArea").inner_text()
-    assert f"tokens={SHORT} finish=length" in output, f"unexpected answer:\n{output[-1500:]}"
-    answer = output.split("finish=length", 1)[1].strip()
+    # The cell's value (VllmResult) and its stats line both say how the answer ended.
+    assert f"tokens={SHORT}, finish_reason='length'" in output, f"unexpected output:\n{output[-1500:]}"
+    assert f"{SHORT} tokens" in output and "stopped at max tokens" in output, output[-1500:]
+    shown = [t.strip() for t in cell.locator(".jp-OutputArea-output").all_inner_texts() if t.strip()]
+    answer = shown[0]  # the answer comes first, then the stats line, then the cell's value
     assert 0 < len(answer.split()) <= SHORT, f"the answer is not {SHORT} tokens short: {answer!r}"
     status = panel.locator(".vllm-status")
     page.wait_for_function("el => el.innerText.includes('tok/s')", arg=status.element_handle(), timeout=10_000)
