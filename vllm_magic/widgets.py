@@ -128,7 +128,7 @@ class SamplingPanel(widgets.VBox):
         for name, (cls, low, high, step, label, tip) in SLIDERS.items():
             if name == "max_tokens":  # bound before linking, so a large default is not clamped twice
                 high = max(2, int(self._context or _UNLOADED_CONTEXT))
-            control = cls(min=low, max=high, step=step, description=label, tooltip=tip, description_tooltip=tip,
+            control = cls(min=low, max=high, step=step, description=label, tooltip=tip,
                           continuous_update=False, readout=True, style=_STYLE,
                           layout=widgets.Layout(width="auto", min_width="18em"))
             if cls is widgets.FloatSlider:
