@@ -217,3 +217,29 @@ def test_playground_generate_streams_text_into_the_page(page):
     playground.scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "04-playground-done.png"))
     playground.screenshot(path=str(SHOTS / "04-playground-closeup.png"))
+
+
+def test_stop_button_aborts_the_playground_run(page):
+    playground = _cell(page, 2).locator(".vllm-playground")
+    _set_slider(playground.locator(".vllm-max-tokens"), 4000)
+    expect(playground.locator(".vllm-max-tokens .widget-readout")).to_have_text(re.compile(r"^\s*4000\s*$"))
+    playground.locator(".vllm-prompt textarea").fill("Write a very long story about a dragon who learns to cook.")
+    playground.locator(".vllm-generate").click()
+    answer = playground.locator(".vllm-playground-answer")
+    stats = playground.locator(".vllm-playground-stats")
+    deadline = time.monotonic() + RUN_TIMEOUT / 1000
+    while time.monotonic() < deadline and not ("generating" in stats.inner_text() and answer.inner_text().strip()):
+        time.sleep(0.1)
+    assert answer.inner_text().strip(), "the playground did not start answering"
+    panel = _cell(page, 0).locator(".vllm-sampling-panel")
+    started = time.monotonic()
+    panel.locator(".vllm-stop-all button, button.vllm-stop-all").first.click()
+    expect(stats).to_contain_text("aborted", timeout=30_000)
+    elapsed = time.monotonic() - started
+    assert elapsed < 5, f"Stop took {elapsed:.1f} s to show in the page"
+    expect(panel.locator(".vllm-status")).to_contain_text("stopped 1 request")
+    tokens = int(re.search(r"(\d+) tokens", stats.inner_text()).group(1))
+    assert 0 < tokens < 4000
+    assert not playground.locator(".vllm-generate").is_disabled()
+    playground.scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "05-stopped.png"))

@@ -314,7 +314,7 @@ def test_widgets_are_ipywidgets_containers(engine, panels, playground):
     assert isinstance(panels(), widgets.VBox) and isinstance(playground, widgets.VBox)
 
 
-# ----- what the magics see ------------------------------------------------
+# ----- what the magics and the LangChain objects see ------------------------------------------------
 
 @pytest.fixture(scope="module")
 def shell(engine):
@@ -410,6 +410,41 @@ def test_magics_show_the_panel_and_the_playground(engine, ip, monkeypatch):
     assert [type(w) for w in shown] == [SamplingPanel, SamplingPanel, Playground]
     views = [d for d in ip.display_pub.outputs() if "application/vnd.jupyter.widget-view+json" in d]
     assert [d["text/plain"].split("(")[0] for d in views] == ["SamplingPanel", "SamplingPanel", "Playground"]
+
+
+def test_panel_values_reach_llm_invoke(engine, panels, built_params):
+    from vllm_magic.langchain import VLLM
+
+    panel = panels()
+    panel.controls["temperature"].value = 0.6
+    panel.controls["top_p"].value = 0.8
+    panel.controls["max_tokens"].value = 5
+    panel.controls["seed"].value = "3"
+    llm = VLLM.from_session(engine)
+    text = llm.invoke(LONG_PROMPT)
+    params = built_params[-1]
+    assert params.temperature == pytest.approx(0.6) and params.top_p == pytest.approx(0.8)
+    assert params.max_tokens == 5 and params.seed == 3
+    assert text
+    usage = llm.generate([LONG_PROMPT]).llm_output["token_usage"]
+    assert 0 < usage["completion_tokens"] <= 5
+    panel.controls["max_tokens"].value = 9  # the object follows the panel: its field is unset
+    llm.invoke(LONG_PROMPT)
+    assert built_params[-1].max_tokens == 9
+    pinned = VLLM.from_session(engine, max_new_tokens=4)  # a field set on the object wins
+    pinned.invoke(LONG_PROMPT)
+    assert built_params[-1].max_tokens == 4 and built_params[-1].top_p == pytest.approx(0.8)
+
+
+def test_panel_values_reach_the_chat_model(engine, panels, built_params):
+    from vllm_magic.langchain import ChatVLLM
+
+    panel = panels()
+    panel.controls["temperature"].value = 0.0
+    panel.controls["max_tokens"].value = 3
+    message = ChatVLLM.from_session(engine).invoke("Tell me a long story.")
+    assert built_params[-1].max_tokens == 3 and built_params[-1].temperature == 0.0
+    assert 0 < message.usage_metadata["output_tokens"] <= 3
 
 
 def test_stop_ends_a_running_vllm_cell_with_what_was_streamed(engine, panels, ip):
