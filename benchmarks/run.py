@@ -76,6 +76,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--switch-max-model-len", type=int, default=None,
                    help="max_model_len to switch to (default: half the loaded one)")
     p.add_argument("--no-switch", action="store_true", help="skip the switch (and switch back)")
+    p.add_argument("--no-switch-back", action="store_true", help="switch once, not back")
     p.add_argument("--no-control", action="store_true", help="skip constructing LangChain community's VLLM twice")
     p.add_argument("--control-drop-first", action="store_true",
                    help="drop the control's first engine before building the second (memory-tight machines)")
@@ -188,6 +189,35 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     notes = list(args.note)
     rows: list[Row] = []
 
+    if platform != "cuda":
+        notes.append(f"{os.cpu_count()} CPU cores shared with other workloads: absolute numbers vary run to run; "
+                     "ratios come from interleaved runs in one process.")
+
+    def save(final: bool = False, extra: list[Row] = ()) -> dict[str, Any]:
+        """Write what is measured so far (a long run that is cut short still leaves its rows)."""
+        config, status = session_state["config"], session_state["status"]
+        model_label = args.model_label or os.path.basename(str(config.model).rstrip("/"))
+        results = {
+            "meta": {
+                "title": args.title or f"{model_label} on {platform.upper()}", "device": machine_description(),
+                "platform": platform, "vllm_version": vllm_version(), "model": str(config.model),
+                "model_label": model_label, "dtype": status.dtype, "engine_kwargs": dict(config.engine_kwargs),
+                "max_model_len": status.max_model_len, "prompts": size["prompts"], "tokens": size["tokens"],
+                "stream_tokens": size["stream_tokens"], "repeats": size["repeats"],
+                "stream_repeats": size["stream_repeats"], "reload_repeats": size["reload_repeats"],
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": _platform.python_version(),
+                "memory_kind": sampler.kind, "notes": notes, "complete": final,
+                "statistic": "best of the runs (max tok/s, min ms); reloads: median",
+            },
+            "rows": [r.as_dict() for r in [*rows, *extra]],
+            "memory": {"peaks_bytes": dict(sampler.peaks), "marks_bytes": list(sampler.marks)},
+        }
+        tag = args.tag or f"{args.size or ('gpu' if platform == 'cuda' else 'cpu')}-{model_label}"
+        paths = write_all(results, Path(args.out), tag, chart=final and not args.no_chart)
+        results["paths"] = {k: str(v) for k, v in paths.items()}
+        return results
+
+    session_state: dict[str, Any] = {}
     with MemorySampler(platform) as sampler:
         baseline_memory = sampler.mark("before load")
         sampler.set_phase("engine")
@@ -197,6 +227,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         config = session.config
         leave_loaded = was_loaded and info.already_loaded
         status = session.status()
+        session_state.update(config=config, status=status)
         _say(info.summary)
         if not info.already_loaded:
             rows.append(Row("load", "first load (vllm-magic session.load)", "s", info.seconds,
@@ -212,6 +243,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             rows += _batch_rows(_measure_group(BATCH, workload, size["repeats"], warm))
             _say(f"single stream: {size['stream_tokens']} tokens, {size['stream_repeats']} runs")
             rows += _stream_rows(_measure_group(STREAM, workload, size["stream_repeats"], warm))
+            save()
         finally:
             for key, value in saved_defaults.items():
                 setattr(session.defaults, key, value)
@@ -248,7 +280,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.no_switch:
             current_len = status.max_model_len or 2048
             other_len = args.switch_max_model_len or max(256, current_len // 2)
-            for label, length, phase in (("switch", other_len, "after switch"), ("switch back", current_len, "after switch back")):
+            plan = [("switch", other_len, "after switch"), ("switch back", current_len, "after switch back")]
+            for label, length, phase in plan[:1] if args.no_switch_back else plan:
                 before = sampler.mark(f"before {label}")
                 sampler.set_phase(phase)
                 start = time.perf_counter()
@@ -260,6 +293,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                                        note="shut down, check memory, start"))
                 memory_rows.append(Row("memory", f"before {label}", "GiB", None if before is None else before / GiB))
                 memory_rows.append(Row("memory", f"after {label}", "GiB", None if after is None else after / GiB))
+                save(extra=switch_rows + memory_rows)
             rows += switch_rows
 
         # ----- unload, then the control -------------------------------------------------------------
@@ -302,32 +336,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if baseline_memory is not None:
             memory_rows.insert(0, Row("memory", "before load", "GiB", baseline_memory / GiB))
         rows += memory_rows
-        peaks = dict(sampler.peaks)
-        marks = list(sampler.marks)
 
-    if platform != "cuda":
-        notes.append(f"{os.cpu_count()} CPU cores shared with other workloads: absolute numbers vary run to run; "
-                     "ratios come from interleaved runs in one process.")
-    model_label = args.model_label or os.path.basename(str(config.model).rstrip("/"))
-    title = args.title or f"{model_label} on {platform.upper()}"
-    results = {
-        "meta": {
-            "title": title, "device": machine_description(), "platform": platform, "vllm_version": vllm_version(),
-            "model": str(config.model), "model_label": model_label, "dtype": status.dtype,
-            "engine_kwargs": dict(config.engine_kwargs), "max_model_len": status.max_model_len,
-            "prompts": size["prompts"], "tokens": size["tokens"], "stream_tokens": size["stream_tokens"],
-            "repeats": size["repeats"], "stream_repeats": size["stream_repeats"],
-            "reload_repeats": size["reload_repeats"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "python": _platform.python_version(), "memory_kind": sampler.kind, "notes": notes,
-            "statistic": "best of the runs (max tok/s, min ms); reloads: median",
-        },
-        "rows": [r.as_dict() for r in rows],
-        "memory": {"peaks_bytes": peaks, "marks_bytes": marks},
-    }
-    tag = args.tag or f"{args.size or ('gpu' if platform == 'cuda' else 'cpu')}-{model_label}"
-    paths = write_all(results, Path(args.out), tag, chart=not args.no_chart)
-    results["paths"] = {k: str(v) for k, v in paths.items()}
-    _say("wrote " + ", ".join(str(p) for p in paths.values()))
+    results = save(final=True)
+    _say("wrote " + ", ".join(results["paths"].values()))
     return results
 
 
