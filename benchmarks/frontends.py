@@ -66,7 +66,9 @@ class Workload:
         if name not in self._lc:
             module = importlib.import_module("vllm_magic.langchain")
             created = self.session.engines_created
-            self._lc[name] = getattr(module, name)()
+            cls = getattr(module, name)
+            # Bound to this session's live engine (a bare constructor would load the demo model).
+            self._lc[name] = cls.from_session(self.session) if hasattr(cls, "from_session") else cls()
             if self.session.engines_created != created:
                 raise RuntimeError(f"{name}() started a new engine instead of using the live one")
         return self._lc[name]

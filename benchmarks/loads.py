@@ -98,14 +98,17 @@ def community_vllm_twice(session: Any, model: str, engine_kwargs: dict, sampler:
     for attempt in (1, 2):
         sampler.set_phase(f"control #{attempt}")
         start = time.perf_counter()
+        offset = log.size()
         try:
             with log.capture(False):
                 alive.append(_construct(cls, model, dtype, kwargs))
             out["times"].append(time.perf_counter() - start)
         except Exception as exc:  # e.g. no device memory left: the first engine still holds it
             out["times"].append(None)
-            out["errors"].append(f"construction #{attempt} failed after {time.perf_counter() - start:.1f} s: "
-                                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+            # vLLM's root cause is in the engine process's output, not in the exception.
+            causes = [line for line in log.errors_since(offset) if "Error" in line]
+            reason = causes[-1] if causes else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            out["errors"].append(f"failed after {time.perf_counter() - start:.1f} s: {reason.strip()[:300]}")
         out["memory"].append(sampler.mark(f"after control construction #{attempt}"))
         if attempt == 1 and not keep_first:
             for obj in alive:

@@ -2,8 +2,10 @@
 
 vLLM builds a model from ``config.json`` alone when the weights are dummy, so a directory with a
 config and the demo model's tokenizer is enough to measure any Llama shape: the demo model's own
-shape (135M) and a Llama-3-8B shape. The 8B config keeps a vocabulary of 128,256 rows; the demo
-tokenizer knows 49,152 of them, so ids above that decode to no text (harmless for timing).
+shape (135M) and a Llama-3-8B shape. The 8B config keeps Llama-3's 128,256-row vocabulary; the demo
+tokenizer knows 49,152 tokens, so the 8B directory's tokenizer gets placeholder tokens (`` w49152``
+...) for the other ids: random dummy weights pick ids from the whole range, and ids without text
+would leave a streaming front-end with nothing to show.
 
     python -m benchmarks.model_dirs DEST     # writes DEST/demo-shape and DEST/llama8b-shape
 """
@@ -56,8 +58,21 @@ def write_model_dirs(dest: str | Path, source: str | Path | None = None) -> dict
         for filename in _TOKENIZER_FILES:
             if (source / filename).is_file():
                 shutil.copy2(source / filename, out / filename)
+        _pad_tokenizer(out / "tokenizer.json", cfg["vocab_size"])
         written[name] = out
     return written
+
+
+def _pad_tokenizer(path: Path, vocab_size: int) -> None:
+    """Give every id below ``vocab_size`` a (placeholder) token with text."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size >= vocab_size:
+        return
+    tokenizer.add_tokens([AddedToken(f" w{i}", normalized=False, special=False) for i in range(size, vocab_size)])
+    tokenizer.save(str(path))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import platform as _platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .frontends import BATCH, STREAM, Workload
 from .loads import community_vllm_twice, magic_load_line, reload_magic, reload_session
@@ -37,7 +37,7 @@ SIZES: dict[str, dict[str, Any]] = {
     # A few seconds of generation: the test suite runs this size.
     "smoke": dict(prompts=4, tokens=8, stream_tokens=8, repeats=1, stream_repeats=1, reload_repeats=5),
     "cpu": dict(prompts=32, tokens=64, stream_tokens=64, repeats=3, stream_repeats=5, reload_repeats=20),
-    "gpu": dict(prompts=256, tokens=128, stream_tokens=128, repeats=3, stream_repeats=5, reload_repeats=20),
+    "gpu": dict(prompts=256, tokens=128, stream_tokens=128, repeats=5, stream_repeats=5, reload_repeats=20),
 }
 
 BATCH_TARGET = 0.98
@@ -84,6 +84,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tag", default=None, help="file name stem of the results (default: SIZE-MODEL)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results directory")
     p.add_argument("--note", action="append", default=[], help="a note for the table (repeatable)")
+    p.add_argument("--statistic", choices=("median", "best"), default="median",
+                   help="how runs are summarized: median, or best (max tok/s, min ms) on a busy shared machine")
     p.add_argument("--no-chart", action="store_true")
     return p.parse_args(argv)
 
@@ -109,7 +111,8 @@ def _measure_group(entries, workload: Workload, repeats: int, warm: Workload) ->
             problems[name] = f"error: {type(exc).__name__}: {exc}"[:300]
             _say(f"{name}: {problems[name]}")
     for rep in range(repeats):
-        for name, fn in live:
+        # Rotate the order each run so that no front-end always runs first (GPU clocks, caches).
+        for name, fn in live[rep % len(live):] + live[:rep % len(live)] if live else []:
             try:
                 samples[name].append(fn(workload))
             except Exception as exc:
@@ -120,14 +123,14 @@ def _measure_group(entries, workload: Workload, repeats: int, warm: Workload) ->
     return {"samples": samples, "problems": problems}
 
 
-def _batch_rows(measured: dict) -> list[Row]:
+def _batch_rows(measured: dict, pick: Callable[[list[float], bool], float]) -> list[Row]:
     rows, raw = [], None
     for name, _, _ in BATCH:
         values = [s.value for s in measured["samples"].get(name, [])]
         if not values:
             rows.append(Row("batch", name, "tok/s", available=False, note=measured["problems"].get(name, "")))
             continue
-        value = best(values, higher_is_better=True)
+        value = pick(values, True)
         row = Row("batch", name, "tok/s", value, samples=values)
         if raw is None:
             raw = value
@@ -138,12 +141,12 @@ def _batch_rows(measured: dict) -> list[Row]:
     return rows
 
 
-def _stream_rows(measured: dict) -> list[Row]:
+def _stream_rows(measured: dict, pick: Callable[[list[float], bool], float]) -> list[Row]:
     ttft_rows, decode_rows = [], []
     base = STREAM[0][0]
     base_samples = measured["samples"].get(base, [])
-    raw_ttft = best([s.value for s in base_samples], False) if base_samples else None
-    raw_decode = best([s.extra["decode"] for s in base_samples], True) if base_samples else None
+    raw_ttft = pick([s.value for s in base_samples], False) if base_samples else None
+    raw_decode = pick([s.extra["decode"] for s in base_samples], True) if base_samples else None
     for name, _, _ in STREAM:
         samples = measured["samples"].get(name, [])
         if not samples:
@@ -153,8 +156,8 @@ def _stream_rows(measured: dict) -> list[Row]:
             continue
         ttfts = [s.value for s in samples]
         decodes = [s.extra["decode"] for s in samples if not math.isnan(s.extra["decode"])]
-        ttft = Row("ttft", name, "ms", best(ttfts, False), samples=ttfts)
-        decode = Row("decode", name, "tok/s", best(decodes, True) if decodes else None, samples=decodes)
+        ttft = Row("ttft", name, "ms", pick(ttfts, False), samples=ttfts)
+        decode = Row("decode", name, "tok/s", pick(decodes, True) if decodes else None, samples=decodes)
         if name == "raw LLM.generate":
             ttft.note = "no streaming: a 1-token generate"
             decode.note = "(full - 1-token generate) time"
@@ -185,6 +188,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if getattr(args, key) is not None:
             size[key] = getattr(args, key)
     engine_kwargs = json.loads(args.engine_args)
+    pick = (lambda values, higher: best(values, higher)) if args.statistic == "best" else (lambda values, _: median(values))
     session = get_session()
     notes = list(args.note)
     rows: list[Row] = []
@@ -207,7 +211,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 "stream_repeats": size["stream_repeats"], "reload_repeats": size["reload_repeats"],
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": _platform.python_version(),
                 "memory_kind": sampler.kind, "notes": notes, "complete": final,
-                "statistic": "best of the runs (max tok/s, min ms); reloads: median",
+                "statistic": args.statistic,
             },
             "rows": [r.as_dict() for r in [*rows, *extra]],
             "memory": {"peaks_bytes": dict(sampler.peaks), "marks_bytes": list(sampler.marks)},
@@ -240,9 +244,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         saved_defaults = session.defaults.as_dict()
         try:
             _say(f"batch: {size['prompts']} prompts x {size['tokens']} tokens, {size['repeats']} runs")
-            rows += _batch_rows(_measure_group(BATCH, workload, size["repeats"], warm))
+            rows += _batch_rows(_measure_group(BATCH, workload, size["repeats"], warm), pick)
             _say(f"single stream: {size['stream_tokens']} tokens, {size['stream_repeats']} runs")
-            rows += _stream_rows(_measure_group(STREAM, workload, size["stream_repeats"], warm))
+            rows += _stream_rows(_measure_group(STREAM, workload, size["stream_repeats"], warm), pick)
             save()
         finally:
             for key, value in saved_defaults.items():

@@ -83,3 +83,35 @@ def test_markdown_marks_missed_targets():
     rows = [{"group": "batch", "name": "x", "unit": "tok/s", "value": 10.0, "ratio": 0.5, "target": ">= 0.98",
              "met": False, "note": "", "available": True}]
     assert "| **no** |" in markdown_table({"meta": meta, "rows": rows})
+
+
+async def test_awaiting_a_handle_is_not_woken_per_delta():
+    """``await handle`` (abatch awaits hundreds at once) wakes its event loop once, at the end."""
+    import asyncio
+    import threading
+
+    from vllm_magic.handles import RequestHandle
+
+    loop = asyncio.get_running_loop()
+    handles = [RequestHandle(f"r{i}", "p", [1], 1, lambda request_id: None) for i in range(8)]
+    tasks = [asyncio.ensure_future(h.aresult()) for h in handles]
+    await asyncio.sleep(0)
+    wakeups = []
+    original = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *args, **kw: (wakeups.append(args), original(*args, **kw))[1]
+    try:
+        def drive():
+            for step in range(10):
+                for h in handles:
+                    h._push(0, "x", [1], None)
+        thread = threading.Thread(target=drive)
+        thread.start()
+        thread.join()
+        assert wakeups == []
+        for h in handles:
+            h._finish()
+        results = await asyncio.gather(*tasks)
+    finally:
+        del loop.call_soon_threadsafe
+    assert [r.text for r in results] == ["x" * 10] * 8
+    assert len(wakeups) == 8
