@@ -9,7 +9,27 @@ import sys
 import time
 from pathlib import Path
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+def _notebooks_dir() -> Path:
+    """The tutorial notebooks: beside the package in a checkout, under share/ when installed."""
+    checkout = Path(__file__).resolve().parent.parent / "notebooks"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "vllm-magic" / "notebooks"
+
+
+def _notebooks(args: argparse.Namespace) -> int:
+    import shutil
+
+    source = _notebooks_dir()
+    target = Path(args.dest)
+    target.mkdir(parents=True, exist_ok=True)
+    copied = [shutil.copy2(nb, target / nb.name) for nb in sorted(source.glob("*.ipynb"))]
+    if not copied:
+        print(f"error: no tutorial notebooks found in {source}", file=sys.stderr)
+        return 1
+    for path in copied:
+        print(path)
+    return 0
 
 
 def _demo_model(args: argparse.Namespace) -> int:
@@ -38,7 +58,7 @@ def _cell_text(output: dict) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    notebook = Path(args.notebook) if args.notebook else NOTEBOOKS / "01-quickstart.ipynb"
+    notebook = Path(args.notebook) if args.notebook else _notebooks_dir() / "01-quickstart.ipynb"
     if not notebook.is_file():
         return _demo_without_notebook()
     import nbformat
@@ -87,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="run the quickstart notebook headless and print its outputs")
     p.add_argument("--notebook", help="another notebook to run")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("notebooks", help="copy the tutorial notebooks into a directory")
+    p.add_argument("dest", help="where to put them")
+    p.set_defaults(func=_notebooks)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -28,7 +28,7 @@ from .sampling import SamplingDefaults, build_sampling_params
 
 __all__ = [
     "EngineSession", "get_session", "LoadInfo", "SessionStatus", "NoEngineError", "EngineStartError",
-    "PromptTooLongError", "ConfigError", "EngineDiedError",
+    "PromptTooLongError", "ConfigError", "EngineDiedError", "UnloadReport",
 ]
 
 Message = dict[str, str]
@@ -102,6 +102,26 @@ class SessionStatus:
                 f"{self.requests_served}, tokens_out={self.tokens_out})")
 
 
+@dataclass
+class UnloadReport:
+    """What the last ``unload()`` left behind: engine processes and device memory."""
+
+    model: str
+    processes: int
+    processes_killed: int
+    device_memory_before_load: int | None
+    device_memory_after_unload: int | None
+
+    @property
+    def device_memory_returned(self) -> bool | None:
+        if self.device_memory_before_load is None or self.device_memory_after_unload is None:
+            return None
+        return self.device_memory_after_unload <= self.device_memory_before_load + _MEMORY_SLACK
+
+
+_MEMORY_SLACK = 256 << 20  # allocator and driver bookkeeping that is not the engine's
+
+
 class _Engine:
     """What exists while an engine is loaded."""
 
@@ -120,6 +140,19 @@ class _Engine:
         blocks = getattr(cache, "num_gpu_blocks", None)
         self.kv_cache_tokens = int(blocks * cache.block_size) if blocks else None
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.memory_before_load: int | None = None
+
+    def processes_alive(self) -> bool:
+        """Whether every engine process is still running (a killed engine otherwise hangs requests)."""
+        import psutil
+
+        for pid in self.children:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    return False
+            except psutil.NoSuchProcess:
+                return False
+        return True
 
 
 class EngineSession:
@@ -137,6 +170,7 @@ class EngineSession:
         self.tokens_out = 0
         self.engines_created = 0
         self.last_result: GenerationResult | None = None
+        self.last_unload: UnloadReport | None = None
         self._listeners: list[Callable[[GenerationResult], None]] = []
         weakref.finalize(self, _shutdown_engine_of, self._engine_box())
 
@@ -177,7 +211,8 @@ class EngineSession:
         config = resolve_engine_config(model, **engine_kwargs)
         with self._lock:
             current = self._engine
-            if current is not None and current.config.fingerprint == config.fingerprint and current.driver.dead is None:
+            if (current is not None and current.config.fingerprint == config.fingerprint
+                    and current.driver.dead is None and current.processes_alive()):
                 return LoadInfo(config, True, time.perf_counter() - start, self._summary(current, already=True))
             quiet_vllm_environment(verbose)
             if current is not None:
@@ -203,6 +238,7 @@ class EngineSession:
         offset = log.size()
         log.mark(f"loading {config.model} {json.dumps(config.engine_kwargs, default=str)}")
         before = {p.pid for p in psutil.Process().children(recursive=True)}
+        memory_before = _device_memory_used(config.platform)
         t0 = time.perf_counter()
         try:
             with log.follow(progress), log.capture(verbose):
@@ -228,6 +264,7 @@ class EngineSession:
 
         driver = EngineDriver(llm.llm_engine, on_finished=self._count)
         engine = _Engine(llm, config, driver, children, time.perf_counter() - t0)
+        engine.memory_before_load = memory_before
         self._box[0] = engine
         return engine
 
@@ -249,9 +286,12 @@ class EngineSession:
             del llm
             gc.collect()
             _empty_device_cache()
-            leftovers = _reap(engine.children)
-            if leftovers:
-                self.log.mark(f"killed {leftovers} engine process(es) that outlived shutdown")
+            killed = _reap(engine.children)
+            if killed:
+                self.log.mark(f"killed {killed} engine process(es) that outlived shutdown")
+            after = _wait_for_device_memory(engine.config.platform, engine.memory_before_load)
+            self.last_unload = UnloadReport(engine.config.model, len(engine.children), killed,
+                                            engine.memory_before_load, after)
             return True
 
     def _engine_box(self) -> list:
@@ -372,6 +412,8 @@ class EngineSession:
         engine = self._engine
         if engine is None:
             raise NoEngineError("no model is loaded: run %vllm_load (the demo model) or %vllm_load MODEL first")
+        if engine.driver.dead is None and not engine.processes_alive():
+            engine.driver.dead = RuntimeError("an engine process exited")
         if engine.driver.dead is not None:
             raise EngineDiedError(
                 f"the engine process died ({engine.driver.dead}); run %vllm_load again to restart it")
@@ -508,15 +550,39 @@ def _reap(pids: Iterable[int], timeout: float = 15.0) -> int:
     return len(alive)
 
 
+def _device_memory_used(platform: str) -> int | None:
+    """Bytes in use on all NVIDIA GPUs, through NVML (creates no CUDA context), or None."""
+    if platform != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return sum(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used
+                       for i in range(pynvml.nvmlDeviceGetCount()))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
+def _wait_for_device_memory(platform: str, baseline: int | None, timeout: float = 15.0) -> int | None:
+    """Device memory in use after an unload, waiting a little for the driver to release it."""
+    used = _device_memory_used(platform)
+    deadline = time.monotonic() + timeout
+    while used is not None and baseline is not None and used > baseline + _MEMORY_SLACK \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+        gc.collect()
+        used = _device_memory_used(platform)
+    return used
+
+
 def _engine_memory(engine: _Engine) -> tuple[int | None, str]:
     if engine.config.platform == "cuda":
-        try:
-            import torch
-
-            free, total = torch.cuda.mem_get_info()
-            return total - free, "device memory in use"
-        except Exception:
-            return None, "device"
+        used = _device_memory_used("cuda")
+        return used, "GPU memory in use"
     import psutil
 
     total = 0
@@ -526,6 +592,23 @@ def _engine_memory(engine: _Engine) -> tuple[int | None, str]:
         except psutil.NoSuchProcess:
             pass
     return total, "RSS of engine processes"
+
+
+def _at_exit(fn: Callable[[], Any]) -> None:
+    """Run ``fn`` when the interpreter exits, before it joins non-daemon threads.
+
+    vLLM's client keeps non-daemon threads that end only when the engine shuts down, and Python joins
+    those before plain ``atexit`` handlers run: a kernel would hang on exit. ``concurrent.futures``
+    uses the same hook for the same reason.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(fn)
+            return
+        except RuntimeError:  # already shutting down
+            pass
+    atexit.register(fn)
 
 
 _session: EngineSession | None = None
@@ -538,5 +621,5 @@ def get_session() -> EngineSession:
     with _session_lock:
         if _session is None:
             _session = EngineSession()
-            atexit.register(_session.unload)
+            _at_exit(_session.unload)
         return _session

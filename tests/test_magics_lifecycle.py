@@ -1,0 +1,113 @@
+"""Loading, status, log, engine death and unloading through the magics, on an engine of their own.
+
+These tests start (and kill) a second demo-model engine in a session of their own, so the engine
+that the other tests share is never disturbed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+from IPython.core.error import UsageError
+
+import vllm_magic
+from ipython_capture import make_shell
+from vllm_magic.magics import VllmMagics, register
+from vllm_magic.session import EngineSession
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def own():
+    session = EngineSession()
+    yield session
+    session.unload()
+
+
+@pytest.fixture(scope="module")
+def shell(own):
+    ip, publisher = make_shell()
+    register(ip, session=own)
+    yield ip, publisher
+    from vllm_magic.magics import unregister
+
+    unregister(ip)
+    type(ip).clear_instance()
+
+
+def _engine_processes() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def test_load_shows_progress_then_a_summary_and_reloads_at_once(shell, own, capsys):
+    ip, pub = shell
+    pub.clear()
+    ip.run_line_magic("vllm_load", "--no-controls --max-model-len 1024")
+    progress = pub.updates()
+    assert progress and all(c["display_id"] == progress[0]["display_id"] for c in progress)
+    assert any(c["data"]["text/plain"].startswith("⏳ ") and c["data"]["text/plain"].endswith(" s")
+               for c in progress)
+    assert pub.outputs()[0] == {"text/plain": ""} and progress[-1]["data"] == {"text/plain": ""}
+    summary = capsys.readouterr().out
+    assert summary.startswith("✓ SmolLM2-135M-Instruct loaded on ") and "KV cache" in summary
+    assert own.status().max_model_len == 1024
+
+    start = time.perf_counter()
+    ip.run_line_magic("vllm_load", "--max-model-len 1024")
+    assert time.perf_counter() - start < 2
+    assert "already loaded" in capsys.readouterr().out and own.engines_created == 1
+
+
+def test_status_and_log(shell, own, capsys):
+    ip, _ = shell
+    status = ip.run_line_magic("vllm_status", "")
+    assert status.loaded and status.max_model_len == 1024
+    assert "| model |" in status._repr_markdown_()
+    ip.run_line_magic("vllm_log", "-n 5")
+    tail = capsys.readouterr().out.splitlines()
+    assert 0 < len(tail) <= 5
+    ip.run_line_magic("vllm_log", "--path")
+    assert capsys.readouterr().out.strip() == str(own.log.path)
+    with pytest.raises(UsageError, match="invalid int value"):
+        ip.run_line_magic("vllm_log", "-n many")
+
+
+def test_dead_engine_says_how_to_reload(shell, own, capsys):
+    ip, _ = shell
+    assert "Paris" in ip.run_cell_magic("vllm", "-t 0 -m 24 --quiet", QUESTION).text
+    for pid in _engine_processes():
+        proc = psutil.Process(pid)
+        if "resource_tracker" not in " ".join(proc.cmdline()):
+            proc.kill()
+    time.sleep(2)
+    with pytest.raises(UsageError, match=r"engine .*died.*%vllm_load"):
+        ip.run_cell_magic("vllm", "-t 0 -m 24 --quiet", QUESTION)
+    ip.run_line_magic("vllm_load", "--max-model-len 1024")
+    assert "loaded on" in capsys.readouterr().out and own.engines_created == 2
+    assert "Paris" in ip.run_cell_magic("vllm", "-t 0 -m 24 --quiet", QUESTION).text
+
+
+def test_unloading_the_extension_removes_the_magics_and_stops_the_engine(shell, own):
+    ip, _ = shell
+    assert own.loaded and ip.find_cell_magic("vllm") is not None
+    vllm_magic.unload_ipython_extension(ip)
+    assert not own.loaded
+    assert ip.find_cell_magic("vllm") is None and ip.find_line_magic("vllm_load") is None
+    assert not any(isinstance(c, VllmMagics) for c in ip.configurables)
+
+
+def test_without_a_model_the_magics_say_what_to_run_and_unload_frees(shell, own, capsys):
+    ip, _ = shell
+    register(ip, session=own)
+    ip.run_line_magic("vllm_unload", "")
+    assert "no model is loaded" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="no model is loaded: run %vllm_load"):
+        ip.run_cell_magic("vllm", "-t 0", QUESTION)
+    ip.run_line_magic("vllm_load", "--max-model-len 1024")
+    assert "Paris" in ip.run_cell_magic("vllm", "-t 0 -m 24 --quiet", QUESTION).text
+    capsys.readouterr()
+    ip.run_line_magic("vllm_unload", "")
+    assert capsys.readouterr().out.startswith("unloaded ") and not own.loaded

@@ -1,0 +1,115 @@
+"""Pure logic of the magics: argument splitting, prompt interpolation, batches, schemas, rendering.
+
+No engine here: these are the pieces that run before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from IPython.core.error import UsageError
+
+from vllm_magic.display import answer_bundle, stats_line
+from vllm_magic.handles import Completion, GenerationResult
+from vllm_magic.magics import _split_load_args
+from vllm_magic.prompts import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch
+
+
+def test_load_line_splits_our_flags_model_and_engine_flags():
+    ours, model, engine = _split_load_args("org/model --as chat --max-model-len 2048 --verbose --dtype=float16")
+    assert model == "org/model"
+    assert ours == ["--as", "chat", "--verbose"]
+    assert engine == ["--max-model-len", "2048", "--dtype=float16"]
+
+
+def test_load_line_without_model_keeps_flag_values_with_their_flags():
+    ours, model, engine = _split_load_args("--dtype float32 --no-controls --as=x")
+    assert model is None
+    assert engine == ["--dtype", "float32"]
+    assert ours == ["--no-controls", "--as=x"]
+
+
+def test_load_flag_without_value_is_a_usage_error():
+    with pytest.raises(UsageError, match="--as needs a value"):
+        _split_load_args("--as")
+
+
+def test_interpolation_fills_names_and_keeps_escaped_braces():
+    ns = {"city": "Paris", "n": 3, "d": {"k": "v"}}
+    assert interpolate("{city} has {{braces}} and {n:02d} {d[k]}", ns) == "Paris has {braces} and 03 v"
+
+
+def test_interpolation_names_the_missing_variable():
+    with pytest.raises(PromptError, match="name 'country' is not defined"):
+        interpolate("capital of {country}?", {})
+
+
+@pytest.mark.parametrize("text", ["a { b", "a } b", "{}", "{0}"])
+def test_unbalanced_or_positional_braces_are_prompt_errors(text):
+    with pytest.raises(PromptError, match=r"\{\{"):
+        interpolate(text, {})
+
+
+def test_batch_splits_on_separator_lines_only():
+    assert split_batch("one\n---\ntwo\n  ---  \nthree") == ["one", "two", "three"]
+    assert split_batch("a --- b\n----\nc") == ["a --- b\n----\nc"]
+    with pytest.raises(PromptError, match="empty"):
+        split_batch("one\n---\n---\ntwo")
+    with pytest.raises(PromptError, match="cell is empty"):
+        split_batch("   \n")
+
+
+def test_choices_are_comma_separated():
+    assert parse_choices(" yes, no ,maybe") == ["yes", "no", "maybe"]
+    with pytest.raises(PromptError):
+        parse_choices(" , ")
+
+
+def test_json_schema_from_inline_json_name_or_pydantic_model():
+    import pydantic
+
+    class City(pydantic.BaseModel):
+        name: str
+        population: int
+
+    schema, parse = resolve_json_schema('{"type": "object"}', {})
+    assert schema == {"type": "object"} and parse('{"a": 1}') == {"a": 1}
+    schema, parse = resolve_json_schema("s", {"s": {"type": "array"}})
+    assert schema == {"type": "array"}
+    schema, parse = resolve_json_schema("City", {"City": City})
+    assert schema["required"] == ["name", "population"]
+    city = parse('{"name": "Paris", "population": 2100000}')
+    assert isinstance(city, City) and city.population == 2100000
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nothing_here", "no such name"),
+    ("{not json", "invalid JSON schema"),
+    ('{"type": "no-such-type"}', "invalid JSON schema"),
+    ("[1, 2]", "must be an object"),
+])
+def test_bad_json_schemas_are_prompt_errors(spec, message):
+    with pytest.raises(PromptError, match=message):
+        resolve_json_schema(spec, {})
+
+
+def _result(text="Hi there", tokens=3, ttft=0.05, elapsed=0.25, aborted=False, finish="stop"):
+    completion = Completion(0, text, list(range(tokens)), None if aborted else finish)
+    return GenerationResult("r1", "p", [1, 2], [completion], ttft, elapsed, aborted=aborted)
+
+
+def test_stats_line_reports_tokens_ttft_rate_and_interruption():
+    line = stats_line(_result())
+    assert line == "3 tokens · TTFT 50 ms · 10.0 tok/s"
+    assert stats_line(_result(aborted=True)).endswith("⏹ interrupted")
+    assert "max tokens" in stats_line(_result(finish="length"))
+
+
+def test_answer_bundles_per_format():
+    assert answer_bundle("**hi**") == {"text/plain": "**hi**", "text/markdown": "**hi**"}
+    assert answer_bundle("x = 1", "code")["text/markdown"] == "```\nx = 1\n```"
+    assert "text/markdown" not in answer_bundle("plain", "text")
+    rendered = answer_bundle('{"a":1}', "json")
+    assert json.loads(rendered["text/plain"]) == {"a": 1} and rendered["text/markdown"].startswith("```json")
+    assert answer_bundle("partial", streaming=True)["text/plain"].endswith("▌")

@@ -1,0 +1,207 @@
+"""The engine session against the real demo-model engine: requests, streaming, abort, interrupts."""
+
+from __future__ import annotations
+
+import _thread
+import asyncio
+import json
+import re
+import threading
+import time
+
+import pytest
+
+from vllm_magic.session import PromptTooLongError
+
+
+def test_second_load_with_the_same_arguments_reuses_the_engine(engine):
+    created = engine.engines_created
+    info = engine.load()
+    assert info.already_loaded
+    assert "already loaded" in info.summary
+    assert engine.engines_created == created
+
+
+def test_result_carries_text_tokens_and_metrics(engine):
+    result = engine.generate("What is the capital of France?", temperature=0, max_tokens=32)
+    assert "Paris" in result.text
+    assert result.token_ids and result.output_tokens == len(result.token_ids)
+    assert result.finish_reason == "stop"
+    assert result.prompt_tokens == len(result.prompt_token_ids) > 5
+    assert "What is the capital of France?" in result.prompt  # the chat-templated text sent
+    assert 0 < result.ttft < result.elapsed
+    assert result.tokens_per_second > 0
+    tokenizer = engine.llm.get_tokenizer()
+    assert tokenizer.decode(result.token_ids, skip_special_tokens=True).strip() == result.text.strip()
+
+
+def test_streaming_deltas_join_to_the_final_text_and_arrive_early(engine):
+    handle = engine.submit("Write a long story about a dragon.", temperature=0, max_tokens=64, ignore_eos=True)[0]
+    deltas, done_at_first_delta = [], None
+    for delta in handle:
+        if done_at_first_delta is None:
+            done_at_first_delta = handle.done
+        deltas.append(delta)
+    result = handle.result()
+    assert done_at_first_delta is False, "the first delta only came after the request finished"
+    assert len(deltas) > 1
+    assert "".join(deltas) == result.text
+    assert result.output_tokens == 64
+
+
+def test_raw_completion_skips_the_chat_template(engine):
+    prompt = "The capital of France is"
+    result = engine.generate(prompt, raw=True, temperature=0, max_tokens=8)
+    assert result.prompt == prompt
+    assert result.prompt_token_ids == list(engine.llm.get_tokenizer().encode(prompt))
+    assert result.output_tokens > 0
+
+
+def test_system_prompt_reaches_the_template(engine):
+    text = engine.render_prompt("Hi", system="You are a pirate.")
+    assert "You are a pirate." in text and "Hi" in text
+    engine.defaults.system_prompt = "Answer in French."
+    assert "Answer in French." in engine.render_prompt("Hi")
+
+
+def test_many_prompts_in_one_submission(engine):
+    before = engine.submissions
+    handles = engine.submit(["Say hi.", "Count to three.", "What is 2+2?"], temperature=0, max_tokens=12)
+    assert engine.submissions == before + 1
+    results = [h.result() for h in handles]
+    assert len({r.request_id for r in results}) == 3
+    assert all(r.output_tokens > 0 for r in results)
+
+
+def test_n_samples(engine):
+    result = engine.generate("Name a colour.", temperature=1.0, n=3, max_tokens=8, seed=1)
+    assert len(result.completions) == 3
+    assert all(c.token_ids for c in result.completions)
+    assert result.output_tokens == sum(len(c.token_ids) for c in result.completions)
+
+
+def test_seed_makes_sampling_repeatable(engine):
+    a = engine.generate("Invent a name for a cat.", temperature=1.0, seed=1234, max_tokens=12)
+    b = engine.generate("Invent a name for a cat.", temperature=1.0, seed=1234, max_tokens=12)
+    assert a.text == b.text
+
+
+def test_json_schema_output_parses_and_fits_the_schema(engine):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                               "is_capital": {"type": "boolean"}},
+              "required": ["city", "is_capital"]}
+    result = engine.generate("Describe Paris as JSON.", temperature=0, json_schema=schema, max_tokens=200)
+    assert result.finish_reason == "stop", result.text
+    value = json.loads(result.text)
+    assert result.parsed == value
+    assert isinstance(value["city"], str) and isinstance(value["is_capital"], bool)
+
+
+def test_regex_and_choice_constrain_the_output(engine):
+    result = engine.generate("Give me a year.", temperature=0, regex=r"(19|20)\d\d", max_tokens=8)
+    assert re.fullmatch(r"(19|20)\d\d", result.text)
+    result = engine.generate("Is the sky blue?", temperature=0, choice=["yes", "no"])
+    assert result.text in ("yes", "no")
+
+
+def test_prompt_longer_than_the_context_is_refused_and_the_engine_keeps_serving(engine):
+    with pytest.raises(PromptTooLongError, match="tokens but the model's context holds"):
+        engine.submit("word " * 20_000, temperature=0)
+    assert "Paris" in engine.generate("What is the capital of France?", temperature=0).text
+
+
+def test_max_tokens_is_bounded_by_the_room_left_in_the_context(engine):
+    max_len = engine.status().max_model_len
+    handle = engine.submit("Hello", temperature=0, max_tokens=max_len * 2)[0]
+    handle.abort()
+    handle.result()
+    assert engine.status().requests_live == 0
+
+
+def test_abort_keeps_what_was_generated(engine):
+    handle = engine.submit("Write a long story about a dragon.", temperature=0, max_tokens=400, ignore_eos=True)[0]
+    next(iter(handle))
+    handle.abort()
+    result = handle.result()
+    assert result.aborted and result.finish_reason == "abort"
+    assert 0 < result.output_tokens < 400
+    assert engine.status().requests_live == 0
+
+
+def test_abort_all_stops_every_request_in_flight(engine):
+    handles = engine.submit(["Tell a long story."] * 4, temperature=0, max_tokens=400, ignore_eos=True)
+    next(iter(handles[0]))
+    start = time.perf_counter()
+    assert engine.abort_all() == 4
+    assert all(h.result(timeout=5).aborted for h in handles)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_interrupts_abort_and_leave_nothing_behind(engine):
+    question = "What is the capital of France?"
+    before = engine.generate(question, temperature=0, max_tokens=24).text
+    for _ in range(10):
+        handle = engine.submit("Write a very long story about a dragon.", temperature=0, max_tokens=500,
+                               ignore_eos=True)[0]
+        timer = threading.Timer(0.3, _thread.interrupt_main)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            handle.result()
+        timer.join()
+        assert handle.done and handle.snapshot().aborted
+        assert engine.status().requests_live == 0
+    after = engine.generate(question, temperature=0, max_tokens=24)
+    assert after.text == before
+    assert not after.aborted
+
+
+def test_concurrent_callers_each_get_their_own_answer(engine):
+    """200 requests: 8 threads x 20 plus an asyncio task group of 40, all in flight together."""
+    prompts = [f"Repeat after me: {word}." for word in (
+        "apple", "river", "cloud", "tiger", "pencil", "window", "garden", "rocket", "violin", "castle")]
+    params = dict(temperature=0, max_tokens=10)
+    alone = {p: engine.generate(p, **params) for p in prompts}
+    results: dict[int, tuple[str, object]] = {}
+    lock = threading.Lock()
+    start = threading.Barrier(9)
+
+    def worker(t: int) -> None:
+        start.wait()
+        for j in range(20):
+            k = t * 20 + j
+            prompt = prompts[k % len(prompts)]
+            result = engine.submit(prompt, **params)[0].result()
+            with lock:
+                results[k] = (prompt, result)
+
+    async def async_group() -> None:
+        async def one(k: int) -> None:
+            prompt = prompts[k % len(prompts)]
+            result = await engine.submit(prompt, **params)[0]
+            results[k] = (prompt, result)
+
+        async with asyncio.TaskGroup() as group:
+            for k in range(160, 200):
+                group.create_task(one(k))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    asyncio.run(async_group())
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == list(range(200)), "requests were lost"
+    assert len({r.request_id for _, r in results.values()}) == 200
+    for prompt, result in results.values():
+        assert result.prompt_token_ids == alone[prompt].prompt_token_ids
+        assert result.text == alone[prompt].text, f"{prompt!r} got {result.text!r}"
+
+
+def test_status_reports_what_is_loaded(engine):
+    status = engine.status()
+    assert status.loaded and status.model.endswith("SmolLM2-135M-Instruct")
+    assert status.requests_served > 0 and status.tokens_out > 0
+    assert status.memory_bytes and status.memory_bytes > 100 << 20
+    assert status.uptime > 0 and status.load_seconds > 0
+    assert "SmolLM2-135M-Instruct" in status._repr_markdown_()

@@ -1,0 +1,98 @@
+"""Loading, switching and unloading engines: nothing is left behind, bad configs never cost the engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+from vllm_magic.engine_config import ConfigError, parse_engine_flags
+from vllm_magic.session import EngineStartError
+
+
+def _engine_children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)
+            if "resource_tracker" not in " ".join(p.cmdline())}
+
+
+def _answers(session) -> str:
+    return session.generate("What is the capital of France?", temperature=0, max_tokens=16).text
+
+
+def test_invalid_configurations_are_refused_before_the_engine_is_touched(engine, tmp_path):
+    created, pids = engine.engines_created, _engine_children()
+    with pytest.raises(ConfigError, match="no such model directory"):
+        engine.load(str(tmp_path / "missing-model"))
+    with pytest.raises(ConfigError, match="unknown engine argument"):
+        engine.load(max_modle_len=1024)
+    with pytest.raises(ConfigError):  # longer than the model's 8192 positions: vLLM's own check
+        engine.load(max_model_len=10_000_000)
+    with pytest.raises(ConfigError, match="unrecognized engine arguments"):
+        parse_engine_flags("--max-modle-len 1024")
+    with pytest.raises(ConfigError, match="invalid"):
+        parse_engine_flags("--max-model-len lots")
+    assert engine.engines_created == created
+    assert _engine_children() == pids, "the running engine was restarted or lost"
+    assert "Paris" in _answers(engine)
+
+
+def test_switching_leaves_no_engine_process_behind(engine):
+    default = engine.config
+    first = _engine_children()
+    assert first
+    info = engine.load(max_model_len=2048)
+    assert not info.already_loaded
+    assert engine.status().max_model_len == 2048
+    assert not (first & _engine_children()), "processes of the first engine survived the switch"
+    assert engine.last_unload.processes_killed == 0
+    second = _engine_children()
+    assert "Paris" in _answers(engine)
+    engine.load()  # back to the default configuration
+    assert engine.config.fingerprint == default.fingerprint
+    assert not (second & _engine_children()), "processes of the second engine survived the switch"
+    assert "Paris" in _answers(engine)
+
+
+def test_a_failed_start_reports_the_cause_and_leaves_the_session_empty(engine, tmp_path):
+    bogus = tmp_path / "not-a-model"
+    bogus.mkdir()
+    (bogus / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["NoSuchModelForCausalLM"]}))
+    before = _engine_children()
+    engine.unload()
+    assert not engine.loaded and not _engine_children() & before
+    try:
+        with pytest.raises((EngineStartError, ConfigError)) as excinfo:
+            engine.load(str(bogus))
+        message = str(excinfo.value)
+        assert len(message.splitlines()) <= 8
+        assert not engine.loaded
+        assert not _engine_children() - before, "a failed start left processes behind"
+    finally:
+        engine.load()
+    assert "Paris" in _answers(engine)
+
+
+def test_unload_is_safe_twice_and_a_process_exit_leaves_no_orphans(tmp_path):
+    script = textwrap.dedent("""
+        import json, psutil
+        from vllm_magic import get_session
+
+        if __name__ == "__main__":
+            session = get_session()
+            session.load()
+            pids = [p.pid for p in psutil.Process().children(recursive=True)]
+            print(json.dumps(pids), flush=True)
+            # exit without unload(): the session's exit hook must stop the engine
+    """)
+    path = tmp_path / "exit_without_unload.py"
+    path.write_text(script)
+    proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pids = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert pids, "the engine started no processes?"
+    alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"engine processes outlived their kernel: {alive}"

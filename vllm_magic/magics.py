@@ -1,0 +1,477 @@
+"""The IPython magics: ``%vllm_load``, ``%%vllm`` and friends.
+
+Parsing and display only: the engine lives in :mod:`vllm_magic.session`, prompts are prepared by
+:mod:`vllm_magic.prompts`, outputs are drawn by :mod:`vllm_magic.display`. Every user mistake is an
+``IPython.core.error.UsageError`` (one line, no traceback); the kernel and the engine stay usable.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from typing import Any, Callable
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, cell_magic, magics_class, no_var_expand
+from IPython.core.magic_arguments import argument, magic_arguments
+from traitlets import Bool, Enum, Float, Int, List, TraitError, Unicode, Union, link, validate
+from traitlets import Any as AnyTrait
+
+from .display import FORMATS, AnswerStream, LoadProgress, stream_answers, supports_updates
+from .engine_config import ConfigError, parse_engine_flags
+from .handles import EngineDiedError
+from .prompts import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch
+from .results import VllmResult
+from .sampling import SamplingDefaults, build_sampling_params
+from .session import EngineSession, EngineStartError, NoEngineError, PromptTooLongError, get_session
+
+__all__ = ["VllmMagics", "register", "unregister"]
+
+#: Traits of the magics that mirror the session's :class:`SamplingDefaults` (linked both ways).
+SAMPLING_TRAITS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty", "seed", "stop", "system_prompt", "raw")
+
+# Validates values of the mirrored traits with SamplingDefaults' own ranges (config is applied
+# before the session is attached, so the session's instance cannot be used).
+_VALIDATOR = SamplingDefaults()
+
+# %vllm_load's own flags; everything else is a `vllm serve` engine flag. Values: takes an argument.
+_LOAD_FLAGS = {"--as": True, "--remote": True, "--verbose": False, "--no-controls": False}
+
+
+def sampling_args(f: Callable) -> Callable:
+    """The per-call sampling flags shared by every magic that generates."""
+    decorators = [
+        argument("-t", "--temperature", type=float, help="Sampling temperature; 0 is greedy."),
+        argument("--top-p", type=float, help="Nucleus sampling probability mass (0-1]."),
+        argument("--top-k", type=int, help="Keep only the K most likely tokens; 0 disables."),
+        argument("--min-p", type=float, help="Drop tokens less likely than MIN_P times the most likely one."),
+        argument("-m", "--max-tokens", type=int, help="Most tokens to generate."),
+        argument("--stop", action="append", metavar="TEXT",
+                 help="A string that ends the answer (not included); repeat for several."),
+        argument("--seed", type=int, help="Random seed: the same seed gives the same answer."),
+        argument("-n", type=int, help="Number of answers to sample for each prompt."),
+        argument("--presence-penalty", type=float, help="Penalty for tokens already present (-2..2)."),
+        argument("--frequency-penalty", type=float, help="Penalty growing with a token's count (-2..2)."),
+        argument("--repetition-penalty", type=float, help="Penalty > 1 discourages repetition."),
+    ]
+    for decorator in reversed(decorators):
+        f = decorator(f)
+    return f
+
+
+def _sampling_overrides(args: Any) -> dict[str, Any]:
+    names = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "seed", "n",
+             "presence_penalty", "frequency_penalty", "repetition_penalty")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+@magics_class
+class VllmMagics(Magics):
+    """vLLM in the notebook: one engine per kernel, prompts in cells.
+
+    Sampling defaults are configurable (``%config VllmMagics.temperature = 0.2``) and shared with
+    the sampling widgets and the LangChain objects: they are the session's ``SamplingDefaults``.
+    """
+
+    # Sampling defaults: linked both ways to the session's SamplingDefaults in __init__.
+    temperature = Float(0.7, help=SamplingDefaults.temperature.help).tag(config=True)
+    top_p = Float(1.0, help=SamplingDefaults.top_p.help).tag(config=True)
+    top_k = Int(0, help=SamplingDefaults.top_k.help).tag(config=True)
+    min_p = Float(0.0, help=SamplingDefaults.min_p.help).tag(config=True)
+    max_tokens = Int(256, help=SamplingDefaults.max_tokens.help).tag(config=True)
+    repetition_penalty = Float(1.0, help=SamplingDefaults.repetition_penalty.help).tag(config=True)
+    presence_penalty = Float(0.0, help=SamplingDefaults.presence_penalty.help).tag(config=True)
+    frequency_penalty = Float(0.0, help=SamplingDefaults.frequency_penalty.help).tag(config=True)
+    seed = Union([Int(), AnyTrait(None)], default_value=None, allow_none=True,
+                 help=SamplingDefaults.seed.help).tag(config=True)
+    stop = List(Unicode(), default_value=[], help=SamplingDefaults.stop.help).tag(config=True)
+    system_prompt = Unicode("", help=SamplingDefaults.system_prompt.help).tag(config=True)
+    raw = Bool(False, help=SamplingDefaults.raw.help).tag(config=True)
+
+    # Behaviour of the magics themselves.
+    show_controls = Bool(True, help="Show the sampling panel under %vllm_load.").tag(config=True)
+    output_format = Enum(FORMATS, default_value="markdown",
+                         help="How %%vllm renders answers when --format is not given.").tag(config=True)
+    stream_interval = Float(0.05, help="Seconds between two refreshes of a streaming answer.").tag(config=True)
+    langchain_name = Unicode("llm", help="Variable name of the LangChain object (%vllm_load --as NAME).")
+
+    def __init__(self, shell: Any = None, session: EngineSession | None = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self.session = session if session is not None else get_session()
+        #: The messages of the ``%%vllm --continue`` conversation (``%vllm_reset`` clears it).
+        self.conversation: list[dict[str, str]] = []
+        self._links = self._link_defaults()
+
+    def _link_defaults(self) -> list[link]:
+        # The session's current values win (widgets may already have changed them), except for the
+        # traits that the IPython configuration sets explicitly.
+        configured = {name: getattr(self, name) for name in SAMPLING_TRAITS
+                      if name in self.config.get(type(self).__name__, {})}
+        links = [link((self.session.defaults, name), (self, name)) for name in SAMPLING_TRAITS]
+        for name, value in configured.items():
+            setattr(self, name, value)
+        return links
+
+    @validate(*SAMPLING_TRAITS)
+    def _valid_default(self, proposal: dict) -> Any:
+        # Check with the session's traits (ranges live there) so %config gets a clear error.
+        name, value = proposal["trait"].name, proposal["value"]
+        trait = _VALIDATOR.traits()[name]
+        try:
+            return trait.validate(_VALIDATOR, value)
+        except TraitError as exc:
+            raise TraitError(f"VllmMagics.{name}: {exc}") from None
+
+    def close(self) -> None:
+        """Stop mirroring the session's defaults and leave ``%config`` (the extension is unloaded)."""
+        configurables = getattr(self.shell, "configurables", [])
+        if self in configurables:
+            configurables.remove(self)
+        for item in getattr(self, "_links", []):
+            try:
+                item.unlink()
+            except Exception:
+                pass
+        self._links = []
+
+    # ----- engine lifecycle ---------------------------------------------------------------------
+    @magic_arguments()
+    @argument("model", nargs="?", help="Hugging Face model id or local directory; none: the demo model.")
+    @argument("--as", dest="as_name", metavar="NAME", default="llm",
+              help="Variable name of the LangChain LLM over this engine (default: llm).")
+    @argument("--verbose", action="store_true", help="Show vLLM's own logs in the cell.")
+    @argument("--no-controls", action="store_true", help="Do not show the sampling panel after loading.")
+    @argument("--remote", metavar="URL", help="An OpenAI-compatible vLLM server (not available yet).")
+    @argument("engine_flags", nargs="*", metavar="ENGINE FLAGS",
+              help="Any `vllm serve` engine flag, same spelling: --max-model-len 2048, --dtype float16, "
+                   "--tensor-parallel-size 2, --quantization awq, --enforce-eager, ... "
+                   "(run `vllm serve --help` for the full list).")
+    @line_magic
+    def vllm_load(self, line: str = "") -> None:
+        """Load a model into the kernel's engine, or reuse it when it is already loaded.
+
+        Loading shows one progress line, then a one-line summary; vLLM's log goes to a file
+        (``%vllm_log``). Re-running the same cell says "already loaded" at once; another model or
+        other flags shut the old engine down first.
+
+        Examples::
+
+            %vllm_load
+            %vllm_load HuggingFaceTB/SmolLM2-360M-Instruct --max-model-len 4096
+            %vllm_load Qwen/Qwen2.5-7B-Instruct-AWQ --quantization awq --gpu-memory-utilization 0.8
+        """
+        ours, model, engine_argv = _split_load_args(line)
+        args = _parse(self.vllm_load, ours)
+        if args.remote:
+            raise UsageError("--remote is not available yet: start the server's model here with %vllm_load MODEL")
+        try:
+            engine_kwargs = parse_engine_flags(engine_argv)
+        except ConfigError as exc:
+            raise UsageError(f"{exc} (%vllm_load takes every `vllm serve` engine flag; see `vllm serve --help`)") from None
+        model = model or engine_kwargs.pop("model", None)
+        progress = LoadProgress(supports_updates(self.shell))
+        try:
+            info = self.session.load(model, verbose=args.verbose, progress=progress, **engine_kwargs)
+        except (ConfigError, EngineStartError) as exc:
+            raise UsageError(str(exc)) from None
+        finally:
+            progress.close()
+        print(("✓ " if not info.already_loaded else "") + info.summary)
+        self.langchain_name = args.as_name
+        self._publish_langchain(args.as_name)
+        if self.show_controls and not args.no_controls:
+            self._show_controls()
+
+    def _publish_langchain(self, name: str) -> None:
+        """Put a LangChain LLM over the live engine into the namespace as ``name``."""
+        try:
+            from . import langchain as lc
+        except ImportError:
+            return
+        self.shell.user_ns[name] = lc.VLLM.from_session(self.session)
+
+    def _show_controls(self) -> None:
+        try:
+            from .widgets import SamplingPanel
+        except ImportError:  # widgets are optional: loading works without them
+            return
+        display_widget(SamplingPanel(self.session))
+
+    @line_magic
+    def vllm_unload(self, line: str = "") -> None:
+        """Shut the engine down and free its memory."""
+        model = self.session.config.model if self.session.loaded else None
+        if self.session.unload():
+            print(f"unloaded {os.path.basename(model.rstrip('/')) or model}")
+        else:
+            print("no model is loaded")
+
+    @line_magic
+    def vllm_status(self, line: str = "") -> Any:
+        """What is loaded: model, platform, memory, requests and tokens served."""
+        return self.session.status()
+
+    @magic_arguments()
+    @argument("-n", "--lines", type=int, default=40, help="How many of the last lines to show (default 40).")
+    @argument("--path", action="store_true", help="Only print where the log file is.")
+    @line_magic
+    def vllm_log(self, line: str = "") -> None:
+        """Show the end of the engine's log (vLLM's own output, kept out of the cells)."""
+        args = _parse(self.vllm_log, line)
+        log = self.session.log
+        if args.path:
+            print(log.path)
+            return
+        if args.lines < 1:
+            raise UsageError("-n needs a positive number of lines")
+        text = log.read(args.lines)
+        print(text if text.strip() else f"(the engine log {log.path} is empty)")
+
+    @magic_arguments()
+    @argument("--defaults", action="store_true", help="Also put the sampling defaults back to theirs.")
+    @line_magic
+    def vllm_reset(self, line: str = "") -> None:
+        """Forget the ``%%vllm --continue`` conversation."""
+        args = _parse(self.vllm_reset, line)
+        turns = sum(1 for m in self.conversation if m["role"] == "user")
+        self.conversation = []
+        if args.defaults:
+            self.session.defaults.reset()
+        print(f"conversation cleared ({turns} turn{'s' if turns != 1 else ''})"
+              + (", sampling defaults reset" if args.defaults else ""))
+
+    @line_magic
+    def vllm_controls(self, line: str = "") -> None:
+        """Show the sampling panel (sliders bound to the session's defaults, and a Stop button)."""
+        from .widgets import SamplingPanel
+
+        display_widget(SamplingPanel(self.session))
+
+    @line_magic
+    def vllm_playground(self, line: str = "") -> None:
+        """Show the playground: a prompt box, the sampling panel and a Generate button."""
+        from .widgets import Playground
+
+        display_widget(Playground(self.session))
+
+    # ----- prompts ------------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("--raw", action="store_true", default=None,
+              help="Send the cell as a plain completion prompt (no chat template).")
+    @argument("--system", metavar="TEXT", help="System message (chat mode).")
+    @argument("-c", "--continue", dest="cont", action="store_true",
+              help="Continue the conversation of earlier --continue cells (%%vllm_reset clears it).")
+    @sampling_args
+    @argument("--json", metavar="SCHEMA",
+              help="Answer as JSON of this schema: a dict or pydantic model name, or inline JSON.")
+    @argument("--regex", metavar="PATTERN", help="Answer matching this regular expression.")
+    @argument("--choice", metavar="A,B,C", help="Answer exactly one of these comma-separated choices.")
+    @argument("--format", choices=FORMATS, help="Render as markdown (default), text, code or json.")
+    @argument("--quiet", action="store_true", help="Hide the stats line.")
+    @argument("--show-prompt", action="store_true", help="Show the prompt as sent, after the chat template.")
+    @argument("--out", metavar="NAME", help="Also store the result (a list for a batch) in NAME.")
+    @no_var_expand
+    @cell_magic
+    def vllm(self, line: str, cell: str) -> Any:
+        """Send the cell to the model and stream the answer into the output.
+
+        ``{name}`` is filled from the namespace (``{{`` for a literal brace); a line holding only
+        ``---`` separates prompts sent together as one batch. The cell's value is a
+        :class:`~vllm_magic.results.VllmResult` (a list of them for a batch). Interrupting the
+        kernel stops the generation; what was streamed stays, marked interrupted.
+
+        Examples::
+
+            %%vllm -t 0 -m 64
+            What is the capital of France?
+
+            %%vllm --choice positive,negative --out verdict
+            Is this review positive or negative? {review}
+        """
+        args = _parse(self.vllm, line)
+        namespace = dict(self.shell.user_ns)
+        try:
+            prompts = [interpolate(p, namespace) for p in split_batch(cell)]
+            structured, parse = self._structured(args, namespace)
+        except PromptError as exc:
+            raise UsageError(str(exc)) from None
+        if args.cont and len(prompts) > 1:
+            raise UsageError("--continue takes one prompt, not a '---' batch")
+        if args.cont and args.raw:
+            raise UsageError("--continue needs the chat template; drop --raw")
+        try:
+            sampling = build_sampling_params(self.session.defaults, _sampling_overrides(args), **structured)
+        except Exception as exc:  # SamplingParams validates ranges (vLLM's errors are not all ValueErrors)
+            raise UsageError(f"invalid sampling value: {_one_line(exc)}") from None
+        items: list[Any] = prompts
+        if args.cont:
+            items = [self._conversation_with(prompts[0], args.system)]
+        try:
+            handles = self.session.submit(items, sampling, raw=args.raw, system=args.system)
+        except EngineDiedError as exc:
+            raise UsageError(_died(exc)) from None
+        except (NoEngineError, PromptTooLongError) as exc:
+            raise UsageError(str(exc)) from None
+        return self._stream(handles, prompts, items, sampling, parse, args)
+
+    def _structured(self, args: Any, namespace: dict) -> tuple[dict, Callable[[str], Any] | None]:
+        given = [flag for flag in ("json", "regex", "choice") if getattr(args, flag)]
+        if len(given) > 1:
+            raise PromptError(f"use one of --json, --regex and --choice, not {' and '.join('--' + g for g in given)}")
+        if args.json:
+            schema, parse = resolve_json_schema(args.json, namespace)
+            return {"json_schema": schema}, parse
+        if args.regex:
+            return {"regex": args.regex}, str
+        if args.choice:
+            return {"choice": parse_choices(args.choice)}, str
+        return {}, None
+
+    def _conversation_with(self, prompt: str, system: str | None) -> list[dict[str, str]]:
+        messages = [dict(m) for m in self.conversation]
+        if system is not None:
+            messages = [m for m in messages if m["role"] != "system"]
+            messages.insert(0, {"role": "system", "content": system})
+        return messages + [{"role": "user", "content": prompt}]
+
+    def _stream(self, handles: list, prompts: list[str], items: list, sampling: Any,
+                parse: Callable[[str], Any] | None, args: Any) -> Any:
+        live = supports_updates(self.shell)
+        fmt = args.format or ("json" if args.json else self.output_format)
+        if args.show_prompt:
+            for handle in handles:
+                display_text(handle.prompt)
+        batch = len(handles) > 1
+        streams = [AnswerStream(h, fmt, live=live, label=_label(i, p) if batch else None, echo=not batch)
+                   for i, (h, p) in enumerate(zip(handles, prompts))]
+        interrupted = stream_answers(streams, self.stream_interval)
+        results = []
+        for stream, prompt, item in zip(streams, prompts, items):
+            try:
+                generation = stream.handle.result(timeout=10) if stream.handle.done else stream.handle.snapshot()
+            except EngineDiedError as exc:
+                for s in streams:
+                    s.discard()
+                raise UsageError(_died(exc)) from None
+            except Exception as exc:  # the engine refused this request (e.g. a schema it cannot compile)
+                for s in streams:
+                    s.discard()
+                raise UsageError(f"the engine refused the request: {_one_line(exc)}") from None
+            parsed = None
+            if parse is not None and generation.text and not generation.aborted:
+                try:
+                    parsed = parse(generation.text)
+                except ValueError:
+                    parsed = None
+            stream.finish(generation, parsed=parsed, quiet=args.quiet)
+            messages = list(item) if isinstance(item, list) else []
+            results.append(VllmResult(generation, prompt, sampling, parsed, messages))
+        if args.cont and not interrupted:
+            self.conversation = results[0].messages + [{"role": "assistant", "content": results[0].text}]
+        value: Any = results if batch else results[0]
+        if args.out:
+            self.shell.user_ns[args.out] = value
+        return value
+
+
+# ----- helpers ------------------------------------------------------------------------------------
+
+def _parse(magic: Callable, line: str | list[str]) -> Any:
+    """Parse a magic's line with its ``magic_arguments`` parser, shell-style quoting included.
+
+    (IPython's ``parse_argstring`` keeps the quotes around values, which breaks inline JSON.)
+    """
+    try:
+        argv = shlex.split(line) if isinstance(line, str) else list(line)
+    except ValueError as exc:
+        raise UsageError(f"{exc} in the magic's line") from None
+    try:
+        return magic.parser.parse_args(argv)
+    except UsageError as exc:
+        name = ("%%" if magic.__name__ == "vllm" else "%") + magic.__name__
+        flags = ", ".join("/".join(a.option_strings) for a in magic.parser._actions
+                          if a.option_strings and a.dest != "help")
+        listing = f"; {name} takes {flags}" if "unrecognized" in str(exc) else ""
+        raise UsageError(f"{exc}{listing} ({name}? explains the flags)") from None
+
+
+def _split_load_args(line: str) -> tuple[list[str], str | None, list[str]]:
+    """Split ``%vllm_load``'s line into our flags, the model and the engine flags (vLLM parses those)."""
+    try:
+        tokens = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"%vllm_load: {exc}") from None
+    ours: list[str] = []
+    engine: list[str] = []
+    model = None
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        name = token.split("=", 1)[0]
+        if name in _LOAD_FLAGS:
+            ours.append(token)
+            if _LOAD_FLAGS[name] and "=" not in token:
+                if i + 1 >= len(tokens):
+                    raise UsageError(f"%vllm_load: {name} needs a value")
+                ours.append(tokens[i + 1])
+                i += 1
+        elif token in ("-h", "--help"):
+            raise UsageError("%vllm_load? shows the help; `vllm serve --help` lists the engine flags")
+        elif i == 0 and not token.startswith("-"):
+            model = token
+        else:
+            engine.append(token)
+        i += 1
+    return ours, model, engine
+
+
+def _died(exc: BaseException) -> str:
+    message = _one_line(exc)
+    if "%vllm_load" not in message:
+        message += "; run %vllm_load again to restart it (%vllm_log shows why it died)"
+    return message
+
+
+def _label(index: int, prompt: str) -> str:
+    first = prompt.strip().splitlines()[0] if prompt.strip() else ""
+    first = first if len(first) <= 60 else first[:59] + "…"
+    return f"[{index + 1}] {first}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + ("…" if len(text) > 300 else "")
+
+
+def display_text(text: str) -> None:
+    from IPython.display import display
+
+    display({"text/plain": text}, raw=True)
+
+
+def display_widget(widget: Any) -> None:
+    from IPython.display import display
+
+    display(widget)
+
+
+def register(ipython: Any, session: EngineSession | None = None) -> VllmMagics:
+    """Register the magics on ``ipython`` (``%load_ext vllm_magic``); returns the magics object."""
+    unregister(ipython, shutdown=False)  # %reload_ext: never two instances writing the same defaults
+    magics = VllmMagics(shell=ipython, session=session)  # also joins ipython.configurables (%config)
+    ipython.register_magics(magics)
+    return magics
+
+
+def unregister(ipython: Any, shutdown: bool = True) -> None:
+    """Remove the magics and (by default) shut the engine down, freeing its memory."""
+    for magics in [c for c in ipython.configurables if isinstance(c, VllmMagics)]:
+        table = ipython.magics_manager.magics
+        for kind in ("line", "cell"):
+            for name in list(magics.magics.get(kind, {})):
+                if getattr(table[kind].get(name), "__self__", None) is magics:
+                    del table[kind][name]
+        magics.close()
+        if shutdown:
+            magics.session.unload()
