@@ -187,6 +187,18 @@ class RequestHandle:
             self.abort()
             raise
 
+    @property
+    def delta_count(self) -> int:
+        """How many text deltas arrived so far (for :meth:`wait_for_delta`)."""
+        return len(self._deltas)
+
+    def wait_for_delta(self, after: int = 0, timeout: float | None = None) -> bool:
+        """Block until more than ``after`` text deltas arrived or the request ended.
+
+        Returns False when ``timeout`` seconds passed first. Ctrl-C while waiting aborts the request.
+        """
+        return self._wait_for(after, timeout)
+
     def iter_deltas(self, timeout: float | None = None) -> Iterator[tuple[int, str]]:
         """Yield ``(completion_index, text)`` deltas as they arrive, until the request ends."""
         cursor = 0
