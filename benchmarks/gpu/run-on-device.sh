@@ -10,6 +10,7 @@ cd "$(dirname "$0")"
 PART=${1:-check}
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"
+[ -f models/llama8b-shape/tokenizer.json.gz ] && gunzip -f models/llama8b-shape/tokenizer.json.gz
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # FlashInfer's sampler JIT-compiles for about two minutes on a fresh machine; vLLM's own sampler is used instead.
 export VLLM_USE_FLASHINFER_SAMPLER=0
