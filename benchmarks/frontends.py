@@ -148,10 +148,10 @@ def _stream_sample(start: float, first: float | None, end: float, tokens: int) -
 def batch_session_submit(w: Workload) -> Sample:
     start = time.perf_counter()
     handles = w.session.submit(w.prompts, temperature=0.0, max_tokens=w.tokens, ignore_eos=True)
-    results = [h.result() for h in handles]
-    seconds = time.perf_counter() - start
-    tokens = sum(r.output_tokens for r in results)
-    return Sample(tokens / seconds, {"seconds": seconds, "tokens": tokens})
+    for handle in handles:
+        handle.result()
+    end = time.perf_counter()
+    return _batch_sample(handles, start, end)
 
 
 def stream_session(w: Workload) -> Sample:
@@ -162,7 +162,9 @@ def stream_session(w: Workload) -> Sample:
         if first is None and delta:
             first = time.perf_counter()
     end = time.perf_counter()
-    return _stream_sample(start, first, end, handle.result().output_tokens)
+    sample = _stream_sample(start, first, end, handle.result().output_tokens)
+    sample.extra["head_ms"] = (handle.submitted_at - start) * 1e3
+    return sample
 
 
 # ----- %%vllm through an InteractiveShell ------------------------------------------------------------
@@ -237,14 +239,26 @@ def _tokens_of(handles: list) -> int:
     return sum(h.result().output_tokens for h in handles)
 
 
+def _batch_sample(handles: list, start: float, end: float) -> Sample:
+    """Throughput, plus where the front-end's own time went: before the session created the first
+    request (``head_ms``: parsing, chat template, tokenizing) and after the last request ended
+    (``tail_ms``: collecting and rendering the answers)."""
+    tokens = _tokens_of(handles)
+    results = [h.result() for h in handles]
+    first_submit = min(h.submitted_at for h in handles)
+    last_end = max(h.submitted_at + r.elapsed for h, r in zip(handles, results))
+    return Sample(tokens / (end - start), {"seconds": end - start, "tokens": tokens,
+                                           "head_ms": (first_submit - start) * 1e3,
+                                           "tail_ms": (end - last_end) * 1e3})
+
+
 def batch_magic(w: Workload) -> Sample:
     cell = "%%vllm\n" + "\n---\n".join(w.prompts)
     with _pinned(w, w.tokens) as handles:
         start, end, _ = w.shell.run(cell)
     if len(handles) != len(w.prompts):
         raise RuntimeError(f"%%vllm submitted {len(handles)} requests for {len(w.prompts)} prompts")
-    tokens = _tokens_of(handles)
-    return Sample(tokens / (end - start), {"seconds": end - start, "tokens": tokens})
+    return _batch_sample(handles, start, end)
 
 
 def stream_magic(w: Workload) -> Sample:
@@ -255,7 +269,9 @@ def stream_magic(w: Workload) -> Sample:
     # The first display update after the first text reached the handle is what the user sees.
     first_text_at = handle.submitted_at + (result.ttft or 0.0)
     first = next((t for t in events if t >= first_text_at), None)
-    return _stream_sample(start, first, end, result.output_tokens)
+    sample = _stream_sample(start, first, end, result.output_tokens)
+    sample.extra["head_ms"] = (handle.submitted_at - start) * 1e3
+    return sample
 
 
 # ----- LangChain -------------------------------------------------------------------------------------
@@ -268,8 +284,7 @@ def batch_llm_batch(w: Workload) -> Sample:
         end = time.perf_counter()
     if len(answers) != len(w.prompts):
         raise RuntimeError(f"llm.batch returned {len(answers)} answers for {len(w.prompts)} prompts")
-    tokens = _tokens_of(handles)
-    return Sample(tokens / (end - start), {"seconds": end - start, "tokens": tokens})
+    return _batch_sample(handles, start, end)
 
 
 def batch_chat_abatch(w: Workload) -> Sample:
@@ -280,8 +295,7 @@ def batch_chat_abatch(w: Workload) -> Sample:
         end = time.perf_counter()
     if len(answers) != len(w.prompts):
         raise RuntimeError(f"abatch returned {len(answers)} answers for {len(w.prompts)} prompts")
-    tokens = _tokens_of(handles)
-    return Sample(tokens / (end - start), {"seconds": end - start, "tokens": tokens})
+    return _batch_sample(handles, start, end)
 
 
 def stream_llm_stream(w: Workload) -> Sample:
@@ -294,7 +308,9 @@ def stream_llm_stream(w: Workload) -> Sample:
             if first is None and text:
                 first = time.perf_counter()
         end = time.perf_counter()
-    return _stream_sample(start, first, end, _tokens_of(handles))
+    sample = _stream_sample(start, first, end, _tokens_of(handles))
+    sample.extra["head_ms"] = (handles[0].submitted_at - start) * 1e3
+    return sample
 
 
 # name -> (function, needs). The first entry of each list is the raw baseline.

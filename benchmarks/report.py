@@ -50,8 +50,8 @@ def header_line(meta: dict) -> str:
         f"dtype {meta.get('dtype')}",
         f"{meta['prompts']} prompts x {meta['tokens']} output tokens (ignore_eos, temperature 0)",
         f"single stream: {meta['stream_tokens']} tokens",
-        f"{meta.get('statistic', 'best')} of {meta['repeats']} (batch) / {meta['stream_repeats']} (stream) "
-        "interleaved runs",
+        f"{meta.get('statistic', 'best')} of {meta['repeats']} (batch) / {meta['stream_repeats']} (decode) / "
+        f"{meta.get('ttft_repeats', meta['stream_repeats'])} (first text) interleaved runs",
         meta["date"],
     ]
     return " · ".join(parts)
