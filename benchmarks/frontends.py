@@ -48,7 +48,6 @@ class Workload:
     stream_tokens: int
     texts: list[str] = field(default_factory=list)  # the same prompts after the chat template
     stream_text: str = ""
-    _shell: Any = None
     _lc: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -57,9 +56,7 @@ class Workload:
 
     @property
     def shell(self) -> "RecordingShell":
-        if self._shell is None:
-            self._shell = RecordingShell()
-        return self._shell
+        return RecordingShell.instance()
 
     def langchain(self, name: str) -> Any:
         """The vllm-magic LangChain object ``name`` ("VLLM" or "ChatVLLM") bound to the live engine."""
@@ -190,8 +187,18 @@ class _RecordingStream:
 class RecordingShell:
     """An InteractiveShell with vllm_magic loaded whose display output is timed, not printed.
 
-    Display messages are serialized to JSON, as a kernel does before sending them.
+    Display messages are serialized to JSON, as a kernel does before sending them. There is one
+    per process (``instance()``): the InteractiveShell is a singleton, so a second recorder would
+    take its display publisher away from the first.
     """
+
+    _instance: "RecordingShell | None" = None
+
+    @classmethod
+    def instance(cls) -> "RecordingShell":
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
 
     def __init__(self) -> None:
         from IPython.core.displaypub import DisplayPublisher
