@@ -128,12 +128,16 @@ def test_greedy_answer_streams_then_renders_markdown_and_stats(ip, pub, submitte
     assert repr(result).startswith("VllmResult(") and "tokens=" in repr(result)
 
 
-def test_greedy_answer_knows_paris_and_keeps_the_exact_prompt(ip, engine):
+def test_greedy_answer_knows_paris_and_keeps_the_exact_prompt(ip, pub, engine):
     result = vllm(ip, "-t 0 -m 32", QUESTION)
-    assert "Paris" in result.text
+    assert "Paris" in result.text and str(result) == result.text
     assert result.prompt == engine.render_prompt(QUESTION)
     assert result.user_prompt == QUESTION
     assert result.finish_reason == "stop" and not result.interrupted
+    assert result.metrics["tokens"] == result.tokens == len(result.token_ids)
+    pub.clear()
+    result.show("text")
+    assert pub.outputs() == [{"text/plain": result.text}]
 
 
 def test_max_tokens_bounds_the_answer(ip, submitted):
@@ -196,6 +200,7 @@ def test_format_text_and_code(ip, pub, fmt):
     if fmt == "text":
         assert "text/markdown" not in final
     else:
+        assert "```" not in result.text  # a plain answer becomes one code block
         assert final["text/markdown"] == f"```\n{result.text}\n```"
 
 
@@ -382,3 +387,17 @@ def test_kernel_interrupt_aborts_the_request_in_the_engine(ip, pub, engine):
     assert result.interrupted and 0 < result.tokens < 400
     assert engine.status().requests_live == 0 and engine.requests_served == served + 1
     assert_still_answers(ip)
+
+
+def test_terminal_shell_prints_the_answer_as_it_streams(ip, capsys):
+    from IPython.core.displaypub import DisplayPublisher
+
+    recording = ip.display_pub
+    ip.display_pub = DisplayPublisher(shell=ip)  # what terminal IPython has: no in-place updates
+    try:
+        result = vllm(ip, "-t 0 -m 24", QUESTION)
+    finally:
+        ip.display_pub = recording
+    out = capsys.readouterr().out
+    assert out.startswith(result.text + "\n") and "▌" not in out
+    assert f"{result.tokens} tokens · TTFT" in out

@@ -109,7 +109,24 @@ def test_stats_line_reports_tokens_ttft_rate_and_interruption():
 def test_answer_bundles_per_format():
     assert answer_bundle("**hi**") == {"text/plain": "**hi**", "text/markdown": "**hi**"}
     assert answer_bundle("x = 1", "code")["text/markdown"] == "```\nx = 1\n```"
+    fenced = answer_bundle("Here:\n```python\ndef f():\n    return 1\n```\nThis returns 1.", "code")
+    assert fenced == {"text/plain": "def f():\n    return 1", "text/markdown": "```python\ndef f():\n    return 1\n```"}
+    unfinished = answer_bundle("```python\nx = 1\ny = ", "code")  # cut by max tokens
+    assert unfinished["text/plain"] == "x = 1\ny = "
     assert "text/markdown" not in answer_bundle("plain", "text")
     rendered = answer_bundle('{"a":1}', "json")
     assert json.loads(rendered["text/plain"]) == {"a": 1} and rendered["text/markdown"].startswith("```json")
     assert answer_bundle("partial", streaming=True)["text/plain"].endswith("▌")
+
+
+def test_help_of_the_magics_lists_our_flags_and_points_at_vllm_serve():
+    from vllm_magic.magics import VllmMagics
+
+    load_help = " ".join(VllmMagics.vllm_load.__doc__.split())
+    for flag in ("--as NAME", "--verbose", "--no-controls", "--remote URL", "vllm serve --help"):
+        assert flag in load_help
+    cell_help = " ".join(VllmMagics.vllm.__doc__.split())
+    assert "%%vllm [--raw]" in cell_help
+    for flag in ("-t TEMPERATURE, --temperature TEMPERATURE", "--stop TEXT", "--json SCHEMA", "--choice A,B,C",
+                 "-c, --continue", "--out NAME", "--show-prompt", "--format {markdown,text,code,json}"):
+        assert flag in cell_help

@@ -9,6 +9,7 @@ frontend that can update outputs (terminal IPython), text is printed as it arriv
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -87,7 +88,9 @@ def answer_bundle(text: str, format: str = "markdown", *, parsed: Any = None, la
         plain = body
         markdown = f"```json\n{body}\n```"
     elif format == "code":
-        markdown = f"```\n{text}\n```"
+        language, code = extract_code(text)
+        plain = code
+        markdown = f"```{language}\n{code}\n```"
     elif format == "text":
         markdown = None
     else:
@@ -104,6 +107,20 @@ def answer_bundle(text: str, format: str = "markdown", *, parsed: Any = None, la
     if markdown is not None:
         bundle["text/markdown"] = markdown
     return bundle
+
+
+_FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def extract_code(text: str) -> tuple[str, str]:
+    """``(language, code)`` of an answer: its fenced blocks joined, or the whole text when it has none.
+
+    Models often wrap code in fences and add explanations; ``--format code`` shows just the code.
+    """
+    blocks = _FENCE.findall(text)
+    if not blocks:
+        return "", text
+    return blocks[0][0], "\n\n".join(code.rstrip("\n") for _, code in blocks)
 
 
 def stats_line(result: Any) -> str:

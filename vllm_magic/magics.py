@@ -175,6 +175,8 @@ class VllmMagics(Magics):
             info = self.session.load(model, verbose=args.verbose, progress=progress, **engine_kwargs)
         except (ConfigError, EngineStartError) as exc:
             raise UsageError(str(exc)) from None
+        except KeyboardInterrupt:
+            raise UsageError("loading interrupted; no engine is loaded (run %vllm_load again)") from None
         finally:
             progress.close()
         print(("✓ " if not info.already_loaded else "") + info.summary)
@@ -185,9 +187,8 @@ class VllmMagics(Magics):
 
     def _publish_langchain(self, name: str) -> None:
         """Put a LangChain LLM over the live engine into the namespace as ``name``."""
-        try:
-            from . import langchain as lc
-        except ImportError:
+        lc = _optional_module("langchain")
+        if lc is None:  # the LangChain integration is not part of this installation
             return
         self.shell.user_ns[name] = lc.VLLM.from_session(self.session)
 
@@ -197,11 +198,10 @@ class VllmMagics(Magics):
         # stays subscribed to the session's results.
         panel = getattr(self, "_panel", None)
         if panel is None or not reuse or getattr(panel, "comm", None) is None:
-            try:
-                from .widgets import SamplingPanel
-            except ImportError:  # widgets are optional: loading works without them
+            widgets = _optional_module("widgets")
+            if widgets is None:  # without the widgets module, loading simply shows no panel
                 return
-            panel = self._panel = SamplingPanel(self.session)
+            panel = self._panel = widgets.SamplingPanel(self.session)
         display_widget(panel)
 
     @line_magic
@@ -250,16 +250,12 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_controls(self, line: str = "") -> None:
         """Show the sampling panel (sliders bound to the session's defaults, and a Stop button)."""
-        from .widgets import SamplingPanel
-
-        display_widget(SamplingPanel(self.session))
+        display_widget(_widgets().SamplingPanel(self.session))
 
     @line_magic
     def vllm_playground(self, line: str = "") -> None:
         """Show the playground: a prompt box, the sampling panel and a Generate button."""
-        from .widgets import Playground
-
-        display_widget(Playground(self.session))
+        display_widget(_widgets().Playground(self.session))
 
     # ----- prompts ------------------------------------------------------------------------------
     @magic_arguments()
@@ -319,7 +315,12 @@ class VllmMagics(Magics):
             raise UsageError(_died(exc)) from None
         except (NoEngineError, PromptTooLongError) as exc:
             raise UsageError(str(exc)) from None
-        return self._stream(handles, prompts, items, sampling, parse, args)
+        try:
+            return self._stream(handles, prompts, items, sampling, parse, args)
+        except KeyboardInterrupt:  # outside the streaming loop (which handles it): never leave requests running
+            for handle in handles:
+                handle.abort()
+            raise
 
     def _structured(self, args: Any, namespace: dict) -> tuple[dict, Callable[[str], Any] | None]:
         given = [flag for flag in ("json", "regex", "choice") if getattr(args, flag)]
@@ -349,7 +350,8 @@ class VllmMagics(Magics):
             for handle in handles:
                 display_text(handle.prompt)
         batch = len(handles) > 1
-        streams = [AnswerStream(h, fmt, live=live, label=_label(i, p) if batch else None, echo=not batch)
+        echo = not batch and (sampling.n or 1) == 1  # a terminal prints a single answer as it comes
+        streams = [AnswerStream(h, fmt, live=live, label=_label(i, p) if batch else None, echo=echo)
                    for i, (h, p) in enumerate(zip(handles, prompts))]
         interrupted = stream_answers(streams, self.stream_interval)
         results = []
@@ -379,6 +381,10 @@ class VllmMagics(Magics):
         if args.out:
             self.shell.user_ns[args.out] = value
         return value
+
+
+# magic_arguments writes every usage as "%name"; the cell magic's help should read "%%vllm".
+VllmMagics.vllm.__doc__ = VllmMagics.vllm.__doc__.replace("  %vllm [", "  %%vllm [", 1)
 
 
 # ----- helpers ------------------------------------------------------------------------------------
@@ -430,6 +436,25 @@ def _split_load_args(line: str) -> tuple[list[str], str | None, list[str]]:
             engine.append(token)
         i += 1
     return ours, model, engine
+
+
+def _optional_module(name: str) -> Any:
+    """``vllm_magic.<name>``, or None when that module does not exist (other import errors raise)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"vllm_magic.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"vllm_magic.{name}":
+            return None
+        raise
+
+
+def _widgets() -> Any:
+    widgets = _optional_module("widgets")
+    if widgets is None:
+        raise UsageError("the sampling widgets are not available in this installation")
+    return widgets
 
 
 def _died(exc: BaseException) -> str:

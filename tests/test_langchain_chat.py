@@ -1,0 +1,138 @@
+"""``ChatVLLM``: messages, streaming, usage and structured output over the live engine."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+from IPython.core.error import UsageError
+from langchain_core.messages import AIMessage, AIMessageChunk, ChatMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from pydantic import BaseModel, Field
+
+from vllm_magic.demo_model import DEMO_MODEL_NAME
+from vllm_magic.langchain import ChatVLLM
+from vllm_magic.langchain_chat import messages_to_conversation
+
+FRANCE = "What is the capital of France?"
+
+
+class City(BaseModel):
+    """A city and its country."""
+
+    name: str = Field(description="the city's name")
+    country: str = Field(description="the country it is in")
+    population_millions: Optional[float] = Field(default=None, description="inhabitants, in millions")
+
+
+# ----- message conversion (pure logic) ------------------------------------------------------------
+
+def test_messages_become_a_conversation():
+    conversation = messages_to_conversation([
+        SystemMessage("Be brief."), HumanMessage("hi", name="example_user"), AIMessage("hello"),
+        ChatMessage(role="user", content=[{"type": "text", "text": "how "}, {"type": "text", "text": "are you"}]),
+    ])
+    assert conversation == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "how are you"},
+    ]
+
+
+def test_tool_messages_and_images_are_refused():
+    with pytest.raises(UsageError, match="tool calling"):
+        messages_to_conversation([HumanMessage("1+2?"), ToolMessage("3", tool_call_id="a")])
+    with pytest.raises(UsageError, match="image_url"):
+        messages_to_conversation([HumanMessage([{"type": "image_url", "image_url": {"url": "data:,"}}])])
+    with pytest.raises(UsageError, match="tool calls"):
+        messages_to_conversation([AIMessage("", tool_calls=[{"name": "f", "args": {}, "id": "1"}])])
+
+
+# ----- generation ---------------------------------------------------------------------------------
+
+def test_invoke_answers_with_usage_and_model_name(engine):
+    chat = ChatVLLM(temperature=0, max_tokens=32)
+    message = chat.invoke(FRANCE)
+    assert isinstance(message, AIMessage) and "Paris" in message.content
+    usage = message.usage_metadata
+    assert usage["input_tokens"] == engine.last_result.prompt_tokens > 5
+    assert usage["output_tokens"] == engine.last_result.output_tokens > 0
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert message.response_metadata["model_name"] == DEMO_MODEL_NAME
+    assert message.response_metadata["finish_reason"] == "stop"
+
+
+def test_system_message_reaches_the_chat_template(engine):
+    ChatVLLM(temperature=0, max_tokens=4).invoke([("system", "You answer in French."), ("human", FRANCE)])
+    prompt = engine.last_result.prompt
+    assert "<|im_start|>system\nYou answer in French." in prompt and FRANCE in prompt
+
+
+def test_stream_yields_chunks_that_join_to_invoke(engine):
+    chat = ChatVLLM(temperature=0, max_tokens=48)
+    chunks = list(chat.stream("Tell me about Paris."))
+    assert len(chunks) > 1 and all(isinstance(c, AIMessageChunk) for c in chunks)
+    full = chunks[0]
+    for chunk in chunks[1:]:
+        full = full + chunk
+    assert full.content == chat.invoke("Tell me about Paris.").content
+    assert sum(1 for c in chunks if c.usage_metadata) == 1  # counted once, on the last chunk
+    assert full.usage_metadata["output_tokens"] == 48
+    assert full.response_metadata["model_name"] == DEMO_MODEL_NAME
+    assert chunks[-1].chunk_position == "last"
+
+
+async def test_astream_and_ainvoke_agree(engine):
+    chat = ChatVLLM(temperature=0, max_tokens=24)
+    chunks = [c async for c in chat.astream(FRANCE)]
+    assert "".join(c.content for c in chunks) == (await chat.ainvoke(FRANCE)).content
+
+
+def test_chat_prompt_chain(engine):
+    prompt = ChatPromptTemplate.from_messages([("system", "Answer in one sentence."), ("human", "{question}")])
+    chain = prompt | ChatVLLM(temperature=0, max_tokens=32) | StrOutputParser()
+    assert "Paris" in chain.invoke({"question": FRANCE})
+
+
+def test_tool_message_in_a_call_is_a_usage_error_and_the_model_stays_usable(engine):
+    chat = ChatVLLM(temperature=0, max_tokens=16)
+    with pytest.raises(UsageError):
+        chat.invoke([HumanMessage("1+2?"), ToolMessage("3", tool_call_id="a")])
+    assert "Paris" in chat.invoke(FRANCE).content
+
+
+# ----- structured output ----------------------------------------------------------------------------
+
+def test_structured_output_with_a_pydantic_model(engine):
+    chat = ChatVLLM(temperature=0, max_tokens=128).with_structured_output(City)
+    city = chat.invoke("Paris is the capital of France. Describe Paris.")
+    assert isinstance(city, City) and city.name
+
+
+def test_structured_output_always_parses_in_a_batch(engine):
+    chat = ChatVLLM(temperature=0.9, seed=3, max_tokens=128).with_structured_output(City)
+    cities = chat.batch([f"Describe a city you like, number {i}." for i in range(8)])
+    assert len(cities) == 8 and all(isinstance(c, City) for c in cities)
+
+
+def test_structured_output_with_a_json_schema_and_include_raw(engine):
+    schema = {"title": "Answer", "type": "object",
+              "properties": {"answer": {"type": "string"}, "confident": {"type": "boolean"}},
+              "required": ["answer", "confident"]}
+    chat = ChatVLLM(temperature=0, max_tokens=64).with_structured_output(schema, include_raw=True)
+    out = chat.invoke(FRANCE)
+    assert set(out) == {"raw", "parsed", "parsing_error"}
+    assert isinstance(out["raw"], AIMessage) and out["parsing_error"] is None
+    assert set(out["parsed"]) == {"answer", "confident"} and isinstance(out["parsed"]["confident"], bool)
+
+
+def test_json_mode_without_a_schema_gives_an_object(engine):
+    chat = ChatVLLM(temperature=0, max_tokens=64).with_structured_output(method="json_mode")
+    assert isinstance(chat.invoke("Give the capital of France as JSON."), dict)
+
+
+def test_structured_output_refuses_unknown_arguments(engine):
+    with pytest.raises(ValueError):
+        ChatVLLM().with_structured_output(City, tools=[])
+    with pytest.raises(ValueError):
+        ChatVLLM().with_structured_output(City, method="xml")

@@ -1,0 +1,240 @@
+"""``VLLM``: LangChain's LLM interface over the session's live engine (real demo-model engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import warnings
+
+import pytest
+from IPython.core.error import UsageError
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.prompts import PromptTemplate
+
+import vllm_magic.langchain as lc
+from vllm_magic.demo_model import DEMO_MODEL_NAME
+from vllm_magic.langchain import VLLM
+from vllm_magic.session import EngineSession
+
+FRANCE = "What is the capital of France?"
+
+
+class TokenRecorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs) -> None:
+        self.tokens.append(token)
+
+
+def test_public_names():
+    assert lc.__all__ == ["VLLM", "ChatVLLM"]
+
+
+# ----- the seed tutorial, with only the import changed ---------------------------------------------
+
+def test_seed_constructor_and_invoke(engine):
+    created = engine.engines_created
+    llm = VLLM(model=DEMO_MODEL_NAME, trust_remote_code=True, max_new_tokens=128, top_k=10, top_p=0.95,
+               temperature=0.8)
+    answer = llm.invoke("What is the capital of France ?")
+    assert isinstance(answer, str) and answer.strip()
+    assert engine.engines_created == created  # attached: trust_remote_code does not make another engine
+    assert llm._wanted.fingerprint == engine.config.fingerprint  # loaded first, it is the engine %vllm_load makes
+    assert llm._default_params == {"max_tokens": 128, "top_k": 10, "top_p": 0.95, "temperature": 0.8}
+
+
+def test_seed_step_by_step_chain(engine):
+    llm = VLLM(model=DEMO_MODEL_NAME, max_new_tokens=48, temperature=0)
+    template = """Question: {question}
+
+Answer: Let's think step by step."""
+    prompt = PromptTemplate.from_template(template)
+    chain = prompt | llm
+    question = "Who was the US president in the year the first Pokemon game was released?"
+    answer = chain.invoke({"question": question})
+    assert answer.strip()
+    assert answer == llm.invoke(template.format(question=question))  # greedy: the chain sends that text
+
+
+def test_seed_vllm_kwargs_of_the_live_engine_attach(engine):
+    created = engine.engines_created
+    status = engine.status()
+    llm = VLLM(model=DEMO_MODEL_NAME, trust_remote_code=True, max_new_tokens=16, temperature=0,
+               vllm_kwargs={"max_model_len": status.max_model_len, "dtype": status.dtype})
+    assert "Paris" in llm.invoke(FRANCE)
+    assert engine.engines_created == created
+
+
+def test_ten_constructions_make_one_engine(engine):
+    created = engine.engines_created
+    llms = [VLLM(model=DEMO_MODEL_NAME, trust_remote_code=True, max_new_tokens=8, temperature=0)
+            for _ in range(10)]
+    assert engine.engines_created == created
+    assert engine.loaded and all(llm.engine_session is engine for llm in llms)
+    assert "Paris" in llms[-1].invoke(FRANCE, max_new_tokens=16)
+
+
+# ----- batch, stream, async ---------------------------------------------------------------------
+
+def test_batch_of_64_prompts_is_one_submission(engine):
+    llm = VLLM(temperature=0, max_new_tokens=8)
+    prompts = [f"Write the number {i} in words." for i in range(64)]
+    submissions, served = engine.submissions, engine.requests_served
+    answers = llm.batch(prompts)
+    assert engine.submissions == submissions + 1
+    assert engine.requests_served == served + 64
+    assert len(answers) == 64 and all(a.strip() for a in answers)
+    assert len(set(answers)) > 32  # different prompts, different answers: no mix-up of requests
+
+
+async def test_abatch_is_one_submission(engine):
+    llm = VLLM(temperature=0, max_new_tokens=8)
+    submissions = engine.submissions
+    prompts = [FRANCE, "Write the number 7 in words."]
+    answers = await llm.abatch(prompts)
+    assert engine.submissions == submissions + 1
+    assert "Paris" in answers[0]
+    assert answers == [await llm.ainvoke(p) for p in prompts]
+
+
+def test_stream_yields_deltas_that_join_to_invoke(engine):
+    llm = VLLM(temperature=0, max_new_tokens=64)
+    prompt = "Tell me about Paris."
+    recorder = TokenRecorder()
+    chunks = list(llm.stream(prompt, config={"callbacks": [recorder]}))
+    assert len(chunks) > 1
+    assert recorder.tokens == chunks  # on_llm_new_token before each yield
+    assert "".join(chunks) == llm.invoke(prompt)
+    assert engine.last_result.output_tokens == 64
+
+
+async def test_astream_yields_deltas_that_join_to_ainvoke(engine):
+    llm = VLLM(temperature=0, max_new_tokens=32)
+    chunks = [c async for c in llm.astream("Tell me about Rome.")]
+    assert len(chunks) > 1
+    assert "".join(chunks) == await llm.ainvoke("Tell me about Rome.")
+
+
+def test_stream_consumer_that_stops_early_aborts_the_request(engine):
+    finished = []
+    engine.add_listener(finished.append)
+    try:
+        stream = VLLM(temperature=0, max_new_tokens=200, ignore_eos=True).stream("Tell me about Paris.")
+        next(stream)
+        stream.close()
+        deadline = time.monotonic() + 10
+        while not finished and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        engine.remove_listener(finished.append)
+    assert finished and finished[0].aborted and finished[0].output_tokens < 200
+
+
+async def test_50_concurrent_ainvoke_return_their_own_answers(engine):
+    llm = VLLM(temperature=0, max_new_tokens=12)
+    prompts = [f"Write the number {i} in words." for i in range(50)]
+    alone = [llm.invoke(p) for p in prompts]
+    served, threads_before = engine.requests_served, threading.active_count()
+    peak = threads_before
+    calls = asyncio.gather(*(llm.ainvoke(p) for p in prompts))
+    while not calls.done():  # sample the thread count while the 50 calls are in flight
+        peak = max(peak, threading.active_count())
+        await asyncio.sleep(0.01)
+    answers = await calls
+    assert engine.requests_served == served + 50
+    assert answers == alone
+    assert peak <= threads_before + 2  # awaited on the event loop, not one blocked thread per call
+
+
+# ----- sampling, stop, metadata ---------------------------------------------------------------------
+
+def test_unset_fields_follow_session_defaults_and_set_fields_win(engine):
+    engine.defaults.max_tokens = 3
+    engine.defaults.temperature = 0
+    follows = VLLM().generate([FRANCE])
+    assert follows.generations[0][0].generation_info["completion_tokens"] == 3
+    own = VLLM(max_new_tokens=5).generate([FRANCE])
+    assert own.generations[0][0].generation_info["completion_tokens"] == 5
+    assert own.generations[0][0].generation_info["finish_reason"] == "length"
+
+
+def test_stop_at_construction_and_call_time_call_wins(engine):
+    llm = VLLM(temperature=0, max_new_tokens=16, stop=["Paris"])
+    assert llm.invoke(FRANCE).rstrip() == "The capital of France is"
+    replaced = llm.invoke(FRANCE, stop=["France"])
+    assert replaced.rstrip() == "The capital of"
+    other = VLLM(temperature=0, max_new_tokens=16, stop=["capital"])
+    assert "capital" not in other.invoke(FRANCE)
+    assert "capital" in other.invoke(FRANCE, stop=["Paris"])  # the construction stop no longer applies
+
+
+def test_generation_info_and_identifying_params(engine):
+    llm = VLLM(temperature=0, max_new_tokens=16)
+    result = llm.generate([FRANCE, "Hi"])
+    info = result.generations[0][0].generation_info
+    assert info["finish_reason"] == "stop"
+    assert info["prompt_tokens"] > 5 and info["completion_tokens"] > 0
+    usage = result.llm_output["token_usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["prompt_tokens"] > info["prompt_tokens"]  # both prompts counted
+    assert llm._identifying_params == {"model_name": DEMO_MODEL_NAME, "temperature": 0.0, "max_tokens": 16}
+    assert llm._llm_type == "vllm"
+
+
+def test_n_answers_per_prompt(engine):
+    result = VLLM(n=3, temperature=1.0, seed=1, max_new_tokens=8).generate([FRANCE])
+    assert len(result.generations[0]) == 3
+
+
+def test_prompts_go_through_the_chat_template_unless_raw(engine):
+    VLLM(temperature=0, max_new_tokens=4).invoke(FRANCE)
+    assert "<|im_start|>user" in engine.last_result.prompt
+    VLLM(temperature=0, max_new_tokens=4, raw=True).invoke(FRANCE)
+    assert engine.last_result.prompt == FRANCE
+
+
+def test_structured_output_options_per_call(engine):
+    answer = VLLM(temperature=0, max_new_tokens=4).invoke("Is Paris in France?", choice=["yes", "no"])
+    assert answer in ("yes", "no")
+
+
+def test_from_session_follows_the_live_engine(engine):
+    created = engine.engines_created
+    llm = VLLM.from_session(temperature=0, max_new_tokens=16)
+    assert llm.model_name == DEMO_MODEL_NAME and llm.model == DEMO_MODEL_NAME
+    assert "Paris" in llm.invoke(FRANCE)
+    assert engine.engines_created == created
+
+
+def test_from_session_without_an_engine_is_a_usage_error():
+    with pytest.raises(UsageError, match="no model is loaded"):
+        VLLM.from_session(EngineSession())
+
+
+# ----- mistakes ---------------------------------------------------------------------------------------
+
+def test_unknown_call_argument_is_a_usage_error(engine):
+    with pytest.raises(UsageError, match="temprature"):
+        VLLM().invoke(FRANCE, temprature=0)
+
+
+def test_unknown_constructor_argument_warns_and_is_dropped(engine):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        llm = VLLM(api_key="x", temperature=0)
+    assert any("api_key" in str(w.message) for w in caught)
+    assert not hasattr(llm, "api_key")
+
+
+def test_too_long_prompt_is_a_usage_error_and_the_engine_stays_usable(engine):
+    llm = VLLM(temperature=0, max_new_tokens=16)
+    with pytest.raises(UsageError, match="tokens"):
+        llm.invoke("word " * (engine.status().max_model_len + 10))
+    assert "Paris" in llm.invoke(FRANCE)
+
+
+def test_model_inside_vllm_kwargs_is_a_usage_error(engine):
+    with pytest.raises(UsageError, match="model="):
+        VLLM(vllm_kwargs={"model": "other"})

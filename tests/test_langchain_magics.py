@@ -1,0 +1,37 @@
+"""``%vllm_load`` puts a LangChain ``VLLM`` over the live engine into the namespace."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipython_capture import make_shell
+from vllm_magic.langchain import VLLM
+
+FRANCE = "What is the capital of France?"
+
+
+@pytest.fixture
+def ip(engine):
+    ip, _publisher = make_shell()
+    ip.run_line_magic("load_ext", "vllm_magic")
+    yield ip
+    from vllm_magic.magics import unregister
+
+    unregister(ip, shutdown=False)  # the engine is shared with other test modules
+    type(ip).clear_instance()
+
+
+def test_vllm_load_publishes_llm_over_the_live_engine(ip, engine):
+    created = engine.engines_created
+    ip.run_line_magic("vllm_load", "--no-controls")
+    llm = ip.user_ns["llm"]
+    assert isinstance(llm, VLLM) and llm.engine_session is engine
+    assert "Paris" in llm.invoke(FRANCE, temperature=0, max_new_tokens=16)
+    ip.run_line_magic("vllm_load", "--no-controls --as my_llm")
+    assert isinstance(ip.user_ns["my_llm"], VLLM)
+    ip.run_cell("from langchain_core.prompts import PromptTemplate\n"
+                "chain = PromptTemplate.from_template('What is the capital of {country}?')"
+                " | my_llm.bind(temperature=0, max_new_tokens=16)\n"
+                "answer = chain.invoke({'country': 'France'})")
+    assert "Paris" in ip.user_ns["answer"]
+    assert engine.engines_created == created

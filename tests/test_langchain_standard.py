@@ -1,0 +1,101 @@
+"""LangChain's own standard test suites for ``ChatVLLM``, against the demo model.
+
+What the model cannot do is declared through the suites' capability flags: no tool calling, no
+image, audio or PDF input, no per-call model override (one engine per kernel).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+from vllm_magic.langchain import ChatVLLM
+
+
+class _ChatVLLMCapabilities:
+    @pytest.fixture(autouse=True)
+    def _live_engine(self, engine):
+        """Constructing ChatVLLM attaches to the session's engine: load it once for the run."""
+        return engine
+
+    @property
+    def chat_model_class(self) -> type[ChatVLLM]:
+        return ChatVLLM
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return {"model": "SmolLM2-135M-Instruct", "temperature": 0}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def structured_output_kwargs(self) -> dict[str, Any]:
+        return {"method": "json_schema"}
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_image_urls(self) -> bool:
+        return False
+
+    @property
+    def supports_pdf_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_audio_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_video_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_image_tool_message(self) -> bool:
+        return False
+
+    @property
+    def supports_pdf_tool_message(self) -> bool:
+        return False
+
+    @property
+    def supports_anthropic_inputs(self) -> bool:
+        return False
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True
+
+    @property
+    def supports_model_override(self) -> bool:
+        return False
+
+
+class TestChatVLLMUnit(_ChatVLLMCapabilities, ChatModelUnitTests):
+    pass
+
+
+class TestChatVLLMIntegration(_ChatVLLMCapabilities, ChatModelIntegrationTests):
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        # Greedy, and room for whole JSON answers from a 135M model (the unit suite sets its own).
+        return {**super().chat_model_params, "max_tokens": 256}

@@ -1,0 +1,35 @@
+"""The README's magic examples (```ipython blocks of its quickstart and magics sections) run as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ipython_capture import make_shell
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _ipython_blocks() -> list[str]:
+    text = README.read_text()
+    start, end = text.index("<!-- section: quickstart -->"), text.index("<!-- section: langchain -->")
+    return re.findall(r"```ipython\n(.*?)```", text[start:end], flags=re.S)
+
+
+def test_readme_magic_examples_run(engine, capsys):
+    blocks = _ipython_blocks()
+    assert len(blocks) >= 5
+    ip, _ = make_shell()
+    try:
+        for block in blocks:
+            result = ip.run_cell(block)
+            assert result.success, f"README block failed:\n{block}\n{result.error_in_exec or result.error_before_exec}"
+        out = capsys.readouterr().out
+        assert "already loaded" in out
+        assert "Paris" in ip.user_ns["answers"][0].text
+        assert ip.user_ns["verdict"].parsed in ("positive", "negative")
+    finally:
+        from vllm_magic.magics import unregister
+
+        unregister(ip, shutdown=False)
+        type(ip).clear_instance()

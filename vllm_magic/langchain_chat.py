@@ -1,0 +1,263 @@
+"""``ChatVLLM``: the session's engine as a LangChain chat model.
+
+Messages become the conversation the session renders with the model's chat template; answers
+stream as ``AIMessageChunk``s; ``with_structured_output`` constrains decoding with vLLM's
+structured outputs (a JSON schema), so the answer always parses. The model has no tool calling:
+tool messages and non-text content are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from operator import itemgetter
+from typing import Any, AsyncIterator, Iterator, Literal, Sequence
+
+from IPython.core.error import UsageError
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.utils.function_calling import convert_to_json_schema
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import AliasChoices, BaseModel, Field
+
+from .handles import GenerationResult, RequestHandle
+from .langchain_engine import (EngineFields, adeltas, await_all, awith_last, call_overrides, deltas, user_errors,
+                               wait_all, with_last)
+
+__all__ = ["ChatVLLM", "messages_to_conversation", "usage_metadata"]
+
+_ROLES = {"system": "system", "human": "user", "user": "user", "ai": "assistant", "assistant": "assistant"}
+
+
+class ChatVLLM(EngineFields, BaseChatModel):
+    """The session's vLLM engine as a LangChain chat model.
+
+    Engine fields are those of ``VLLM``; sampling fields left unset follow the session's defaults.
+
+    >>> from vllm_magic.langchain import ChatVLLM
+    >>> chat = ChatVLLM(temperature=0)  # the demo model, or the live engine's  # doctest: +SKIP
+    >>> chat.invoke([("system", "Answer briefly."), ("human", "Capital of France?")])  # doctest: +SKIP
+    """
+
+    temperature: float | None = None
+    """Sampling temperature, 0 is greedy; None follows the session default."""
+    top_p: float | None = None
+    """Nucleus sampling; None follows the session default."""
+    top_k: int | None = None
+    """Keep the top_k most likely tokens (-1 or 0 disables); None follows the session default."""
+    min_p: float | None = None
+    """Drop tokens less likely than min_p times the most likely; None follows the session default."""
+    presence_penalty: float | None = None
+    """Penalty for tokens already present; None follows the session default."""
+    frequency_penalty: float | None = None
+    """Penalty proportional to how often a token appeared; None follows the session default."""
+    repetition_penalty: float | None = None
+    """Penalty > 1 discourages repetition; None follows the session default."""
+    seed: int | None = None
+    """Random seed for reproducible sampling; None follows the session default."""
+    max_tokens: int | None = Field(default=None, validation_alias=AliasChoices("max_tokens", "max_new_tokens"))
+    """Most tokens per answer; None follows the session default."""
+    stop: list[str] | None = None
+    """Strings that end generation; a ``stop`` given at call time wins."""
+    n: int = 1
+    """Number of answers per call (each one a ``ChatGeneration``)."""
+    streaming: bool = False
+    """Whether ``invoke`` streams internally (callbacks see every token)."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "vllm-chat"
+
+    @property
+    def _default_params(self) -> dict[str, Any]:
+        """The sampling overrides of this object; unset fields follow the session's defaults."""
+        params = {
+            "n": self.n if self.n != 1 else None, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+            "min_p": self.min_p, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed, "stop": self.stop, "max_tokens": self.max_tokens,
+        }
+        return {k: v for k, v in params.items() if v is not None}
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, **self._default_params}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(ls_provider="vllm", ls_model_name=kwargs.get("model") or self.model_name,
+                                 ls_model_type="chat")
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = float(temperature)
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = int(max_tokens)
+        stop = stop or kwargs.get("stop") or self.stop
+        if stop:
+            params["ls_stop"] = list(stop)
+        return params
+
+    # ----- shared by the sync and async paths ----------------------------------------------------
+    def _submit(self, messages: list[BaseMessage], stop: list[str] | None,
+                kwargs: dict[str, Any]) -> RequestHandle:
+        sampling, options = call_overrides(self._default_params, stop, kwargs, type(self).__name__)
+        options.pop("raw", None)  # a conversation always goes through the chat template
+        conversation = messages_to_conversation(messages)
+        with user_errors():
+            return self._live_session().submit([conversation], **options, **sampling)[0]
+
+    def _chat_result(self, result: GenerationResult) -> ChatResult:
+        usage = usage_metadata(result)
+        generations = [
+            ChatGeneration(
+                message=AIMessage(content=c.text, usage_metadata=usage if c.index == 0 else None,
+                                  response_metadata={"model_name": self.model_name, "finish_reason": c.finish_reason}),
+                generation_info={"finish_reason": c.finish_reason})
+            for c in result.completions]
+        return ChatResult(generations=generations, llm_output={
+            "model_name": self.model_name, "token_usage": {
+                "prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"],
+                "total_tokens": usage["total_tokens"]}})
+
+    def _chunk(self, text: str, handle: RequestHandle, last: bool) -> ChatGenerationChunk:
+        """One streamed delta; the last one carries usage, finish reason and the model name (only
+        once, because chunks are added together)."""
+        if not last:
+            return ChatGenerationChunk(message=AIMessageChunk(content=text))
+        result = handle.snapshot()
+        message = AIMessageChunk(content=text, usage_metadata=usage_metadata(result), chunk_position="last",
+                                 response_metadata={"model_name": self.model_name,
+                                                    "finish_reason": result.finish_reason})
+        return ChatGenerationChunk(message=message, generation_info={"finish_reason": result.finish_reason})
+
+    # ----- sync ---------------------------------------------------------------------------------
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        handle = self._submit(messages, stop, kwargs)
+        return self._chat_result(wait_all([handle], self.timeout)[0])
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        handle = self._submit(messages, stop, kwargs)
+        try:
+            for text, last in with_last(deltas(handle, self.timeout)):
+                chunk = self._chunk(text, handle, last)
+                if run_manager:
+                    run_manager.on_llm_new_token(text, chunk=chunk)
+                yield chunk
+        finally:
+            handle.abort()  # a consumer that stops early frees the engine (no-op once finished)
+
+    # ----- async --------------------------------------------------------------------------------
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        handle = self._submit(messages, stop, kwargs)
+        return self._chat_result((await await_all([handle], self.timeout))[0])
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        handle = self._submit(messages, stop, kwargs)
+        try:
+            async for text, last in awith_last(adeltas(handle, self.timeout)):
+                chunk = self._chunk(text, handle, last)
+                if run_manager:
+                    await run_manager.on_llm_new_token(text, chunk=chunk)
+                yield chunk
+        finally:
+            handle.abort()
+
+    # ----- structured output --------------------------------------------------------------------
+    def with_structured_output(
+        self, schema: dict[str, Any] | type | None = None, *,
+        method: Literal["json_schema", "json_mode", "function_calling"] = "json_schema",
+        include_raw: bool = False, strict: bool | None = None, **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """A runnable whose answers follow ``schema`` (a pydantic class, a TypedDict, or a JSON schema).
+
+        Decoding is constrained by vLLM's structured outputs, so the answer always parses (unless it
+        is cut off by ``max_tokens``). A pydantic class gives instances, anything else dicts. Every
+        ``method`` uses the schema the same way (there is no tool calling); ``json_mode`` without a
+        schema asks for any JSON object. ``strict`` is accepted for compatibility: the output is
+        always held to the schema. ``include_raw=True`` returns ``{"raw", "parsed", "parsing_error"}``.
+        """
+        if kwargs:
+            raise ValueError(f"Received unsupported arguments {kwargs}")
+        if method not in ("json_schema", "json_mode", "function_calling"):
+            raise ValueError(f"method must be 'json_schema', 'json_mode' or 'function_calling', not {method!r}")
+        if schema is None and method != "json_mode":
+            raise ValueError(f"schema must be given for method={method!r}")
+        json_schema = structured_output_schema(schema)
+        bound = self.bind(json_schema=json_schema, ls_structured_output_format={
+            "kwargs": {"method": method, "strict": strict},
+            "schema": schema if schema is not None else json_schema})
+        if isinstance(schema, type) and is_basemodel_subclass(schema):
+            parser: Runnable = PydanticOutputParser(pydantic_object=schema)
+        else:
+            parser = JsonOutputParser()
+        if not include_raw:
+            return bound | parser
+        parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=bound) | parse.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+def structured_output_schema(schema: dict[str, Any] | type | None) -> dict[str, Any]:
+    """The JSON schema vLLM constrains decoding with, for a pydantic class, TypedDict or schema dict."""
+    if schema is None:
+        return {"type": "object"}
+    if isinstance(schema, dict) and ("properties" in schema or "type" in schema or "$defs" in schema):
+        return schema  # already a JSON schema: keep it exactly (refs and all)
+    if isinstance(schema, type) and is_basemodel_subclass(schema) and hasattr(schema, "model_json_schema"):
+        return schema.model_json_schema()
+    return convert_to_json_schema(schema)
+
+
+def messages_to_conversation(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
+    """LangChain messages -> the ``{"role", "content"}`` dicts the session's chat template takes.
+
+    System, human and AI messages (and ``ChatMessage`` with one of those roles) are supported; the
+    sender ``name`` is not part of the template and is dropped. Tool messages and non-text content
+    raise ``UsageError``: the engine's model has no tool calling or image input here.
+    """
+    conversation = []
+    for message in messages:
+        role = message.role if isinstance(message, ChatMessage) else message.type
+        if role not in _ROLES:
+            raise UsageError(f"ChatVLLM does not support {type(message).__name__} ({role!r} messages): "
+                             "it has no tool calling; use system, human and AI messages")
+        if isinstance(message, AIMessage) and message.tool_calls:
+            raise UsageError("ChatVLLM does not support tool calls in AI messages: it has no tool calling")
+        conversation.append({"role": _ROLES[role], "content": _text_of(message)})
+    if not conversation:
+        raise UsageError("ChatVLLM needs at least one message")
+    return conversation
+
+
+def _text_of(message: BaseMessage) -> str:
+    content = message.content
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") == "text":
+            parts.append(block.get("text", ""))
+        elif isinstance(block, dict) and block.get("type") in ("thinking", "reasoning"):
+            continue  # another model's reasoning is not part of this conversation
+        else:
+            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+            raise UsageError(f"ChatVLLM supports text content only, not {kind!r} blocks")
+    return "".join(parts)
+
+
+def usage_metadata(result: GenerationResult) -> UsageMetadata:
+    """LangChain's ``usage_metadata`` for a finished request."""
+    return UsageMetadata(input_tokens=result.prompt_tokens, output_tokens=result.output_tokens,
+                         total_tokens=result.prompt_tokens + result.output_tokens)
+
