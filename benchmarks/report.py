@@ -1,12 +1,17 @@
 """Write a benchmark's results: JSON (everything), a markdown table, and a PNG chart.
 
     python -m benchmarks.report RESULTS.json [...]   # re-draw tables and charts from saved JSON
+    python -m benchmarks.report --doc docs/benchmarks.md   # put the saved tables into the doc
+
+In the doc, ``<!-- results: TAG -->`` ... ``<!-- /results -->`` holds ``benchmarks/results/TAG.md``
+(or, for the session check, the table in ``TAG.json``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -141,7 +146,29 @@ def write_all(results: dict, out_dir: Path, tag: str, chart: bool = True) -> dic
     return paths
 
 
+def fill_doc(doc: Path, results_dir: Path) -> None:
+    """Replace every results block of ``doc`` with the saved table it names."""
+    text = doc.read_text()
+
+    def table(match: re.Match) -> str:
+        tag = match.group(1)
+        md, js = results_dir / f"{tag}.md", results_dir / f"{tag}.json"
+        if md.exists():
+            body = md.read_text()
+        elif js.exists():
+            body = json.loads(js.read_text())["markdown"]
+        else:
+            return match.group(0)  # not measured yet: leave the block as it is
+        return f"<!-- results: {tag} -->\n\n{body.strip()}\n\n<!-- /results -->"
+
+    pattern = re.compile(r"<!-- results: ([\w.-]+) -->(?:.*?<!-- /results -->)?", re.S)
+    doc.write_text(pattern.sub(table, text))
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--doc"]:
+        fill_doc(Path(sys.argv[2]), Path(__file__).parent / "results")
+        sys.exit(0)
     for name in sys.argv[1:]:
         source = Path(name)
         data = json.loads(source.read_text())
