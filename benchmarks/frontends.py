@@ -200,6 +200,15 @@ class RecordingShell:
             cls._instance = cls()
         return cls._instance
 
+    @classmethod
+    def reset(cls) -> None:
+        """Forget the shell, so that whoever asks for an InteractiveShell next gets a fresh one."""
+        if cls._instance is not None:
+            from IPython.core.interactiveshell import InteractiveShell
+
+            cls._instance = None
+            InteractiveShell.clear_instance()
+
     def __init__(self) -> None:
         from IPython.core.displaypub import DisplayPublisher
         from IPython.core.interactiveshell import InteractiveShell
@@ -218,6 +227,7 @@ class RecordingShell:
 
         config = Config()
         config.HistoryManager.enabled = False
+        InteractiveShell.clear_instance()  # a shell of our own, not whichever one exists
         self.ip = InteractiveShell.instance(config=config)
         self.ip.display_pub = Publisher(shell=self.ip, parent=self.ip)
         self.ip.extension_manager.load_extension("vllm_magic")

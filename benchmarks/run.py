@@ -365,6 +365,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             memory_rows.insert(0, Row("memory", "before load", "GiB", baseline_memory / GiB))
         rows += memory_rows
 
+    from .frontends import RecordingShell
+
+    RecordingShell.reset()
     results = save(final=True)
     _say("wrote " + ", ".join(results["paths"].values()))
     return results
