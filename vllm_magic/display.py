@@ -186,7 +186,7 @@ class AnswerStream:
             return
         display(answer_bundle(text, self.format, parsed=parsed, label=self.label), raw=True)
         if stats:
-            display({"text/plain": stats, "text/markdown": f"<sub>{stats}</sub>"}, raw=True)
+            display({"text/plain": stats}, raw=True)
 
     def discard(self) -> None:
         if self._line is not None:
