@@ -153,6 +153,11 @@ class AnswerStream:
         self._shown = ""
         self.updates = 0
 
+    @property
+    def shown(self) -> bool:
+        """Whether some text of the answer is on screen."""
+        return bool(self._shown)
+
     def refresh(self) -> None:
         result = self.handle.snapshot()
         text = _joined(result)
@@ -208,13 +213,19 @@ def stream_answers(streams: Sequence[AnswerStream], interval: float = 0.05) -> b
         while True:
             done = all(s.handle.done for s in streams)
             now = time.monotonic()
-            if done or now - last >= interval:
+            # An answer's first text shows at once; later refreshes come every ``interval``.
+            waiting = [s for s in streams if not s.shown and not s.handle.done]
+            first_text = any(s.handle.delta_count for s in waiting)
+            if done or first_text or now - last >= interval:
                 last = now
                 for stream in streams:
                     stream.refresh()
             if done:
                 return False
-            time.sleep(poll)
+            if waiting and not first_text:
+                waiting[0].handle.wait_for_delta(0, poll)  # wakes when the first text arrives
+            else:
+                time.sleep(poll)
     except KeyboardInterrupt:
         for stream in streams:
             stream.handle.abort()

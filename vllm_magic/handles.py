@@ -108,7 +108,10 @@ class RequestHandle:
         self._abort = abort
         self._parse = parse
         self._cond = threading.Condition()
+        # Waiters for the next delta, and waiters for the end only (``await handle``): the latter
+        # are not woken per delta, so awaiting many handles costs nothing while they stream.
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._async_done_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
 
     # ----- written by the driver thread ---------------------------------------------------------
     def _push(self, index: int, text: str, token_ids: list[int], finish_reason: str | None) -> None:
@@ -139,12 +142,15 @@ class RequestHandle:
             if aborted:
                 for c in self._completions:
                     c.finish_reason = c.finish_reason or "abort"
-        self._notify()
+        self._notify(finished=True)
 
-    def _notify(self) -> None:
+    def _notify(self, finished: bool = False) -> None:
         with self._cond:
             self._cond.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
+            if finished:
+                waiters += self._async_done_waiters
+                self._async_done_waiters = []
         for loop, future in waiters:
             try:
                 loop.call_soon_threadsafe(_resolve, future)
@@ -180,6 +186,18 @@ class RequestHandle:
         except KeyboardInterrupt:
             self.abort()
             raise
+
+    @property
+    def delta_count(self) -> int:
+        """How many text deltas arrived so far (for :meth:`wait_for_delta`)."""
+        return len(self._deltas)
+
+    def wait_for_delta(self, after: int = 0, timeout: float | None = None) -> bool:
+        """Block until more than ``after`` text deltas arrived or the request ended.
+
+        Returns False when ``timeout`` seconds passed first. Ctrl-C while waiting aborts the request.
+        """
+        return self._wait_for(after, timeout)
 
     def iter_deltas(self, timeout: float | None = None) -> Iterator[tuple[int, str]]:
         """Yield ``(completion_index, text)`` deltas as they arrive, until the request ends."""
@@ -237,14 +255,14 @@ class RequestHandle:
             raise self._error
 
     # ----- asyncio ---------------------------------------------------------------------------
-    async def _async_wait(self, cursor: int) -> None:
+    async def _async_wait(self, cursor: int, until_done: bool = False) -> None:
         loop = asyncio.get_running_loop()
         while True:
             future = loop.create_future()
             with self._cond:
-                if len(self._deltas) > cursor or self._finished_at is not None:
+                if self._finished_at is not None or (not until_done and len(self._deltas) > cursor):
                     return
-                self._async_waiters.append((loop, future))
+                (self._async_done_waiters if until_done else self._async_waiters).append((loop, future))
             try:
                 await future
             except asyncio.CancelledError:
@@ -270,7 +288,7 @@ class RequestHandle:
     async def aresult(self) -> GenerationResult:
         """Await the final result without blocking the event loop."""
         while not self.done:
-            await self._async_wait(len(self._deltas))
+            await self._async_wait(0, until_done=True)
         self._raise_error()
         return self.snapshot()
 

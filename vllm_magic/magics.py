@@ -183,7 +183,7 @@ class VllmMagics(Magics):
         self.langchain_name = args.as_name
         self._publish_langchain(args.as_name)
         if self.show_controls and not args.no_controls:
-            self._show_controls()
+            self._show_controls(reuse=info.already_loaded)
 
     def _publish_langchain(self, name: str) -> None:
         """Put a LangChain LLM over the live engine into the namespace as ``name``."""
@@ -192,10 +192,17 @@ class VllmMagics(Magics):
             return
         self.shell.user_ns[name] = lc.VLLM.from_session(self.session)
 
-    def _show_controls(self) -> None:
-        widgets = _optional_module("widgets")
-        if widgets is not None:  # without the widgets module, loading simply shows no panel
-            display_widget(widgets.SamplingPanel(self.session))
+    def _show_controls(self, reuse: bool = False) -> None:
+        # Re-running a load cell of the running engine shows the same panel again (one more view
+        # of the same widgets): building a new one took most of a re-run's time, and every panel
+        # stays subscribed to the session's results.
+        panel = getattr(self, "_panel", None)
+        if panel is None or not reuse or getattr(panel, "comm", None) is None:
+            widgets = _optional_module("widgets")
+            if widgets is None:  # without the widgets module, loading simply shows no panel
+                return
+            panel = self._panel = widgets.SamplingPanel(self.session)
+        display_widget(panel)
 
     @line_magic
     def vllm_unload(self, line: str = "") -> None:

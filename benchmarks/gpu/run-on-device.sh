@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs ON the GPU machine, from the bundle folder (benchmarks/gpu/bundle.sh made it), once vLLM is
+# installed there. PART (each fits one 10-minute device command):
+#   check  the engine session's GPU check (demo model's shape, eager mode)
+#   demo   the benchmark, demo model's shape, eager mode
+#   8b     the benchmark, Llama-3-8B shape, vLLM's defaults (torch.compile + CUDA graphs)
+# Results go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")"
+PART=${1:-check}
+OUT=${OUT:-/tmp/bench-out}
+mkdir -p "$OUT"
+[ -f models/llama8b-shape/tokenizer.json.gz ] && gunzip -f models/llama8b-shape/tokenizer.json.gz
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# FlashInfer's sampler JIT-compiles for about two minutes on a fresh machine; vLLM's own sampler is used instead.
+export VLLM_USE_FLASHINFER_SAMPLER=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+DUMMY='"load_format": "dummy", "dtype": "bfloat16"'
+case "$PART" in
+  check)
+    timeout 400 python3 -m benchmarks.gpu_session_check --model models/demo-shape \
+      --engine-args "{$DUMMY, \"enforce_eager\": true}" --switch-max-model-len 4096 \
+      --json "$OUT/gpu-session-check.json" 2>&1 | tee "$OUT/gpu-session-check.log" ;;
+  demo)
+    timeout 560 python3 -m benchmarks.run --size gpu --model models/demo-shape --no-chart \
+      --model-label "SmolLM2-135M shape, dummy weights" --title "Demo model's shape (135M), eager mode, on GPU" \
+      --engine-args "{$DUMMY, \"enforce_eager\": true}" --switch-max-model-len 4096 --no-switch-back \
+      --tag gpu-demo-shape --out "$OUT" 2>&1 | tee "$OUT/gpu-demo-shape.log" ;;
+  8b)
+    timeout 560 python3 -m benchmarks.run --size gpu --model models/llama8b-shape --no-chart \
+      --model-label "Llama-3-8B shape, dummy weights" --title "Llama-3-8B shape, bf16, CUDA graphs, on GPU" \
+      --engine-args "{$DUMMY}" --switch-max-model-len 4096 --no-switch-back --no-control \
+      --tag gpu-llama8b --out "$OUT" 2>&1 | tee "$OUT/gpu-llama8b.log" ;;
+esac
+tail -n 40 /root/.cache/vllm-magic/logs/*.log > "$OUT/engine-log-tail-$PART.txt" 2>/dev/null
+ls -la "$OUT"
