@@ -1,8 +1,9 @@
 """Shared fixtures: one real demo-model engine for the whole test session.
 
-Every test that generates text uses ``engine`` (the process-wide session with the demo model
-loaded once); tests that need an IPython shell use ``ip``. Sampling defaults are reset after each
-test so that one test's settings never leak into the next.
+Every test that generates text uses ``engine``: the process-wide session with the demo model,
+loaded once. A test that unloads or switches engines gets the demo engine back afterwards
+(``load()`` is idempotent: when it is still there, that costs nothing). Sampling defaults are reset
+after each test so that one test's settings never leak into the next.
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ from vllm_magic import get_session
 
 @pytest.fixture(scope="session")
 def engine():
-    """The kernel-wide session with the demo model loaded (once per test run)."""
+    """The kernel-wide session with the demo model loaded."""
     session = get_session()
     session.load()
     yield session
     session.unload()
+
+
+@pytest.fixture(autouse=True)
+def _demo_engine_stays(request):
+    yield
+    if "engine" in request.fixturenames:
+        get_session().load()
 
 
 @pytest.fixture(autouse=True)
