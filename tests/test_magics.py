@@ -359,8 +359,10 @@ def test_interrupt_from_the_display_keeps_the_partial_answer(ip, pub, engine):
             raise KeyboardInterrupt
 
     pub.on_update = interrupt_on_third_update
-    result = vllm(ip, "-t 0 -m 256", "Write a very long story about a dragon and a knight.")
+    with pytest.raises(UsageError, match="interrupted: the request was aborted in the engine; the partial result is in partial"):
+        vllm(ip, "-t 0 -m 256 --out partial", "Write a very long story about a dragon and a knight.")
     pub.on_update = None
+    result = ip.user_ns["partial"]
     assert result.interrupted and 0 < result.tokens < 256 and result.text
     assert engine.status().requests_live == 0
     answer, stats = pub.outputs()[-2:]
@@ -381,10 +383,12 @@ def test_kernel_interrupt_aborts_the_request_in_the_engine(ip, pub, engine):
     pub.on_update = lambda count: streaming.set()
     thread = threading.Thread(target=interrupt_once_streaming, daemon=True)
     thread.start()
-    result = vllm(ip, "-t 0 -m 400 --quiet", "Write a very long story about a dragon and a knight.")
+    with pytest.raises(UsageError, match="^interrupted: the request was aborted in the engine$"):
+        vllm(ip, "-t 0 -m 400 --quiet", "Write a very long story about a dragon and a knight.")
     pub.on_update = None
     thread.join(5)
-    assert result.interrupted and 0 < result.tokens < 400
+    result = engine.last_result  # the cell ended in an error, so Out[] has nothing: ask the session
+    assert result.aborted and 0 < result.output_tokens < 400
     assert engine.status().requests_live == 0 and engine.requests_served == served + 1
     assert_still_answers(ip)
 

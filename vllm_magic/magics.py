@@ -380,6 +380,11 @@ class VllmMagics(Magics):
         value: Any = results if batch else results[0]
         if args.out:
             self.shell.user_ns[args.out] = value
+        if interrupted:
+            # End the cell as an error, as an interrupt should: "Run All" stops here instead of going on
+            # to the next cell. The partial answer stays visible above.
+            kept = f"; the partial result is in {args.out}" if args.out else ""
+            raise UsageError(f"interrupted: the request was aborted in the engine{kept}")
         return value
 
 
