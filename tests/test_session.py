@@ -110,6 +110,56 @@ def test_prompt_longer_than_the_context_is_refused_and_the_engine_keeps_serving(
     assert "Paris" in engine.generate("What is the capital of France?", temperature=0).text
 
 
+_TOKENIZE_PROMPTS = [
+    "What is the capital of France?",
+    "  leading and trailing spaces  ",
+    "Unicode: café, naïve, 東京, emoji 🚀",
+    "Line one\nLine two\n\n   indented",
+    "<|im_start|> looks like a special token",
+    "x",
+]
+
+
+def _one_by_one(tokenizer, item, raw, system):
+    """Today's per-prompt preparation, written out: the reference the batched path must match."""
+    if isinstance(item, str) and raw:
+        return item, list(tokenizer.encode(item))
+    messages = [{"role": "user", "content": item}] if isinstance(item, str) else [dict(m) for m in item]
+    if system and not any(m.get("role") == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text, list(tokenizer.encode(text, add_special_tokens=False))
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["chat", "raw"])
+def test_batched_tokenization_matches_one_prompt_at_a_time(engine, raw):
+    tokenizer = engine.llm.get_tokenizer()
+    items = list(_TOKENIZE_PROMPTS)
+    if not raw:  # conversations (one with its own system message) mixed with plain strings
+        items.append([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                      {"role": "user", "content": "And now?"}])
+        items.append([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Why?"}])
+    system = "You are a careful assistant."
+    handles = engine.submit(items, raw=raw, system=system, temperature=0, max_tokens=1)
+    for handle in handles:
+        handle.result()
+    expected = [_one_by_one(tokenizer, item, raw, system) for item in items]
+    assert [(h.prompt, h.prompt_token_ids) for h in handles] == expected
+    # A single prompt (not batched) gives the same text and ids as it does inside the batch.
+    for item, handle in zip(items, handles):
+        single = engine.submit(item, raw=raw, system=system, temperature=0, max_tokens=1)[0]
+        single.result()
+        assert (single.prompt, single.prompt_token_ids) == (handle.prompt, handle.prompt_token_ids)
+        assert engine.render_prompt(item, raw=raw, system=system) == handle.prompt
+
+
+def test_one_too_long_prompt_in_a_batch_refuses_the_whole_batch(engine):
+    live = engine.status().requests_live
+    with pytest.raises(PromptTooLongError, match="tokens but the model's context holds"):
+        engine.submit(["Hello", "word " * 20_000, "Bye"], temperature=0)
+    assert engine.status().requests_live == live
+
+
 def test_max_tokens_is_bounded_by_the_room_left_in_the_context(engine):
     max_len = engine.status().max_model_len
     handle = engine.submit("Hello", temperature=0, max_tokens=max_len * 2)[0]

@@ -151,6 +151,7 @@ class AnswerStream:
         self._echo = echo and not live  # terminal: print deltas of a single answer as they come
         self._echoed = 0
         self._shown = ""
+        self._seen_deltas = -1
         self.updates = 0
 
     @property
@@ -159,6 +160,12 @@ class AnswerStream:
         return bool(self._shown)
 
     def refresh(self) -> None:
+        # No new text since the last look: skip the snapshot (it copies every token id so far),
+        # which with hundreds of answers in a batch competes with the engine for the GIL.
+        deltas = self.handle.delta_count
+        if deltas == self._seen_deltas:
+            return
+        self._seen_deltas = deltas
         result = self.handle.snapshot()
         text = _joined(result)
         if text == self._shown:
@@ -216,12 +223,14 @@ def stream_answers(streams: Sequence[AnswerStream], interval: float = 0.05) -> b
             # An answer's first text shows at once; later refreshes come every ``interval``.
             waiting = [s for s in streams if not s.shown and not s.handle.done]
             first_text = any(s.handle.delta_count for s in waiting)
-            if done or first_text or now - last >= interval:
+            if done:
+                # No last streaming refresh: each answer's final rendering replaces it right away,
+                # and with a large batch that refresh would double the work after the last token.
+                return False
+            if first_text or now - last >= interval:
                 last = now
                 for stream in streams:
                     stream.refresh()
-            if done:
-                return False
             if waiting and not first_text:
                 waiting[0].handle.wait_for_delta(0, poll)  # wakes when the first text arrives
             else:

@@ -326,14 +326,14 @@ class EngineSession:
             sampling = sampling.clone()
             sampling.output_kind = RequestOutputKind.DELTA
         parse = json.loads if json_schema is not None else None
-        prepared = [self._prepare(engine, item, raw, system) for item in items]
+        prepared = self._prepare(engine, items, raw, system)
+        from .compat import tokens_prompt
+
         handles, batch = [], []
         for text, token_ids in prepared:
             params = _fit_params(sampling, len(token_ids), engine.max_model_len)
             request_id = f"vm-{next(self._ids)}"
             handle = RequestHandle(request_id, text, token_ids, params.n, self._abort_one, parse)
-            from .compat import tokens_prompt
-
             batch.append((handle, tokens_prompt(token_ids), params))
             handles.append(handle)
         engine.driver.add(batch)
@@ -350,28 +350,45 @@ class EngineSession:
         engine = self._require()
         raw = self.defaults.raw if raw is None else raw
         system = self.defaults.system_prompt if system is None else system
-        return self._prepare(engine, prompt, raw, system)[0]
+        return self._prepare(engine, [prompt], raw, system)[0][0]
 
-    def _prepare(self, engine: _Engine, item: PromptLike, raw: bool, system: str) -> tuple[str, list[int]]:
+    def _prepare(self, engine: _Engine, items: list[PromptLike], raw: bool,
+                 system: str) -> list[tuple[str, list[int]]]:
+        """``(text, token_ids)`` of every prompt: templates rendered and texts tokenized in batches
+        (one tokenizer call for a whole ``---`` batch instead of one per prompt)."""
         tokenizer = engine.tokenizer
-        if isinstance(item, str) and raw:
-            text = item
-            token_ids = list(tokenizer.encode(text))
-        else:
+        texts: list[str | None] = [None] * len(items)
+        special: list[bool] = [True] * len(items)  # whether encode adds the model's special tokens
+        chats: list[tuple[int, list[dict]]] = []
+        for i, item in enumerate(items):
+            if isinstance(item, str) and raw:
+                texts[i] = item
+                continue
             messages = [{"role": "user", "content": item}] if isinstance(item, str) else [dict(m) for m in item]
             if system and not any(m.get("role") == "system" for m in messages):
                 messages.insert(0, {"role": "system", "content": system})
             if engine.has_chat_template:
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                token_ids = list(tokenizer.encode(text, add_special_tokens=False))
+                chats.append((i, messages))
+                special[i] = False  # the template already holds them
             else:  # a base model without a template: the contents as plain text
-                text = "\n\n".join(m["content"] for m in messages)
-                token_ids = list(tokenizer.encode(text))
-        if len(token_ids) >= engine.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt has {len(token_ids)} tokens but the model's context holds {engine.max_model_len} "
-                f"(prompt plus answer); shorten it or load with a larger --max-model-len")
-        return text, token_ids
+                texts[i] = "\n\n".join(m["content"] for m in messages)
+        if chats:
+            rendered = _render_chats(tokenizer, [messages for _, messages in chats])
+            for (i, _), text in zip(chats, rendered):
+                texts[i] = text
+        token_lists: list[list[int] | None] = [None] * len(items)
+        for flag in (True, False):
+            group = [i for i in range(len(items)) if special[i] is flag]
+            if group:
+                encoded = _encode_texts(tokenizer, [texts[i] for i in group], flag)
+                for i, ids in zip(group, encoded):
+                    token_lists[i] = ids
+        for token_ids in token_lists:
+            if len(token_ids) >= engine.max_model_len:
+                raise PromptTooLongError(
+                    f"the prompt has {len(token_ids)} tokens but the model's context holds {engine.max_model_len} "
+                    f"(prompt plus answer); shorten it or load with a larger --max-model-len")
+        return list(zip(texts, token_lists))
 
     def abort_all(self) -> int:
         """Abort every request in flight (the Stop button); returns how many were stopped."""
@@ -457,6 +474,47 @@ def _as_prompt_list(prompts: Any) -> list[PromptLike]:
     if not prompts:
         raise ValueError("no prompts given")
     return prompts
+
+
+def _is_hf_tokenizer(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` is a Hugging Face tokenizer (whose calls take lists); vLLM's other
+    tokenizers (Mistral's, custom ones) are used one text at a time."""
+    try:
+        from transformers import PreTrainedTokenizerBase
+    except ImportError:  # pragma: no cover - vLLM depends on transformers
+        return False
+    return isinstance(tokenizer, PreTrainedTokenizerBase)
+
+
+def _render_chats(tokenizer: Any, conversations: list[list[dict]]) -> list[str]:
+    """The chat-templated text of each conversation, in one template call where the tokenizer
+    takes a batch; identical to rendering them one by one."""
+    def one(messages: list[dict]) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    if len(conversations) > 1 and _is_hf_tokenizer(tokenizer):
+        try:
+            rendered = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - one by one below reports the failing conversation's error
+            rendered = None
+        if isinstance(rendered, list) and len(rendered) == len(conversations) and all(isinstance(t, str) for t in rendered):
+            return rendered
+    return [one(messages) for messages in conversations]
+
+
+def _encode_texts(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Token ids of each text, in one batched tokenizer call where the tokenizer supports it
+    (the Rust tokenizer then encodes them together); identical to ``encode`` one by one."""
+    if len(texts) > 1 and _is_hf_tokenizer(tokenizer):
+        try:
+            encoded = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        except Exception:  # noqa: BLE001 - fall back to the per-text path, which reports real errors
+            encoded = None
+        if encoded is not None and len(encoded) == len(texts):
+            return [list(ids) for ids in encoded]
+    if add_special_tokens:  # the plain call, exactly as before batching
+        return [list(tokenizer.encode(text)) for text in texts]
+    return [list(tokenizer.encode(text, add_special_tokens=False)) for text in texts]
 
 
 def _fit_params(params: Any, prompt_len: int, max_model_len: int) -> Any:
