@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import pytest
+from langchain_core.callbacks import BaseCallbackHandler
 from IPython.core.error import UsageError
 from langchain_core.messages import AIMessage, AIMessageChunk, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
@@ -111,7 +112,9 @@ def test_structured_output_with_a_pydantic_model(engine):
 
 def test_structured_output_always_parses_in_a_batch(engine):
     chat = ChatVLLM(temperature=0.9, seed=3, max_tokens=128).with_structured_output(City)
+    before = engine.submissions
     cities = chat.batch([f"Describe a city you like, number {i}." for i in range(8)])
+    assert engine.submissions == before + 1  # the bound schema travels with one batched submission
     assert len(cities) == 8 and all(isinstance(c, City) for c in cities)
 
 
@@ -136,3 +139,60 @@ def test_structured_output_refuses_unknown_arguments(engine):
         ChatVLLM().with_structured_output(City, tools=[])
     with pytest.raises(ValueError):
         ChatVLLM().with_structured_output(City, method="xml")
+
+
+# ----- batches: one submission, callbacks per input, same answers as alone ---------------------
+class RunRecorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.started: list[list] = []
+        self.ended = 0
+
+    def on_chat_model_start(self, serialized, messages, **kwargs) -> None:
+        self.started.extend(messages)
+
+    def on_llm_end(self, response, **kwargs) -> None:
+        self.ended += 1
+
+
+QUESTIONS = [f"What is {a} plus {b}?" for a in range(4) for b in range(8)]  # 32 inputs
+
+
+def test_batch_is_one_submission_and_matches_each_input_alone(engine):
+    chat = ChatVLLM(temperature=0, max_tokens=12)
+    recorder = RunRecorder()
+    before = engine.submissions
+    answers = chat.batch(QUESTIONS, config={"callbacks": [recorder]})
+    assert engine.submissions == before + 1
+    assert len(recorder.started) == recorder.ended == len(QUESTIONS)  # callbacks per input
+    for question, answer in zip(QUESTIONS[::5], answers[::5]):
+        assert isinstance(answer, AIMessage) and answer.usage_metadata["output_tokens"] > 0
+        assert answer.content == chat.invoke(question).content
+
+
+async def test_abatch_is_one_submission_and_matches_each_input_alone(engine):
+    chat = ChatVLLM(temperature=0, max_tokens=12)
+    recorder = RunRecorder()
+    before = engine.submissions
+    answers = await chat.abatch(QUESTIONS, config={"callbacks": [recorder]})
+    assert engine.submissions == before + 1
+    assert len(recorder.started) == recorder.ended == len(QUESTIONS)
+    for question, answer in zip(QUESTIONS[::5], answers[::5]):
+        assert answer.content == (await chat.ainvoke(question)).content
+
+
+def test_batch_honours_stop(engine):
+    chat = ChatVLLM(temperature=0, max_tokens=24)
+    answers = chat.batch([FRANCE, FRANCE], stop=["Paris"])
+    assert all("Paris" not in a.content for a in answers)
+    assert answers[0].content == chat.invoke(FRANCE, stop=["Paris"]).content
+
+
+def test_stream_first_chunk_arrives_while_the_request_still_runs(engine):
+    served = engine.requests_served
+    stream = ChatVLLM(temperature=0, max_tokens=64).stream("Tell me about Paris.")
+    first = next(stream)
+    assert first.content and first.usage_metadata is None
+    assert engine.requests_served == served  # not held back until the request finished
+    rest = list(stream)
+    assert rest[-1].content == "" and rest[-1].usage_metadata["output_tokens"] > 1
+    assert engine.requests_served == served + 1

@@ -110,6 +110,26 @@ def test_stream_yields_deltas_that_join_to_invoke(engine):
     assert engine.last_result.output_tokens == 64
 
 
+def test_stream_first_chunk_arrives_while_the_request_still_runs(engine):
+    served = engine.requests_served
+    stream = VLLM(temperature=0, max_new_tokens=64, ignore_eos=True).stream("Tell me about Paris.")
+    first = next(stream)
+    assert first  # real text, not a placeholder
+    assert engine.requests_served == served  # not held back until the request finished
+    rest = list(stream)
+    assert rest[-1] == ""  # the final chunk only carries finish reason and token counts
+    assert engine.requests_served == served + 1
+
+
+def test_stream_final_chunk_carries_generation_info(engine):
+    llm = VLLM(temperature=0, max_new_tokens=16, ignore_eos=True)
+    chunks = list(llm._stream("Tell me about Paris."))
+    assert all(c.generation_info is None for c in chunks[:-1])
+    assert chunks[-1].text == ""
+    assert chunks[-1].generation_info["finish_reason"] == "length"
+    assert chunks[-1].generation_info["completion_tokens"] == 16
+
+
 async def test_astream_yields_deltas_that_join_to_ainvoke(engine):
     llm = VLLM(temperature=0, max_new_tokens=32)
     chunks = [c async for c in llm.astream("Tell me about Rome.")]

@@ -21,8 +21,8 @@ from pydantic import AliasChoices, Field
 
 from .handles import GenerationResult, RequestHandle
 from .langchain_chat import ChatVLLM
-from .langchain_engine import (EngineFields, adeltas, await_all, awith_last, call_overrides, deltas, usage_counts,
-                               user_errors, wait_all, with_last)
+from .langchain_engine import (EngineFields, adeltas, await_all, call_overrides, deltas, usage_counts,
+                               user_errors, wait_all)
 
 __all__ = ["VLLM", "ChatVLLM"]
 
@@ -112,11 +112,17 @@ class VLLM(EngineFields, BaseLLM):
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
         handle = self._submit([prompt], stop, kwargs)[0]
         try:
-            for text, last in with_last(deltas(handle, self.timeout)):
-                chunk = GenerationChunk(text=text, generation_info=_info(handle.result()) if last else None)
+            # Each delta goes out as soon as it arrives; finish reason and token counts follow on
+            # a final empty chunk (holding a delta back to mark it last would cost one decode step).
+            for text in deltas(handle, self.timeout):
+                chunk = GenerationChunk(text=text)
                 if run_manager:
                     run_manager.on_llm_new_token(text, chunk=chunk)
                 yield chunk
+            chunk = GenerationChunk(text="", generation_info=_info(handle.result()))
+            if run_manager:
+                run_manager.on_llm_new_token("", chunk=chunk)
+            yield chunk
         finally:
             handle.abort()  # a consumer that stops early frees the engine (no-op once finished)
 
@@ -131,11 +137,15 @@ class VLLM(EngineFields, BaseLLM):
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
         handle = self._submit([prompt], stop, kwargs)[0]
         try:
-            async for text, last in awith_last(adeltas(handle, self.timeout)):
-                chunk = GenerationChunk(text=text, generation_info=_info(await handle) if last else None)
+            async for text in adeltas(handle, self.timeout):
+                chunk = GenerationChunk(text=text)
                 if run_manager:
                     await run_manager.on_llm_new_token(text, chunk=chunk)
                 yield chunk
+            chunk = GenerationChunk(text="", generation_info=_info(await handle))
+            if run_manager:
+                await run_manager.on_llm_new_token("", chunk=chunk)
+            yield chunk
         finally:
             handle.abort()
 

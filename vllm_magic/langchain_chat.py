@@ -8,6 +8,9 @@ tool messages and non-text content are refused with a clear error.
 
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
+from contextvars import ContextVar
 from operator import itemgetter
 from typing import Any, AsyncIterator, Iterator, Literal, Sequence
 
@@ -18,17 +21,28 @@ from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
+from langchain_core.runnables.config import get_config_list
 from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import AliasChoices, BaseModel, Field
 
 from .handles import GenerationResult, RequestHandle
-from .langchain_engine import (EngineFields, adeltas, await_all, awith_last, call_overrides, deltas, user_errors,
-                               wait_all, with_last)
+from .langchain_engine import (EngineFields, adeltas, await_all, call_overrides, deltas, user_errors,
+                               wait_all)
 
 __all__ = ["ChatVLLM", "messages_to_conversation", "usage_metadata"]
+
+#: Handles submitted up front by ``generate``/``agenerate`` (one submission for a whole batch),
+#: keyed by conversation; ``_submit`` takes them instead of submitting again.
+_PREFETCHED: ContextVar[dict[str, list[RequestHandle]] | None] = ContextVar("_PREFETCHED", default=None)
+
+#: ``generate`` arguments that are not sampling options.
+_NOT_SAMPLING = ("tags", "metadata", "run_name", "run_id", "ls_structured_output_format", "structured_output_format")
+
+#: The config keys a batch may share and still go through one ``generate`` call.
+_SHARED_CONFIG_KEYS = ("callbacks", "tags", "metadata", "run_name")
 
 _ROLES = {"system": "system", "human": "user", "user": "user", "ai": "assistant", "assistant": "assistant"}
 
@@ -107,8 +121,102 @@ class ChatVLLM(EngineFields, BaseChatModel):
         sampling, options = call_overrides(self._default_params, stop, kwargs, type(self).__name__)
         options.pop("raw", None)  # a conversation always goes through the chat template
         conversation = messages_to_conversation(messages)
+        prefetched = _PREFETCHED.get()
+        if prefetched and prefetched.get(self._key(conversation)):
+            return prefetched[self._key(conversation)].pop(0)
         with user_errors():
             return self._live_session().submit([conversation], **options, **sampling)[0]
+
+    def _key(self, conversation: list[dict[str, str]]) -> str:
+        # The object is part of the key: a model called from a callback must not take this batch's requests.
+        return f"{id(self)}:{json.dumps(conversation, sort_keys=True)}"
+
+    def _prefetch(self, messages: list[list[BaseMessage]], stop: list[str] | None,
+                  kwargs: dict[str, Any]) -> dict[str, list[RequestHandle]]:
+        """Submit every conversation of a batch at once, so the engine schedules them together."""
+        sampling, options = call_overrides(self._default_params, stop, kwargs, type(self).__name__)
+        options.pop("raw", None)
+        conversations = [messages_to_conversation(m) for m in messages]
+        with user_errors():
+            handles = self._live_session().submit(conversations, **options, **sampling)
+        prefetched: dict[str, list[RequestHandle]] = {}
+        for conversation, handle in zip(conversations, handles):
+            prefetched.setdefault(self._key(conversation), []).append(handle)
+        return prefetched
+
+    @contextmanager
+    def _submitted_together(self, messages: list[list[BaseMessage]] | None, stop: list[str] | None,
+                            kwargs: dict[str, Any]) -> Iterator[None]:
+        """Within the block, calls for these conversations take requests submitted up front in one
+        call. If that submission cannot be made (a message the model refuses, a prompt too long),
+        nothing is prefetched and each call reports its own error."""
+        prefetched = None
+        if messages is not None and len(messages) > 1:
+            try:
+                prefetched = self._prefetch(messages, stop, {k: v for k, v in kwargs.items() if k not in _NOT_SAMPLING})
+            except Exception:
+                prefetched = None
+        if prefetched is None:
+            yield
+            return
+        token = _PREFETCHED.set(prefetched)
+        try:
+            yield
+        finally:
+            _PREFETCHED.reset(token)
+            _abort_unused(prefetched)
+
+    # ----- batches: one submission for all inputs ------------------------------------------------
+    def generate(self, messages: list[list[BaseMessage]], stop: list[str] | None = None,
+                 callbacks: Any = None, **kwargs: Any) -> LLMResult:
+        """``BaseChatModel.generate`` (callbacks per input, caching), with all conversations
+        submitted to the engine in one call instead of one by one."""
+        with self._submitted_together(messages, stop, kwargs):
+            return super().generate(messages, stop, callbacks, **kwargs)
+
+    async def agenerate(self, messages: list[list[BaseMessage]], stop: list[str] | None = None,
+                        callbacks: Any = None, **kwargs: Any) -> LLMResult:
+        """The async ``generate``: all conversations in one submission."""
+        with self._submitted_together(messages, stop, kwargs):
+            return await super().agenerate(messages, stop, callbacks, **kwargs)
+
+    def _messages_or_none(self, inputs: list[LanguageModelInput]) -> list[list[BaseMessage]] | None:
+        try:
+            return [self._convert_input(i).to_messages() for i in inputs]
+        except Exception:  # reported by the input's own call
+            return None
+
+    def _batch_call(self, inputs: list[LanguageModelInput], config: RunnableConfig | list[RunnableConfig] | None,
+                    return_exceptions: bool, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """The ``generate`` arguments for a batch, or None when it must go input by input
+        (per-input configs, run ids, or exceptions returned instead of raised)."""
+        configs = get_config_list(config, len(inputs))
+        first = configs[0]
+        if (return_exceptions or len(inputs) < 2 or any(c.get("run_id") for c in configs)
+                or any(c.get(k) != first.get(k) for c in configs for k in _SHARED_CONFIG_KEYS)):
+            return None
+        return {"messages": [self._convert_input(i).to_messages() for i in inputs],
+                "callbacks": first.get("callbacks"), "tags": first.get("tags"),
+                "metadata": first.get("metadata"), "run_name": first.get("run_name"), **kwargs}
+
+    def batch(self, inputs: list[LanguageModelInput], config: RunnableConfig | list[RunnableConfig] | None = None,
+              *, return_exceptions: bool = False, **kwargs: Any) -> list[BaseMessage]:
+        """Answers to all inputs, submitted to the engine together."""
+        call = self._batch_call(inputs, config, return_exceptions, kwargs)
+        if call is None:  # per-input configs: LangChain's batch, over requests submitted together
+            with self._submitted_together(self._messages_or_none(inputs), kwargs.get("stop"), kwargs):
+                return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        return [g[0].message for g in self.generate(**call).generations]
+
+    async def abatch(self, inputs: list[LanguageModelInput],
+                     config: RunnableConfig | list[RunnableConfig] | None = None,
+                     *, return_exceptions: bool = False, **kwargs: Any) -> list[BaseMessage]:
+        """Async answers to all inputs, submitted to the engine together."""
+        call = self._batch_call(inputs, config, return_exceptions, kwargs)
+        if call is None:
+            with self._submitted_together(self._messages_or_none(inputs), kwargs.get("stop"), kwargs):
+                return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        return [g[0].message for g in (await self.agenerate(**call)).generations]
 
     def _chat_result(self, result: GenerationResult) -> ChatResult:
         usage = usage_metadata(result)
@@ -144,11 +252,18 @@ class ChatVLLM(EngineFields, BaseChatModel):
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         handle = self._submit(messages, stop, kwargs)
         try:
-            for text, last in with_last(deltas(handle, self.timeout)):
-                chunk = self._chunk(text, handle, last)
+            # Each delta goes out as soon as it arrives; usage and finish reason follow on a final
+            # empty chunk (holding a delta back to mark it last would cost one decode step).
+            for text in deltas(handle, self.timeout):
+                chunk = self._chunk(text, handle, last=False)
                 if run_manager:
                     run_manager.on_llm_new_token(text, chunk=chunk)
                 yield chunk
+            handle.result()  # the final chunk reports the finished request
+            chunk = self._chunk("", handle, last=True)
+            if run_manager:
+                run_manager.on_llm_new_token("", chunk=chunk)
+            yield chunk
         finally:
             handle.abort()  # a consumer that stops early frees the engine (no-op once finished)
 
@@ -163,11 +278,16 @@ class ChatVLLM(EngineFields, BaseChatModel):
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         handle = self._submit(messages, stop, kwargs)
         try:
-            async for text, last in awith_last(adeltas(handle, self.timeout)):
-                chunk = self._chunk(text, handle, last)
+            async for text in adeltas(handle, self.timeout):
+                chunk = self._chunk(text, handle, last=False)
                 if run_manager:
                     await run_manager.on_llm_new_token(text, chunk=chunk)
                 yield chunk
+            await handle  # the final chunk reports the finished request
+            chunk = self._chunk("", handle, last=True)
+            if run_manager:
+                await run_manager.on_llm_new_token("", chunk=chunk)
+            yield chunk
         finally:
             handle.abort()
 
@@ -215,6 +335,13 @@ def structured_output_schema(schema: dict[str, Any] | type | None) -> dict[str, 
     if isinstance(schema, type) and is_basemodel_subclass(schema) and hasattr(schema, "model_json_schema"):
         return schema.model_json_schema()
     return convert_to_json_schema(schema)
+
+
+def _abort_unused(prefetched: dict[str, list[RequestHandle]]) -> None:
+    """Free the engine of prefetched requests nobody took (answered from a cache, or streamed)."""
+    for handles in prefetched.values():
+        for handle in handles:
+            handle.abort()
 
 
 def messages_to_conversation(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:

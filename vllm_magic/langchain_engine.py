@@ -28,8 +28,7 @@ from .sampling import SAMPLING_FIELDS
 from .session import EngineSession, NoEngineError, PromptTooLongError, get_session
 
 __all__ = ["EngineFields", "engine_request", "engine_serves", "without_needless_fetch_args", "display_model_name", "user_errors",
-           "call_overrides", "usage_counts", "CALL_OPTIONS", "wait_all", "await_all", "deltas", "adeltas",
-           "with_last", "awith_last"]
+           "call_overrides", "usage_counts", "CALL_OPTIONS", "wait_all", "await_all", "deltas", "adeltas"]
 
 #: Names under which the demo model can be asked for (besides ``None``).
 DEMO_MODEL_ALIASES = frozenset({DEMO_MODEL_NAME, f"HuggingFaceTB/{DEMO_MODEL_NAME}"})
@@ -338,23 +337,3 @@ async def adeltas(handle: RequestHandle, timeout: float | None) -> AsyncIterator
         except StopAsyncIteration:
             return
         yield text
-
-
-def with_last(items: Iterator[str]) -> Iterator[tuple[str, bool]]:
-    """Pair each item with whether it is the last one (one item of look-ahead), so the final
-    chunk can carry the finish reason and token counts. An empty answer still gives one item."""
-    previous = None
-    for item in items:
-        if previous is not None:
-            yield previous, False
-        previous = item
-    yield (previous or ""), True
-
-
-async def awith_last(items: AsyncIterator[str]) -> AsyncIterator[tuple[str, bool]]:
-    previous = None
-    async for item in items:
-        if previous is not None:
-            yield previous, False
-        previous = item
-    yield (previous or ""), True
