@@ -1,8 +1,8 @@
 """Shared fixtures: one real demo-model engine for the whole test session.
 
 Every test that generates text uses ``engine``: the process-wide session with the demo model,
-loaded once. A test that unloads or switches engines gets the demo engine back afterwards
-(``load()`` is idempotent: when it is still there, that costs nothing). Sampling defaults are reset
+loaded once. Whatever an earlier test unloaded or switched, each test that uses it starts with the
+demo engine (``load()`` is idempotent: when it is still there, that costs nothing). Sampling defaults are reset
 after each test so that one test's settings never leak into the next.
 """
 
@@ -24,9 +24,10 @@ def engine():
 
 @pytest.fixture(autouse=True)
 def _demo_engine_stays(request):
-    yield
+    # Before the test rather than after: a module fixture may have unloaded it in its own teardown.
     if "engine" in request.fixturenames:
         get_session().load()
+    yield
 
 
 @pytest.fixture(autouse=True)
