@@ -8,6 +8,8 @@ after each test so that one test's settings never leak into the next.
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from vllm_magic import get_session
@@ -34,3 +36,15 @@ def _demo_engine_stays(request):
 def _reset_sampling_defaults():
     yield
     get_session().defaults.reset()
+
+
+@pytest.fixture
+def kernel_sigint():
+    """SIGINT raises KeyboardInterrupt in the main thread, as in an IPython kernel.
+
+    Event-loop runners used by earlier async tests can leave their own SIGINT handler installed;
+    a kernel interrupt is simulated with ``_thread.interrupt_main()``, which goes through it.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

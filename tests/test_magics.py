@@ -371,7 +371,7 @@ def test_interrupt_from_the_display_keeps_the_partial_answer(ip, pub, engine):
     assert_still_answers(ip)
 
 
-def test_kernel_interrupt_aborts_the_request_in_the_engine(ip, pub, engine):
+def test_kernel_interrupt_aborts_the_request_in_the_engine(ip, pub, engine, kernel_sigint):
     served = engine.requests_served
     streaming = threading.Event()
 

@@ -187,7 +187,7 @@ def test_abort_all_stops_every_request_in_flight(engine):
     assert time.perf_counter() - start < 1.0
 
 
-def test_interrupts_abort_and_leave_nothing_behind(engine):
+def test_interrupts_abort_and_leave_nothing_behind(engine, kernel_sigint):
     question = "What is the capital of France?"
     before = engine.generate(question, temperature=0, max_tokens=24).text
     for _ in range(10):
