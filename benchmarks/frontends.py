@@ -293,26 +293,25 @@ def stream_magic(w: Workload) -> Sample:
 
 # ----- LangChain -------------------------------------------------------------------------------------
 
-def batch_llm_batch(w: Workload) -> Sample:
-    llm = w.langchain("VLLM")
+def _timed_batch(w: Workload, what: str, call: Callable[[], list]) -> Sample:
+    """Time ``call()`` (one front-end's batch over ``w.prompts``) and check it answered every prompt."""
     with _pinned(w, w.tokens) as handles:
         start = time.perf_counter()
-        answers = llm.batch(w.prompts)
+        answers = call()
         end = time.perf_counter()
     if len(answers) != len(w.prompts):
-        raise RuntimeError(f"llm.batch returned {len(answers)} answers for {len(w.prompts)} prompts")
+        raise RuntimeError(f"{what} returned {len(answers)} answers for {len(w.prompts)} prompts")
     return _batch_sample(handles, start, end)
+
+
+def batch_llm_batch(w: Workload) -> Sample:
+    llm = w.langchain("VLLM")
+    return _timed_batch(w, "llm.batch", lambda: llm.batch(w.prompts))
 
 
 def batch_chat_abatch(w: Workload) -> Sample:
     chat = w.langchain("ChatVLLM")
-    with _pinned(w, w.tokens) as handles:
-        start = time.perf_counter()
-        answers = asyncio.run(chat.abatch(w.prompts))
-        end = time.perf_counter()
-    if len(answers) != len(w.prompts):
-        raise RuntimeError(f"abatch returned {len(answers)} answers for {len(w.prompts)} prompts")
-    return _batch_sample(handles, start, end)
+    return _timed_batch(w, "abatch", lambda: asyncio.run(chat.abatch(w.prompts)))
 
 
 def stream_llm_stream(w: Workload) -> Sample:

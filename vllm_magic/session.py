@@ -125,8 +125,10 @@ _MEMORY_SLACK = 256 << 20  # allocator and driver bookkeeping that is not the en
 class _Engine:
     """What exists while an engine is loaded."""
 
-    def __init__(self, llm: Any, config: EngineConfig, driver: Any, children: set[int], load_seconds: float):
+    def __init__(self, llm: Any, config: EngineConfig, driver: Any, children: set[int], load_seconds: float,
+                 memory_before_load: int | None):
         self.llm = llm
+        self.memory_before_load = memory_before_load
         self.config = config
         self.driver = driver
         self.children = children
@@ -140,7 +142,6 @@ class _Engine:
         blocks = getattr(cache, "num_gpu_blocks", None)
         self.kv_cache_tokens = int(blocks * cache.block_size) if blocks else None
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
-        self.memory_before_load: int | None = None
 
     def processes_alive(self) -> bool:
         """Whether every engine process is still running (a killed engine otherwise hangs requests)."""
@@ -203,8 +204,8 @@ class EngineSession:
         ``progress(stage, elapsed)`` is called about twice a second while a new engine starts.
         """
         start = time.perf_counter()
+        quiet_vllm_environment(verbose)  # before any vLLM import and any engine's children start
         if self._engine is None:
-            quiet_vllm_environment(verbose)
             with self.log.capture(verbose):  # the first vLLM imports print to the terminal
                 platform_name()
                 import vllm.engine.arg_utils  # noqa: F401
@@ -214,7 +215,6 @@ class EngineSession:
             if (current is not None and current.config.fingerprint == config.fingerprint
                     and current.driver.dead is None and current.processes_alive()):
                 return LoadInfo(config, True, time.perf_counter() - start, self._summary(current, already=True))
-            quiet_vllm_environment(verbose)
             if current is not None:
                 self._validate(config)  # refuse a bad new configuration while the old engine still runs
                 self.unload()
@@ -263,8 +263,7 @@ class EngineSession:
         from .driver import EngineDriver
 
         driver = EngineDriver(llm.llm_engine, on_finished=self._count)
-        engine = _Engine(llm, config, driver, children, time.perf_counter() - t0)
-        engine.memory_before_load = memory_before
+        engine = _Engine(llm, config, driver, children, time.perf_counter() - t0, memory_before)
         self._box[0] = engine
         return engine
 
