@@ -19,7 +19,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["EngineConfig", "ConfigError", "parse_engine_flags", "resolve_engine_config", "platform_name"]
+__all__ = ["EngineConfig", "ConfigError", "parse_engine_flags", "resolve_engine_config", "platform_name",
+           "unpinned_cpu_threads"]
 
 GiB = 1 << 30
 # About 1 GiB of KV cache on CPU: ~23k tokens of the demo model, and it leaves a 24 GiB machine
@@ -28,6 +29,17 @@ CPU_KV_CACHE_BYTES = 1 * GiB
 # On CPU vLLM reads gpu_memory_utilization as a fraction of RAM; its default 0.92 does not start
 # on a 24 GiB machine that runs anything else.
 CPU_MEMORY_FRACTION = 0.5
+
+
+def unpinned_cpu_threads() -> None:
+    """Leave the placement of a CPU engine's compute threads to the OS (unless the user chose one).
+
+    vLLM's CPU backend pins each engine's threads to cores of its own choosing by default: the same
+    first cores of a NUMA node for every engine on the machine. Two kernels with an engine each then
+    share one core while the others idle, and a pinned busy engine starved other processes on its
+    core for minutes on a 2-core machine. ``VLLM_CPU_OMP_THREADS_BIND`` set by the user wins.
+    """
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
 class ConfigError(ValueError):

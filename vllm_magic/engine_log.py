@@ -136,15 +136,18 @@ class EngineLog:
         except OSError:
             return 0
 
-    def errors_since(self, offset: int, limit: int = 6) -> list[str]:
-        """Lines that look like the root cause of a failure, written after ``offset`` bytes."""
+    def text_since(self, offset: int) -> str:
+        """What the log received after ``offset`` bytes."""
         try:
             with open(self.path, "rb") as f:
                 f.seek(offset)
-                text = f.read().decode(errors="replace")
+                return f.read().decode(errors="replace")
         except OSError:
-            return []
-        keep = [line.strip() for line in text.splitlines()
+            return ""
+
+    def errors_since(self, offset: int, limit: int = 6) -> list[str]:
+        """Lines that look like the root cause of a failure, written after ``offset`` bytes."""
+        keep = [line.strip() for line in self.text_since(offset).splitlines()
                 if any(key in line for key in ("Error", "ERROR", "error:", "Exception"))
                 and "Traceback" not in line]
         return keep[-limit:]

@@ -355,12 +355,12 @@ class VllmMagics(Magics):
                    for i, (h, p) in enumerate(zip(handles, prompts))]
         interrupted = stream_answers(streams, self.stream_interval)
         results = []
-        for stream, prompt, item in zip(streams, prompts, items):
+        for index, (stream, prompt, item) in enumerate(zip(streams, prompts, items)):
             try:
                 generation = stream.handle.result(timeout=10) if stream.handle.done else stream.handle.snapshot()
             except EngineDiedError as exc:
-                for s in streams:
-                    s.discard()
+                for s in streams[index:]:  # what arrived before the engine died stays on screen
+                    s.finish(s.handle.snapshot(), quiet=True)
                 raise UsageError(_died(exc)) from None
             except Exception as exc:  # the engine refused this request (e.g. a schema it cannot compile)
                 for s in streams:

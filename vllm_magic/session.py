@@ -21,8 +21,9 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from .engine_config import ConfigError, EngineConfig, platform_name, resolve_engine_config
+from .engine_config import ConfigError, EngineConfig, platform_name, resolve_engine_config, unpinned_cpu_threads
 from .engine_log import EngineLog, quiet_vllm_environment
+from .engine_processes import engine_processes_guarded, terminate_processes
 from .handles import EngineDiedError, GenerationResult, RequestHandle
 from .sampling import SamplingDefaults, build_sampling_params
 
@@ -41,6 +42,16 @@ class NoEngineError(RuntimeError):
 
 class EngineStartError(RuntimeError):
     """The engine failed to start; the message carries vLLM's root cause in a few lines."""
+
+
+# multiprocessing's words when a spawned process re-imports a script that starts processes at import.
+_BOOTSTRAP_ERROR = "before the current process has finished its bootstrapping phase"
+_SCRIPT_NEEDS_MAIN_GUARD = (
+    "vLLM could not start its engine: this script loads the model when it is imported. vLLM starts "
+    "its engine in a new Python process (the 'spawn' method, the only one on CPU and the safe one "
+    "with CUDA), which imports the script again, so that process tried to start an engine of its "
+    "own. Put the code that loads the model under `if __name__ == \"__main__\":` (raw vLLM needs "
+    "the same); notebooks and the IPython shell need nothing.")
 
 
 class PromptTooLongError(ValueError):
@@ -79,10 +90,15 @@ class SessionStatus:
     vllm_version: str | None = None
     fingerprint: str | None = None
     log_path: str | None = None
+    #: Why the loaded engine cannot serve any more (its process died), or None while it is healthy.
+    dead: str | None = None
 
     def _repr_markdown_(self) -> str:
         if not self.loaded:
             return "**vllm-magic**: no engine loaded. Run `%vllm_load` (demo model) or `%vllm_load MODEL`."
+        if self.dead:
+            return (f"**vllm-magic**: the engine of `{self.model}` is dead ({self.dead}). "
+                    "Run `%vllm_load` to start it again; `%vllm_log` shows why it died.")
         mem = "n/a" if self.memory_bytes is None else f"{self.memory_bytes / 2**30:.2f} GiB ({self.memory_kind})"
         rows = [
             ("model", f"`{self.model}`"), ("platform", self.platform), ("vLLM", self.vllm_version),
@@ -98,6 +114,8 @@ class SessionStatus:
     def __repr__(self) -> str:
         if not self.loaded:
             return "SessionStatus(loaded=False)"
+        if self.dead:
+            return f"SessionStatus(model={self.model!r}, dead={self.dead!r})"
         return (f"SessionStatus(model={self.model!r}, platform={self.platform!r}, requests_served="
                 f"{self.requests_served}, tokens_out={self.tokens_out})")
 
@@ -239,19 +257,34 @@ class EngineSession:
         log.mark(f"loading {config.model} {json.dumps(config.engine_kwargs, default=str)}")
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         memory_before = _device_memory_used(config.platform)
+        if config.platform == "cpu":
+            unpinned_cpu_threads()
         t0 = time.perf_counter()
+        interrupted = _InterruptRecorder()
+        llm = None
         try:
-            with log.follow(progress), log.capture(verbose):
+            # The engine's processes leave the kernel's process group (an interrupt stops a request,
+            # not the engine) and exit when the kernel dies: see engine_processes.
+            with interrupted, log.follow(progress), log.capture(verbose), engine_processes_guarded():
                 from vllm import LLM
 
                 llm = LLM(**config.llm_kwargs())
                 # vLLM (re)configures its logger while the engine starts: take it over afterwards.
                 log.route_python_logger(verbose)
+            if interrupted.seen:  # vLLM swallowed the interrupt: the user still asked to stop
+                raise KeyboardInterrupt
         except BaseException as exc:
-            _reap(_engine_processes(before))
+            # Interrupted or failed half-way: whatever was started is shut down, nothing half-started stays.
+            if llm is not None:
+                _shutdown(llm)
+                llm = None
+            terminate_processes(_engine_processes(before))
             gc.collect()
-            if isinstance(exc, KeyboardInterrupt):
-                raise
+            if isinstance(exc, KeyboardInterrupt) or interrupted.seen:
+                # vLLM turns an interrupt inside some of its context managers into other errors.
+                raise KeyboardInterrupt from None
+            if _BOOTSTRAP_ERROR in log.text_since(offset):
+                raise EngineStartError(_SCRIPT_NEEDS_MAIN_GUARD) from None
             reasons = log.errors_since(offset)
             message = _short_reason(exc)
             detail = "\n".join(r for r in reasons if r not in message)
@@ -444,7 +477,10 @@ class EngineSession:
                                  tokens_out=self.tokens_out)
         from .compat import vllm_version
 
-        memory, kind = _engine_memory(engine)
+        if engine.driver.dead is None and not engine.processes_alive():
+            engine.driver.dead = RuntimeError("an engine process exited")
+        dead = None if engine.driver.dead is None else str(engine.driver.dead)
+        memory, kind = (None, "") if dead else _engine_memory(engine)
         return SessionStatus(
             loaded=True, model=engine.config.model, platform=engine.config.platform,
             engine_args=dict(engine.config.engine_kwargs), dtype=engine.dtype, max_model_len=engine.max_model_len,
@@ -452,7 +488,7 @@ class EngineSession:
             uptime=time.monotonic() - engine.started, load_seconds=engine.load_seconds,
             submissions=self.submissions, requests_served=self.requests_served, tokens_out=self.tokens_out,
             requests_live=engine.driver.live_count, vllm_version=vllm_version(),
-            fingerprint=engine.config.fingerprint, log_path=str(self.log.path))
+            fingerprint=engine.config.fingerprint, log_path=str(self.log.path), dead=dead)
 
     def _summary(self, engine: _Engine, already: bool = False) -> str:
         name = os.path.basename(engine.config.model.rstrip("/")) or engine.config.model
@@ -537,6 +573,39 @@ def _short_reason(exc: BaseException) -> str:
             lines = [line for line in text.splitlines() if line.strip()]
             return f"{type(candidate).__name__}: " + " ".join(lines[:3])[:600]
     return type(seen[0]).__name__ if seen else "unknown error"
+
+
+class _InterruptRecorder:
+    """Notes whether SIGINT arrived while the block ran (main thread only; elsewhere a no-op).
+
+    The interrupt is still raised as usual; this only remembers it, because vLLM's start-up code
+    can swallow the KeyboardInterrupt or turn it into another error.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_InterruptRecorder":
+        import signal
+
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if callable(previous):
+                def record(signum: int, frame: Any) -> Any:
+                    self.seen = True
+                    return previous(signum, frame)
+
+                self._previous = previous
+                signal.signal(signal.SIGINT, record)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def _shutdown(llm: Any) -> None:

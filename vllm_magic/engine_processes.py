@@ -1,0 +1,152 @@
+"""Engine processes that belong to their kernel: deaf to its interrupts, gone when it dies.
+
+vLLM runs its engine in child processes (EngineCore and its workers). Left as they are, they share
+the kernel's process group, so the interrupt button, which signals the whole group (jupyter_client
+sends SIGINT with ``killpg``), or Ctrl-C in a terminal kills the engine instead of stopping one
+request; and when the kernel dies hard (SIGKILL, the OOM killer) they live on as orphans holding
+RAM or GPU memory.
+
+While :func:`engine_processes_guarded` is active, every process started through ``multiprocessing``
+runs :func:`_guarded_child` first, which
+
+* starts a new session (``setsid``): the engine and the workers it starts leave the kernel's process
+  group, so an interrupt reaches only the kernel, which aborts the request in the engine;
+* watches the kernel: when it is gone, the engine is asked to shut down (SIGTERM, the way vLLM
+  expects to be stopped) and, if it has not exited a few seconds later, its whole session is killed.
+
+SIGINT is blocked in the starting thread while a child is launched (a signal mask survives fork and
+exec), so an interrupt that arrives before the child has left the group stays pending there and is
+discarded once it has; the kernel still receives it. On Linux the parent's exit is noticed at once
+through a pidfd; elsewhere the parent process id is polled twice a second. On platforms without
+``setsid`` (Windows) nothing changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import multiprocessing.process
+import os
+import select
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+__all__ = ["engine_processes_guarded", "terminate_processes"]
+
+#: Seconds an engine gets to shut down after its kernel died before its session is killed.
+SHUTDOWN_GRACE = 5.0
+
+_lock = threading.Lock()
+_active = 0
+_original_start: Callable[[Any], None] | None = None
+
+
+@contextlib.contextmanager
+def engine_processes_guarded() -> Iterator[None]:
+    """Guard every process that ``multiprocessing`` starts in this process while the block runs."""
+    global _active
+    if not hasattr(os, "setsid"):  # pragma: no cover - Windows: no sessions, no process groups
+        yield
+        return
+    with _lock:
+        _install()
+        _active += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _active -= 1
+
+
+def _install() -> None:
+    global _original_start
+    if _original_start is not None:
+        return
+    _original_start = multiprocessing.process.BaseProcess.start
+    multiprocessing.process.BaseProcess.start = _start  # type: ignore[method-assign]
+
+
+def _start(self: Any) -> None:
+    original = _original_start
+    assert original is not None
+    if not _active or getattr(self, "_target", None) is None or getattr(self, "_vllm_magic_guarded", False):
+        original(self)
+        return
+    self._target = functools.partial(_guarded_child, os.getpid(), self._target)
+    self._vllm_magic_guarded = True
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        original(self)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _guarded_child(parent_pid: int, target: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Runs first in a guarded child: leave the kernel's process group, watch the kernel, run ``target``."""
+    try:
+        os.setsid()
+    except OSError:  # already a session leader
+        pass
+    # An interrupt sent to the kernel's group before setsid is pending here: drop it, then take
+    # SIGINT again as Python does (vLLM installs its own handlers later).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="vllm-magic-parent-watch", daemon=True).start()
+    return target(*args, **kwargs)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    _wait_for_exit(parent_pid)
+    # The kernel is gone: shut the engine down the way vLLM expects (its SIGTERM handler stops the
+    # engine core and its workers), then make sure of it.
+    with contextlib.suppress(OSError):
+        os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(SHUTDOWN_GRACE)
+    with contextlib.suppress(OSError):
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def _wait_for_exit(parent_pid: int) -> None:
+    """Return once the process ``parent_pid`` (our parent when we started) has exited."""
+    pidfd = None
+    if hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(parent_pid)
+        except OSError:  # already gone, or no pidfd support in this kernel
+            pidfd = None
+    if os.getppid() != parent_pid:  # reparented: the parent exited before we looked
+        if pidfd is not None:
+            os.close(pidfd)
+        return
+    if pidfd is not None:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        while not poller.poll():
+            pass
+        os.close(pidfd)
+        return
+    while os.getppid() == parent_pid:  # pragma: no cover - kernels without pidfd
+        time.sleep(0.5)
+
+
+def terminate_processes(pids: set[int] | list[int], grace: float = 10.0) -> int:
+    """Ask processes to exit (SIGTERM), kill those still alive after ``grace`` seconds; reap them.
+
+    Returns how many had to be killed. Processes that are not our descendants are left alone.
+    """
+    import psutil
+
+    mine = {p.pid: p for p in psutil.Process().children(recursive=True)}
+    procs = [mine[pid] for pid in pids if pid in mine]
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return len(alive)
