@@ -1,16 +1,17 @@
-"""The widgets where users see them: JupyterLab in a real (headless) Chromium, driven by Playwright.
+"""The widgets and the interrupt button where users see them: JupyterLab in a real (headless)
+Chromium, driven by Playwright.
 
 A JupyterLab server starts on loopback with token auth and the project's kernel; a generated
-notebook loads the demo model and shows the sampling panel. The test checks that the sliders render,
-sets max_tokens through the slider's readout, runs a ``%%vllm`` cell and checks that the answer is that
-short, then types into the playground, clicks Generate and watches the streamed answer grow.
-Screenshots go to ``artifacts/browser/``.
+notebook loads the demo model and shows the sampling panel. The tests check that the sliders render,
+set max_tokens through the slider's readout and run a ``%%vllm`` cell whose answer is that short,
+watch a playground answer grow in the page while it streams, stop a playground run with the panel's
+Stop button, and press JupyterLab's own interrupt button (■) during a ``%%vllm`` cell. Screenshots go
+to ``artifacts/browser/``.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,19 @@ CELLS = [
     "%load_ext vllm_magic\n"
     "%config VllmMagics.temperature = 0\n"
     "%vllm_load",
-    # 1: a prompt cell with the panel's settings
+    # 1: a second panel: its widgets follow the first one's only through the kernel's links
+    "%vllm_controls",
+    # 2: a prompt cell with the panel's settings
     "%%vllm\n"
     "Write a long story about a dragon who learns to cook.",
-    # 2: the playground
+    # 3: the playground
     "%vllm_playground",
+    # 4: a long answer, for the interrupt button
+    "%%vllm -m 1500 -t 0.8\n"
+    "Write a very long story about a knight who learns to sing.",
+    # 5: the next cell after an interrupt
+    "%%vllm -t 0 -m 16\n"
+    "What is the capital of France?",
 ]
 
 LOAD_TIMEOUT = 420_000  # ms: a kernel start plus a CPU engine load on a busy 2-core machine
@@ -72,6 +81,14 @@ def page(lab):
             browser.close()
 
 
+@pytest.fixture(scope="module")
+def loaded(page):
+    """The page with the demo model loaded by the notebook's first cell (its panel shown)."""
+    cell = _run_cell(page, 0, LOAD_TIMEOUT)
+    _no_errors(cell)
+    return page
+
+
 @pytest.fixture(autouse=True)
 def _screenshot_on_failure(request, page):
     """A screenshot of the page whenever a test of this module fails."""
@@ -94,27 +111,37 @@ def _cell(page, index):
     return page.locator(".jp-Notebook .jp-Cell").nth(index)
 
 
-def _run_cell(page, index, timeout):
-    """Select a cell, press Shift+Enter as a user would, and wait until it has run."""
+def _start_cell(page, index):
+    """Select a cell and press Shift+Enter as a user would; returns once the cell is queued or running."""
     cell = _cell(page, index)
     prompt = cell.locator(".jp-InputArea-prompt")
-    deadline = time.monotonic() + timeout / 1000
-    for _attempt in range(3):  # a key press can be lost while JupyterLab is still settling
+    before = prompt.inner_text().strip()  # "[ ]:" never run, "[3]:" run before
+    for attempt in range(3):  # a key press can be lost while JupyterLab is still settling
         cell.locator(".jp-InputArea-editor").click()
         page.keyboard.press("Shift+Enter")
-        started = time.monotonic()
-        while time.monotonic() - started < 10 and prompt.inner_text().strip() == "[ ]:":
-            time.sleep(0.25)
-        if prompt.inner_text().strip() != "[ ]:":
-            break
-    text = prompt.inner_text().strip()
-    while time.monotonic() < deadline:
-        text = prompt.inner_text().strip()
-        if re.fullmatch(r"\[\d+\]:", text):
+        try:
+            expect(prompt).not_to_have_text(re.compile(rf"^\s*{re.escape(before)}\s*$"), timeout=10_000)
             return cell
-        time.sleep(0.25)
-    raise AssertionError(f"cell {index} did not finish in {timeout / 1000:.0f} s (prompt {text!r}); "
-                         f"its output: {cell.locator('.jp-OutputArea').inner_text()[-1500:]}")
+        except AssertionError:
+            if attempt == 2:
+                raise
+    return cell
+
+
+def _wait_cell_done(page, index, timeout):
+    cell = _cell(page, index)
+    try:
+        expect(cell.locator(".jp-InputArea-prompt")).to_have_text(re.compile(r"^\s*\[\d+\]:\s*$"), timeout=timeout)
+    except AssertionError:
+        raise AssertionError(f"cell {index} did not finish in {timeout / 1000:.0f} s; its output: "
+                             f"{cell.locator('.jp-OutputArea').inner_text()[-1500:]}") from None
+    return cell
+
+
+def _run_cell(page, index, timeout):
+    """Run a cell as a user would and wait until it has finished."""
+    _start_cell(page, index)
+    return _wait_cell_done(page, index, timeout)
 
 
 def _set_slider(slider, value):
@@ -134,9 +161,9 @@ def _no_errors(cell):
 
 # ----- the tests -----------------------------------------------------------------------------------
 
-def test_the_panel_renders_its_sliders(page):
-    cell = _run_cell(page, 0, LOAD_TIMEOUT)
-    _no_errors(cell)
+def test_the_panel_renders_its_sliders(loaded):
+    page = loaded
+    cell = _cell(page, 0)
     panel = cell.locator(".vllm-sampling-panel")
     panel.wait_for(state="visible", timeout=60_000)
     sliders = panel.locator(".widget-slider")
@@ -154,12 +181,16 @@ def test_the_panel_renders_its_sliders(page):
     panel.screenshot(path=str(SHOTS / "01-panel-closeup.png"))
 
 
-def test_max_tokens_set_in_the_ui_bounds_the_next_answer(page):
+def test_max_tokens_set_in_the_ui_bounds_the_next_answer(loaded):
+    page = loaded
     panel = _cell(page, 0).locator(".vllm-sampling-panel")
+    second = _run_cell(page, 1, RUN_TIMEOUT).locator(".vllm-sampling-panel")
     _set_slider(panel.locator(".vllm-max-tokens"), SHORT)
-    expect(panel.locator(".vllm-max-tokens .widget-readout")).to_have_text(re.compile(rf"^\s*{SHORT}\s*$"))
-    time.sleep(0.5)  # the comm message reaches the kernel before the next cell's execute request
-    cell = _run_cell(page, 1, RUN_TIMEOUT)
+    # The second panel's slider is another widget, linked to the first only in the kernel: once it
+    # shows the value, the kernel has taken it, before the next cell's execute request.
+    expect(second.locator(".vllm-max-tokens .widget-readout")).to_have_text(re.compile(rf"^\s*{SHORT}\s*$"),
+                                                                          timeout=30_000)
+    cell = _run_cell(page, 2, RUN_TIMEOUT)
     _no_errors(cell)
     output = cell.locator(".jp-OutputArea").inner_text()
     # The cell's value (VllmResult) and its stats line both say how the answer ended.
@@ -168,49 +199,54 @@ def test_max_tokens_set_in_the_ui_bounds_the_next_answer(page):
     shown = [t.strip() for t in cell.locator(".jp-OutputArea-output").all_inner_texts() if t.strip()]
     answer = shown[0]  # the answer comes first, then the stats line, then the cell's value
     assert 0 < len(answer.split()) <= SHORT, f"the answer is not {SHORT} tokens short: {answer!r}"
-    status = panel.locator(".vllm-status")
-    page.wait_for_function("el => el.innerText.includes('tok/s')", arg=status.element_handle(), timeout=10_000)
-    assert f"{SHORT} tokens" in status.inner_text()
+    expect(panel.locator(".vllm-status")).to_contain_text(f"{SHORT} tokens", timeout=30_000)
     cell.scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "02-short-answer.png"))
 
 
-def test_playground_generate_streams_text_into_the_page(page):
-    cell = _run_cell(page, 2, RUN_TIMEOUT)
+# Records, in the page, every change of the playground's answer while the stats line says it is
+# still generating: what a user sees, independent of how often the test looks.
+_RECORD_STREAM = """([answer, stats]) => {
+    window.__answerLengths = [];
+    new MutationObserver(() => {
+        if (stats.innerText.includes('generating')) window.__answerLengths.push(answer.innerText.trim().length);
+    }).observe(answer, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def _playground(page):
+    """Run the playground cell (a fresh playground each time) and open its sampling settings."""
+    cell = _run_cell(page, 3, RUN_TIMEOUT)
     _no_errors(cell)
     playground = cell.locator(".vllm-playground")
     playground.wait_for(state="visible", timeout=60_000)
-    # The playground's own controls share the panel's settings: max_tokens is still SHORT there.
     playground.get_by_text("Sampling settings").click()
+    playground.locator(".vllm-max-tokens").wait_for(state="visible", timeout=10_000)
+    return playground
+
+
+def test_playground_generate_streams_text_into_the_page(loaded):
+    page = loaded
+    playground = _playground(page)
+    # The playground's own controls show the panel's settings.
     slider = playground.locator(".vllm-max-tokens")
-    slider.wait_for(state="visible", timeout=10_000)
-    assert slider.locator(".widget-readout").inner_text().strip() == str(SHORT)
+    panel_value = _cell(page, 0).locator(".vllm-max-tokens .widget-readout").inner_text().strip()
+    assert slider.locator(".widget-readout").inner_text().strip() == panel_value
     _set_slider(slider, STREAM_TOKENS)
     # Through the kernel, the panel of the first cell follows (both views link to one model).
     expect(_cell(page, 0).locator(".vllm-max-tokens .widget-readout")).to_have_text(
         re.compile(rf"^\s*{STREAM_TOKENS}\s*$"), timeout=30_000)
 
     playground.locator(".vllm-prompt textarea").fill("Tell me a long story about a brave knight and a dragon.")
-    playground.locator(".vllm-generate").click()
     answer = playground.locator(".vllm-playground-answer")
-    seen: list[int] = []
-    deadline = time.monotonic() + RUN_TIMEOUT / 1000
-    shot = False
-    while time.monotonic() < deadline:
-        length = len(answer.inner_text().strip())
-        if length and (not seen or length != seen[-1]):
-            seen.append(length)
-        if len(seen) >= 3 and not shot:
-            playground.scroll_into_view_if_needed()
-            page.screenshot(path=str(SHOTS / "03-playground-streaming.png"))
-            shot = True
-        if "tok/s" in playground.locator(".vllm-playground-stats").inner_text():
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"the playground did not finish in {RUN_TIMEOUT / 1000:.0f} s; lengths seen: {seen}")
-    assert len(seen) >= 3, f"the answer did not stream (text lengths read: {seen})"
+    stats = playground.locator(".vllm-playground-stats")
+    page.evaluate(_RECORD_STREAM, [answer.element_handle(), stats.element_handle()])
+    playground.locator(".vllm-generate").click()
+    expect(stats).to_contain_text("tok/s", timeout=RUN_TIMEOUT)
+    seen = [n for n in page.evaluate("window.__answerLengths") if n]
+    assert len(set(seen)) >= 3, f"the answer did not grow in the page while generating (lengths: {seen})"
     assert seen == sorted(seen), f"the streamed text shrank: {seen}"
+    assert len(answer.inner_text().strip()) >= seen[-1]
     history = playground.locator(".vllm-playground-history")
     assert f"max_tokens={STREAM_TOKENS}" in history.inner_text()
     assert not playground.locator(".vllm-generate").is_disabled()
@@ -219,27 +255,54 @@ def test_playground_generate_streams_text_into_the_page(page):
     playground.screenshot(path=str(SHOTS / "04-playground-closeup.png"))
 
 
-def test_stop_button_aborts_the_playground_run(page):
-    playground = _cell(page, 2).locator(".vllm-playground")
+def test_stop_button_aborts_the_playground_run(loaded):
+    page = loaded
+    playground = _playground(page)
     _set_slider(playground.locator(".vllm-max-tokens"), 4000)
     expect(playground.locator(".vllm-max-tokens .widget-readout")).to_have_text(re.compile(r"^\s*4000\s*$"))
     playground.locator(".vllm-prompt textarea").fill("Write a very long story about a dragon who learns to cook.")
     playground.locator(".vllm-generate").click()
     answer = playground.locator(".vllm-playground-answer")
     stats = playground.locator(".vllm-playground-stats")
-    deadline = time.monotonic() + RUN_TIMEOUT / 1000
-    while time.monotonic() < deadline and not ("generating" in stats.inner_text() and answer.inner_text().strip()):
-        time.sleep(0.1)
-    assert answer.inner_text().strip(), "the playground did not start answering"
+    expect(stats).to_contain_text("generating", timeout=RUN_TIMEOUT)
+    expect(answer).not_to_have_text(re.compile(r"^\s*$"), timeout=RUN_TIMEOUT)
+    playground.scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "03-playground-streaming.png"))
     panel = _cell(page, 0).locator(".vllm-sampling-panel")
-    started = time.monotonic()
     panel.locator(".vllm-stop-all button, button.vllm-stop-all").first.click()
-    expect(stats).to_contain_text("aborted", timeout=30_000)
-    elapsed = time.monotonic() - started
-    assert elapsed < 5, f"Stop took {elapsed:.1f} s to show in the page"
+    expect(stats).to_contain_text("aborted", timeout=60_000)
     expect(panel.locator(".vllm-status")).to_contain_text("stopped 1 request")
     tokens = int(re.search(r"(\d+) tokens", stats.inner_text()).group(1))
     assert 0 < tokens < 4000
     assert not playground.locator(".vllm-generate").is_disabled()
     playground.scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "05-stopped.png"))
+
+
+def _answer_streaming(page, cell):
+    """Wait until the cell shows a streaming answer (the ▌ cursor) with a few words."""
+    page.wait_for_function(
+        """cell => { const out = cell.querySelector('.jp-OutputArea');
+                     const text = out ? out.innerText : '';
+                     return text.includes('▌') && text.trim().split(/\\s+/).length > 5; }""",
+        arg=cell.element_handle(), timeout=RUN_TIMEOUT)
+
+
+def test_interrupt_button_stops_the_answer_keeps_it_and_the_next_cell_works(loaded):
+    page = loaded
+    cell = _start_cell(page, 4)
+    _answer_streaming(page, cell)
+    page.locator("[data-command='notebook:interrupt-kernel']").first.click()
+    _wait_cell_done(page, 4, RUN_TIMEOUT)
+    outputs = [t.strip() for t in cell.locator(".jp-OutputArea-output").all_inner_texts() if t.strip()]
+    text = "\n".join(outputs)
+    assert "⏹ interrupted" in text, text[-1500:]
+    assert "UsageError: interrupted: the request was aborted in the engine" in text, text[-1500:]
+    assert "died" not in text, text[-1500:]
+    partial = outputs[0]
+    assert len(partial.split()) > 5 and "▌" not in partial, f"the partial answer is not shown: {outputs}"
+    cell.scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "06-interrupted.png"))
+    following = _run_cell(page, 5, RUN_TIMEOUT)
+    _no_errors(following)
+    assert "Paris" in following.locator(".jp-OutputArea").inner_text()
