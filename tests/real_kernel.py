@@ -12,7 +12,7 @@ import os
 import queue
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import psutil
 from jupyter_client import KernelManager
@@ -29,6 +29,7 @@ class CellRun:
     final: list[str] = field(default_factory=list)  # outputs as a notebook stores them (no updates)
     error: tuple[str, str] | None = None
     status: str | None = None
+    stderr: list[str] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -87,6 +88,8 @@ class RealKernel:
         if run is None:
             return msg
         kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream" and content.get("name") == "stderr":
+            run.stderr.append(content["text"])
         if kind in ("stream", "display_data", "execute_result", "update_display_data"):
             text = _text_of(content)
             run.texts.append(text)

@@ -104,3 +104,21 @@ def test_sigkill_of_the_kernel_leaves_no_engine_process(tmp_path):
             proc.kill()
         kernel.kc.stop_channels()
         kernel.km.cleanup_resources()
+
+
+def test_vllm_prints_nothing_into_cells_on_first_import_and_engine_start(tmp_path):
+    kernel = RealKernel(tmp_path)
+    try:
+        # The first use of vLLM in the kernel is a LangChain construction, as in a user's notebook.
+        run = kernel.execute('from vllm_magic.langchain import VLLM\n'
+                             'llm = VLLM(model="SmolLM2-135M-Instruct", max_new_tokens=16, temperature=0)\n'
+                             'print(llm.invoke("What is the capital of France?"))')
+        assert run.error is None, run.error
+        assert run.stderr == [], f"vLLM printed into the cell: {run.stderr}"
+        assert "Paris" in run.text
+        # Another engine starting (a new configuration) prints only the summary line.
+        run = kernel.execute("%load_ext vllm_magic\n%vllm_load --no-controls --max-model-len 1024")
+        assert run.error is None and run.stderr == [], (run.error, run.stderr)
+        assert run.final == [run.final[0]] and run.final[0].startswith("✓ SmolLM2-135M-Instruct loaded on "), run.final
+    finally:
+        kernel.shutdown()

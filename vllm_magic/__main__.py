@@ -61,14 +61,22 @@ def _demo(args: argparse.Namespace) -> int:
     notebook = Path(args.notebook) if args.notebook else _notebooks_dir() / "01-quickstart.ipynb"
     if not notebook.is_file():
         return _demo_without_notebook()
+    import tempfile
+
     import nbformat
+    from jupyter_client import KernelManager
     from nbclient import NotebookClient
 
     print(f"Running {notebook.name} headless (the first run prepares the demo model and starts vLLM)...\n")
     nb = nbformat.read(notebook, as_version=4)
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}})
     start = time.perf_counter()
-    client.execute()
+    with tempfile.TemporaryDirectory(prefix="vllm-magic-demo-") as tmp:
+        # Local IPC sockets instead of TCP ports: nothing listens on the network, and the kernel has
+        # no reason to warn about plain-text TCP.
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(tmp) / "kernel"),
+                           connection_file=str(Path(tmp) / "kernel.json"))
+        client = NotebookClient(nb, km=km, timeout=600, resources={"metadata": {"path": str(notebook.parent)}})
+        client.execute()
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .engine_config import import_vllm
+
+import_vllm()  # the first import of vLLM prints notices: keep them in the engine log
+
 try:  # vLLM >= 0.11 moved the parser into argparse_utils
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 except ImportError:  # pragma: no cover - older layout

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["EngineConfig", "ConfigError", "parse_engine_flags", "resolve_engine_config", "platform_name",
-           "unpinned_cpu_threads"]
+           "unpinned_cpu_threads", "import_vllm"]
 
 GiB = 1 << 30
 # About 1 GiB of KV cache on CPU: ~23k tokens of the demo model, and it leaves a 24 GiB machine
@@ -66,16 +66,41 @@ class EngineConfig:
         return {"model": self.model, **self.engine_kwargs}
 
 
+_vllm_imported = False
+
+
+def import_vllm(verbose: bool = False) -> None:
+    """Import vLLM once per process, with what it prints at import time (Triton notices, platform
+    detection) going to the engine log instead of the cell. Every first use of vLLM comes here."""
+    global _vllm_imported
+    if _vllm_imported:
+        return
+    from .engine_log import EngineLog, quiet_vllm_environment
+
+    quiet_vllm_environment(verbose)  # before vLLM reads its logging variables
+    log = EngineLog()
+    with log.capture(verbose):
+        import vllm.engine.arg_utils  # noqa: F401 - imported late: importing vLLM takes seconds
+        from vllm.platforms import current_platform
+
+        getattr(current_platform, "device_type", None)  # platform detection logs on first use
+        # vLLM's handler was bound to the redirected stream: send its logger to the file for good.
+        log.route_python_logger(verbose)
+    _vllm_imported = True
+
+
 @lru_cache(maxsize=1)
 def platform_name() -> str:
     """``"cpu"`` or vLLM's device type (``"cuda"``, ``"rocm"``, ...), decided once per process."""
-    from vllm.platforms import current_platform  # imported late: importing vLLM takes seconds
+    import_vllm()
+    from vllm.platforms import current_platform
 
     return str(getattr(current_platform, "device_type", "cpu") or "cpu")
 
 
 @lru_cache(maxsize=1)
 def _engine_parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
+    import_vllm()
     from vllm.engine.arg_utils import EngineArgs
 
     from .compat import FlexibleArgumentParser
@@ -158,6 +183,7 @@ def resolve_engine_config(model: str | None = None, **engine_kwargs: Any) -> Eng
 def _check_known(engine_kwargs: dict[str, Any]) -> None:
     from dataclasses import fields
 
+    import_vllm()
     from vllm.engine.arg_utils import EngineArgs
 
     known = {f.name for f in fields(EngineArgs)}

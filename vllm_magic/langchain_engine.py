@@ -22,7 +22,7 @@ from IPython.core.error import UsageError
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from .demo_model import DEMO_MODEL_NAME
-from .engine_config import ConfigError, EngineConfig, resolve_engine_config
+from .engine_config import ConfigError, EngineConfig, import_vllm, resolve_engine_config
 from .handles import GenerationResult, RequestHandle
 from .sampling import SAMPLING_FIELDS
 from .session import EngineSession, NoEngineError, PromptTooLongError, get_session
@@ -212,6 +212,7 @@ def _ships_code(model_path: str) -> bool:
 
 @lru_cache(maxsize=1)
 def _engine_arg_defaults() -> dict[str, Any]:
+    import_vllm()
     from vllm.engine.arg_utils import EngineArgs
 
     return {f.name: f.default for f in fields(EngineArgs) if f.default is not MISSING}

@@ -21,7 +21,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from .engine_config import ConfigError, EngineConfig, platform_name, resolve_engine_config, unpinned_cpu_threads
+from .engine_config import ConfigError, EngineConfig, import_vllm, resolve_engine_config, unpinned_cpu_threads
 from .engine_log import EngineLog, quiet_vllm_environment
 from .engine_processes import engine_processes_guarded, terminate_processes
 from .handles import EngineDiedError, GenerationResult, RequestHandle
@@ -45,7 +45,7 @@ class EngineStartError(RuntimeError):
 
 
 # multiprocessing's words when a spawned process re-imports a script that starts processes at import.
-_BOOTSTRAP_ERROR = "before the current process has finished its bootstrapping phase"
+_BOOTSTRAP_ERROR = "finished its bootstrapping phase"
 _SCRIPT_NEEDS_MAIN_GUARD = (
     "vLLM could not start its engine: this script loads the model when it is imported. vLLM starts "
     "its engine in a new Python process (the 'spawn' method, the only one on CPU and the safe one "
@@ -223,10 +223,7 @@ class EngineSession:
         """
         start = time.perf_counter()
         quiet_vllm_environment(verbose)  # before any vLLM import and any engine's children start
-        if self._engine is None:
-            with self.log.capture(verbose):  # the first vLLM imports print to the terminal
-                platform_name()
-                import vllm.engine.arg_utils  # noqa: F401
+        import_vllm(verbose)
         config = resolve_engine_config(model, **engine_kwargs)
         with self._lock:
             current = self._engine
