@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 
 import pytest
 
@@ -27,13 +26,20 @@ def test_prepared_directory_is_a_complete_model(prepared):
     assert "chat_template" in (prepared / "tokenizer_config.json").read_text() or (prepared / "chat_template.jinja").exists()
 
 
-def test_second_preparation_is_instant_and_changes_nothing(prepared):
-    mtime = (prepared / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
-    again = prepare_demo_model(quiet=True)
+def _tree_state(root):
+    """Every path under ``root`` with its inode and modification time: any rewrite or new file shows."""
+    return {str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in [root, *root.rglob("*")]}
+
+
+def test_second_preparation_returns_the_same_directory_and_touches_nothing(prepared, capsys):
+    root = prepared.parent
+    model, downloads, root_mtime = _tree_state(prepared), _tree_state(root / "downloads"), root.stat().st_mtime_ns
+    capsys.readouterr()
+    again = prepare_demo_model()  # not quiet: preparing anything again would say so
     assert again == prepared
-    assert time.perf_counter() - start < 1.0
-    assert (prepared / "model.safetensors").stat().st_mtime_ns == mtime
+    assert _tree_state(prepared) == model and _tree_state(root / "downloads") == downloads
+    assert root.stat().st_mtime_ns == root_mtime, "a temporary directory was made in the cache"
+    assert capsys.readouterr() == ("", "")
 
 
 def test_cache_location_follows_the_environment(monkeypatch, tmp_path):

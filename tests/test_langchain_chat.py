@@ -89,10 +89,14 @@ async def test_astream_and_ainvoke_agree(engine):
     assert "".join(c.content for c in chunks) == (await chat.ainvoke(FRANCE)).content
 
 
-def test_chat_prompt_chain(engine):
+def test_chat_prompt_chain_sends_its_messages_and_returns_the_answer_text(engine):
     prompt = ChatPromptTemplate.from_messages([("system", "Answer in one sentence."), ("human", "{question}")])
     chain = prompt | ChatVLLM(temperature=0, max_tokens=32) | StrOutputParser()
-    assert "Paris" in chain.invoke({"question": FRANCE})
+    answer = chain.invoke({"question": FRANCE})
+    assert isinstance(answer, str) and "Paris" in answer
+    sent = engine.last_result.prompt
+    assert "<|im_start|>system\nAnswer in one sentence." in sent and f"<|im_start|>user\n{FRANCE}" in sent
+    assert answer == engine.last_result.text
 
 
 def test_tool_message_in_a_call_is_a_usage_error_and_the_model_stays_usable(engine):
@@ -104,13 +108,13 @@ def test_tool_message_in_a_call_is_a_usage_error_and_the_model_stays_usable(engi
 
 # ----- structured output ----------------------------------------------------------------------------
 
-def test_structured_output_with_a_pydantic_model(engine):
+def test_structured_output_with_a_pydantic_model_returns_an_instance(engine):
     chat = ChatVLLM(temperature=0, max_tokens=128).with_structured_output(City)
     city = chat.invoke("Paris is the capital of France. Describe Paris.")
     assert isinstance(city, City) and city.name
 
 
-def test_structured_output_always_parses_in_a_batch(engine):
+def test_structured_output_batch_is_one_submission_and_every_answer_parses(engine):
     chat = ChatVLLM(temperature=0.9, seed=3, max_tokens=128).with_structured_output(City)
     before = engine.submissions
     cities = chat.batch([f"Describe a city you like, number {i}." for i in range(8)])
@@ -157,19 +161,19 @@ class RunRecorder(BaseCallbackHandler):
 QUESTIONS = [f"What is {a} plus {b}?" for a in range(4) for b in range(8)]  # 32 inputs
 
 
-def test_batch_is_one_submission_and_matches_each_input_alone(engine):
+def test_batch_is_one_submission_with_a_run_per_input_and_every_fifth_answer_as_alone(engine):
     chat = ChatVLLM(temperature=0, max_tokens=12)
     recorder = RunRecorder()
     before = engine.submissions
     answers = chat.batch(QUESTIONS, config={"callbacks": [recorder]})
     assert engine.submissions == before + 1
     assert len(recorder.started) == recorder.ended == len(QUESTIONS)  # callbacks per input
-    for question, answer in zip(QUESTIONS[::5], answers[::5]):
+    for question, answer in zip(QUESTIONS[::5], answers[::5]):  # asking each alone is slow on a CPU
         assert isinstance(answer, AIMessage) and answer.usage_metadata["output_tokens"] > 0
         assert answer.content == chat.invoke(question).content
 
 
-async def test_abatch_is_one_submission_and_matches_each_input_alone(engine):
+async def test_abatch_is_one_submission_with_a_run_per_input_and_every_fifth_answer_as_alone(engine):
     chat = ChatVLLM(temperature=0, max_tokens=12)
     recorder = RunRecorder()
     before = engine.submissions

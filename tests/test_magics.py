@@ -82,14 +82,17 @@ def test_reload_of_the_same_model_says_already_loaded(ip, engine, capsys):
     assert engine.engines_created == created
 
 
-def test_load_errors_are_one_line_usage_errors_and_keep_the_engine(ip, engine):
-    with pytest.raises(UsageError, match="no such model directory"):
-        ip.run_line_magic("vllm_load", "/no/such/model")
-    with pytest.raises(UsageError, match="unrecognized engine arguments.*vllm serve --help"):
-        ip.run_line_magic("vllm_load", "--no-such-engine-flag 3")
-    with pytest.raises(UsageError, match="max-model-len|max_model_len|invalid"):
-        ip.run_line_magic("vllm_load", "--max-model-len lots")
-    assert engine.loaded
+@pytest.mark.parametrize("line, message", [
+    ("/no/such/model", "no such model directory"),
+    ("--no-such-engine-flag 3", "unrecognized engine arguments.*vllm serve --help"),
+    ("--max-model-len lots", "max-model-len|max_model_len|invalid"),
+])
+def test_load_errors_are_one_line_usage_errors_and_keep_the_engine(ip, engine, line, message):
+    created, config = engine.engines_created, engine.config
+    with pytest.raises(UsageError, match=message) as info:
+        ip.run_line_magic("vllm_load", line)
+    assert type(info.value) is UsageError and len(str(info.value).strip().splitlines()) == 1
+    assert engine.loaded and engine.engines_created == created and engine.config is config
     assert_still_answers(ip)
 
 
@@ -173,7 +176,7 @@ def test_every_sampling_flag_reaches_the_engine(ip, submitted):
     assert result.sampling_params is sampling
 
 
-def test_system_message_and_raw_prompt(ip, engine):
+def test_system_flag_reaches_the_prompt_and_raw_skips_the_template(ip, engine):
     chat = vllm(ip, "-t 0 -m 8 --system 'You are a pirate.' --show-prompt --quiet", QUESTION)
     assert "You are a pirate." in chat.prompt and QUESTION in chat.prompt
     raw = vllm(ip, "--raw -t 0 -m 8 --quiet", "The capital of France is")
@@ -193,7 +196,7 @@ def test_quiet_hides_the_stats_line(ip, pub):
 
 
 @pytest.mark.parametrize("fmt", ["text", "code"])
-def test_format_text_and_code(ip, pub, fmt):
+def test_format_text_is_plain_and_code_is_one_code_block(ip, pub, fmt):
     result = vllm(ip, f"-t 0 -m 12 --quiet --format {fmt}", QUESTION)
     final = pub.outputs()[-1]
     assert final["text/plain"] == result.text
@@ -226,7 +229,7 @@ def test_json_inline_schema_gives_valid_json(ip, pub, submitted):
     assert final["text/markdown"].startswith("```json") and json.loads(final["text/plain"]) == data
 
 
-def test_json_schema_from_a_pydantic_model_in_the_namespace(ip):
+def test_json_schema_from_a_pydantic_model_in_the_namespace_parses_into_it(ip):
     import pydantic
 
     class Capital(pydantic.BaseModel):
@@ -304,12 +307,13 @@ def test_config_traits_are_the_session_defaults_both_ways(ip, magics, engine, su
     assert magics.temperature == engine.defaults.temperature == 0.7
 
 
-def test_out_of_range_config_is_refused(ip, magics, engine):
+def test_out_of_range_config_is_refused_and_keeps_the_value(ip, magics, engine):
     from traitlets import TraitError
 
+    before = engine.defaults.temperature
     with pytest.raises(TraitError, match="temperature"):
         magics.temperature = 5.0
-    assert engine.defaults.temperature == 0.7
+    assert engine.defaults.temperature == magics.temperature == before
 
 
 # ----- errors -----------------------------------------------------------------------------------
@@ -377,10 +381,9 @@ def test_kernel_interrupt_aborts_the_request_in_the_engine(ip, pub, engine, kern
 
     def interrupt_once_streaming():
         if streaming.wait(60):
-            threading.Event().wait(0.3)
             _thread.interrupt_main()  # what the kernel's interrupt does: SIGINT in the main thread
 
-    pub.on_update = lambda count: streaming.set()
+    pub.on_update = lambda count: count >= 2 and streaming.set()  # the answer is streaming
     thread = threading.Thread(target=interrupt_once_streaming, daemon=True)
     thread.start()
     with pytest.raises(UsageError, match="^interrupted: the request was aborted in the engine$"):
@@ -393,15 +396,36 @@ def test_kernel_interrupt_aborts_the_request_in_the_engine(ip, pub, engine, kern
     assert_still_answers(ip)
 
 
-def test_terminal_shell_prints_the_answer_as_it_streams(ip, capsys):
+def test_terminal_shell_prints_the_answer_as_it_streams(ip, engine, capsys, monkeypatch):
+    import sys
+
     from IPython.core.displaypub import DisplayPublisher
 
+    writes = []  # (text, requests finished so far) of every write to stdout
+
+    class Recorder:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def write(self, text):
+            writes.append((text, engine.requests_served))
+            return self.stream.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    served = engine.requests_served
+    monkeypatch.setattr(sys, "stdout", Recorder(sys.stdout))
     recording = ip.display_pub
     ip.display_pub = DisplayPublisher(shell=ip)  # what terminal IPython has: no in-place updates
     try:
-        result = vllm(ip, "-t 0 -m 24", QUESTION)
+        result = vllm(ip, "-t 0 -m 48", "Write a long poem about the sea.")
     finally:
         ip.display_pub = recording
+    monkeypatch.undo()
     out = capsys.readouterr().out
     assert out.startswith(result.text + "\n") and "▌" not in out
     assert f"{result.tokens} tokens · TTFT" in out
+    printed = [text for text, _ in writes if text]
+    assert printed[0] and result.text.startswith(printed[0]) and len(printed) > 2
+    assert writes[0][1] == served, "the first text was printed only after the request finished"

@@ -68,6 +68,7 @@ def test_a_failed_start_reports_the_cause_and_leaves_the_session_empty(engine, t
         with pytest.raises((EngineStartError, ConfigError)) as excinfo:
             engine.load(str(bogus))
         message = str(excinfo.value)
+        assert "NoSuchModelForCausalLM" in message, message  # the cause, in a few lines
         assert len(message.splitlines()) <= 8
         assert not engine.loaded
         assert not _engine_children() - before, "a failed start left processes behind"
@@ -81,20 +82,37 @@ def test_unload_is_safe_twice_and_a_process_exit_leaves_no_orphans(tmp_path):
         import json, psutil
         from vllm_magic import get_session
 
+        def engine_pids():
+            # multiprocessing's resource tracker is not the engine's: it ends on its own once we exit
+            return [p.pid for p in psutil.Process().children(recursive=True)
+                    if "resource_tracker" not in " ".join(p.cmdline())]
+
+        def running(pid):
+            try:
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
         if __name__ == "__main__":
             session = get_session()
             session.load()
-            # multiprocessing's resource tracker is not the engine's: it ends on its own once we exit
-            pids = [p.pid for p in psutil.Process().children(recursive=True)
-                    if "resource_tracker" not in " ".join(p.cmdline())]
-            print(json.dumps(pids), flush=True)
+            unloaded = engine_pids()
+            first, second = session.unload(), session.unload()
+            left = [pid for pid in unloaded if running(pid)]
+            session.load()
+            print(json.dumps({"first": first, "second": second, "unloaded": unloaded, "left": left,
+                              "pids": engine_pids()}), flush=True)
             # exit without unload(): the session's exit hook must stop the engine
     """)
-    path = tmp_path / "exit_without_unload.py"
+    path = tmp_path / "unload_twice_then_exit_without_unload.py"
     path.write_text(script)
     proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    pids = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["first"] is True and report["second"] is False, "the second unload() found an engine"
+    assert report["unloaded"], "the first engine started no processes?"
+    assert not report["left"], f"processes of the unloaded engine survived unload(): {report['left']}"
+    pids = report["pids"]
     assert pids, "the engine started no processes?"
     procs = []
     for pid in pids:

@@ -65,6 +65,7 @@ def test_stop_strings_show_escapes_and_drop_empty_tags():
     assert decode_stop(["\\n\\n", "a\\tb", "x\\\\y", "END"]) == ["\n\n", "a\tb", "x\\y", "END"]
     assert decode_stop(encode_stop(["\n", "Human:"])) == ["\n", "Human:"]
     assert decode_stop(["\\q"]) == ["\\q"]  # unknown escapes stay as typed
+    assert decode_stop(["", "END", ""]) == ["END"]  # vLLM refuses an empty stop string
 
 
 def test_seed_text_blank_is_random_and_junk_is_refused():
@@ -165,7 +166,7 @@ def test_no_value_the_panel_can_produce_breaks_a_request(engine, panels, end):
     panel.controls["system_prompt"].value = "" if end == "min" else "x" * 2000
     handle = engine.submit(LONG_PROMPT)[0]
     if end == "max":  # max_tokens = the whole context: read a few tokens, then stop
-        _wait_until(lambda: handle.done or len(handle.text) > 0, timeout=60, what="the first tokens")
+        assert handle.wait_for_delta(0, timeout=60), "no tokens came"
         handle.abort()
     result = handle.result(timeout=60)
     assert result.error is None
@@ -205,16 +206,14 @@ def test_a_closed_panel_lets_go_of_the_session(engine):
 
 # ----- Stop and the status line --------------------------------------------------------------------
 
-def test_stop_button_aborts_a_long_generation_in_under_a_second(engine, panels):
+def test_stop_button_aborts_a_long_generation_and_says_so(engine, panels):
     panel = panels()
     handle = engine.submit(LONG_PROMPT, max_tokens=4000, ignore_eos=True)[0]
-    _wait_until(lambda: len(handle.text) > 0, timeout=60, what="the first tokens")
-    start = time.perf_counter()
+    assert handle.wait_for_delta(0, timeout=60), "no tokens came"
     panel.stop_button.click()
-    result = handle.result(timeout=10)
-    elapsed = time.perf_counter() - start
-    assert result.aborted and result.output_tokens < 4000
-    assert elapsed < 1.0, f"Stop took {elapsed:.2f} s"
+    result = handle.result(timeout=60)
+    assert result.aborted and result.finish_reason == "abort" and 0 < result.output_tokens < 4000
+    assert engine.status().requests_live == 0
     assert "stopped 1 request" in panel.status_line.value
 
 
@@ -278,11 +277,11 @@ def test_playground_stop_aborts_its_request(engine, playground):
     engine.defaults.max_tokens = 4000
     run = playground.generate(LONG_PROMPT)
     _wait_until(lambda: len(run.text) > 0, timeout=60, what="the first tokens")
-    start = time.perf_counter()
     playground.stop_button.click()
-    playground.wait(timeout=10)
-    assert time.perf_counter() - start < 1.0
-    assert run.result.aborted and "aborted" in playground.stats.value
+    playground.wait(timeout=60)
+    assert run.result.aborted and 0 < run.result.output_tokens < 4000
+    assert engine.status().requests_live == 0
+    assert "aborted" in playground.stats.value and playground.stop_button.disabled
 
 
 def test_playground_reports_problems_in_the_widget(engine, playground):
@@ -456,18 +455,20 @@ def test_stop_ends_a_running_vllm_cell_with_what_was_streamed(engine, panels, ip
 
     def click_when_streaming():
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (engine.status().requests_live and engine_text()):
+        while time.monotonic() < deadline and not (engine.status().requests_live and streamed()):
             time.sleep(0.02)
-        clicked["at"] = time.perf_counter()
+        clicked["streaming"] = bool(engine.status().requests_live and streamed())
         panel.stop_button.click()
 
-    def engine_text():
-        return any(c["update"] for c in ip.display_pub.calls)
+    def streamed():
+        return [c["data"]["text/plain"] for c in ip.display_pub.calls
+                if c["update"] and c["data"].get("text/plain", "").endswith(" ▌")]
 
     thread = threading.Thread(target=click_when_streaming)
     thread.start()
     result = ip.run_cell_magic("vllm", "--quiet", LONG_PROMPT)
-    ended = time.perf_counter()
     thread.join()
-    assert result.interrupted and 0 < result.generation.output_tokens < 4000
-    assert ended - clicked["at"] < 1.0
+    assert clicked["streaming"], "Stop was clicked before the cell streamed"
+    assert result.interrupted and result.generation.aborted and 0 < result.generation.output_tokens < 4000
+    assert result.text.startswith(streamed()[-1].removesuffix(" ▌"))  # the cell keeps what it streamed
+    assert engine.status().requests_live == 0
