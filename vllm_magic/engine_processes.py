@@ -31,9 +31,9 @@ import select
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-__all__ = ["engine_processes_guarded", "terminate_processes"]
+__all__ = ["engine_processes_guarded", "end_processes"]
 
 #: Seconds an engine gets to shut down after its kernel died before its session is killed.
 SHUTDOWN_GRACE = 5.0
@@ -132,8 +132,9 @@ def _wait_for_exit(parent_pid: int) -> None:
         time.sleep(0.5)
 
 
-def terminate_processes(pids: set[int] | list[int], grace: float = 10.0) -> int:
-    """Ask processes to exit (SIGTERM), kill those still alive after ``grace`` seconds; reap them.
+def end_processes(pids: Iterable[int], *, ask: bool, grace: float) -> int:
+    """Wait up to ``grace`` seconds for processes to exit (first asking them with SIGTERM when ``ask``),
+    kill those still alive, and reap them.
 
     Returns how many had to be killed. Processes that are not our descendants are left alone.
     """
@@ -141,9 +142,12 @@ def terminate_processes(pids: set[int] | list[int], grace: float = 10.0) -> int:
 
     mine = {p.pid: p for p in psutil.Process().children(recursive=True)}
     procs = [mine[pid] for pid in pids if pid in mine]
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
+    if not procs:
+        return 0
+    if ask:
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
     _, alive = psutil.wait_procs(procs, timeout=grace)
     for proc in alive:
         with contextlib.suppress(psutil.Error):

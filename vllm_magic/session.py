@@ -19,11 +19,11 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from .engine_config import ConfigError, EngineConfig, import_vllm, resolve_engine_config, unpinned_cpu_threads
 from .engine_log import EngineLog, quiet_vllm_environment
-from .engine_processes import engine_processes_guarded, terminate_processes
+from .engine_processes import end_processes, engine_processes_guarded
 from .handles import EngineDiedError, GenerationResult, RequestHandle
 from .sampling import SamplingDefaults, build_sampling_params
 
@@ -161,6 +161,12 @@ class _Engine:
         self.kv_cache_tokens = int(blocks * cache.block_size) if blocks else None
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
 
+    def death(self) -> BaseException | None:
+        """Why this engine cannot serve any more (its driver failed or a process exited), or None."""
+        if self.driver.dead is None and not self.processes_alive():
+            self.driver.dead = RuntimeError("an engine process exited")
+        return self.driver.dead
+
     def processes_alive(self) -> bool:
         """Whether every engine process is still running (a killed engine otherwise hangs requests)."""
         import psutil
@@ -228,7 +234,7 @@ class EngineSession:
         with self._lock:
             current = self._engine
             if (current is not None and current.config.fingerprint == config.fingerprint
-                    and current.driver.dead is None and current.processes_alive()):
+                    and current.death() is None):
                 return LoadInfo(config, True, time.perf_counter() - start, self._summary(current, already=True))
             if current is not None:
                 self._validate(config)  # refuse a bad new configuration while the old engine still runs
@@ -275,7 +281,7 @@ class EngineSession:
             if llm is not None:
                 _shutdown(llm)
                 llm = None
-            terminate_processes(_engine_processes(before))
+            end_processes(_engine_processes(before), ask=True, grace=10.0)
             gc.collect()
             if isinstance(exc, KeyboardInterrupt) or interrupted.seen:
                 # vLLM turns an interrupt inside some of its context managers into other errors.
@@ -315,7 +321,7 @@ class EngineSession:
             del llm
             gc.collect()
             _empty_device_cache()
-            killed = _reap(engine.children)
+            killed = end_processes(engine.children, ask=False, grace=15.0)  # shutdown already asked them
             if killed:
                 self.log.mark(f"killed {killed} engine process(es) that outlived shutdown")
             after = _wait_for_device_memory(engine.config.platform, engine.memory_before_load)
@@ -458,11 +464,9 @@ class EngineSession:
         engine = self._engine
         if engine is None:
             raise NoEngineError("no model is loaded: run %vllm_load (the demo model) or %vllm_load MODEL first")
-        if engine.driver.dead is None and not engine.processes_alive():
-            engine.driver.dead = RuntimeError("an engine process exited")
-        if engine.driver.dead is not None:
-            raise EngineDiedError(
-                f"the engine process died ({engine.driver.dead}); run %vllm_load again to restart it")
+        death = engine.death()
+        if death is not None:
+            raise EngineDiedError(f"the engine process died ({death}); run %vllm_load again to restart it")
         return engine
 
     # ----- status --------------------------------------------------------------------------------
@@ -474,9 +478,8 @@ class EngineSession:
                                  tokens_out=self.tokens_out)
         from .compat import vllm_version
 
-        if engine.driver.dead is None and not engine.processes_alive():
-            engine.driver.dead = RuntimeError("an engine process exited")
-        dead = None if engine.driver.dead is None else str(engine.driver.dead)
+        death = engine.death()
+        dead = None if death is None else str(death)
         memory, kind = (None, "") if dead else _engine_memory(engine)
         return SessionStatus(
             loaded=True, model=engine.config.model, platform=engine.config.platform,
@@ -647,30 +650,6 @@ def _engine_processes(before: set[int]) -> set[int]:
             continue
         pids.add(proc.pid)
     return pids
-
-
-def _reap(pids: Iterable[int], timeout: float = 15.0) -> int:
-    """Wait for engine processes to exit; kill the ones that do not. Returns how many were killed."""
-    import psutil
-
-    procs = []
-    mine = {p.pid for p in psutil.Process().children(recursive=True)}
-    for pid in pids:
-        if pid in mine:
-            try:
-                procs.append(psutil.Process(pid))
-            except psutil.NoSuchProcess:
-                pass
-    if not procs:
-        return 0
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    return len(alive)
 
 
 def _device_memory_used(platform: str) -> int | None:
