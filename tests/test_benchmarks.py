@@ -69,7 +69,7 @@ def test_prompts_are_distinct():
 
 
 def test_magic_load_line_round_trips_through_vllm_flags():
-    from vllm_magic.engine_config import parse_engine_flags
+    from vllm_magic.engine.config import parse_engine_flags
 
     kwargs = {"load_format": "dummy", "dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True}
     line = magic_load_line("/models/x", kwargs)
@@ -90,7 +90,7 @@ async def test_awaiting_a_handle_is_not_woken_per_delta():
     import asyncio
     import threading
 
-    from vllm_magic.handles import RequestHandle
+    from vllm_magic.engine.handles import RequestHandle
 
     loop = asyncio.get_running_loop()
     handles = [RequestHandle(f"r{i}", "p", [1], 1, lambda request_id: None) for i in range(8)]

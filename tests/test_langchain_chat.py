@@ -6,7 +6,7 @@ from typing import Optional
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
-from IPython.core.error import UsageError
+from vllm_magic.errors import RequestError
 from langchain_core.messages import AIMessage, AIMessageChunk, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from vllm_magic.demo_model import DEMO_MODEL_NAME
 from vllm_magic.langchain import ChatVLLM
-from vllm_magic.langchain_chat import messages_to_conversation
+from vllm_magic.langchain.chat import messages_to_conversation
 
 FRANCE = "What is the capital of France?"
 
@@ -41,11 +41,11 @@ def test_messages_become_a_conversation():
 
 
 def test_tool_messages_and_images_are_refused():
-    with pytest.raises(UsageError, match="tool calling"):
+    with pytest.raises(RequestError, match="tool calling"):
         messages_to_conversation([HumanMessage("1+2?"), ToolMessage("3", tool_call_id="a")])
-    with pytest.raises(UsageError, match="image_url"):
+    with pytest.raises(RequestError, match="image_url"):
         messages_to_conversation([HumanMessage([{"type": "image_url", "image_url": {"url": "data:,"}}])])
-    with pytest.raises(UsageError, match="tool calls"):
+    with pytest.raises(RequestError, match="tool calls"):
         messages_to_conversation([AIMessage("", tool_calls=[{"name": "f", "args": {}, "id": "1"}])])
 
 
@@ -101,7 +101,7 @@ def test_chat_prompt_chain_sends_its_messages_and_returns_the_answer_text(engine
 
 def test_tool_message_in_a_call_is_a_usage_error_and_the_model_stays_usable(engine):
     chat = ChatVLLM(temperature=0, max_tokens=16)
-    with pytest.raises(UsageError):
+    with pytest.raises(RequestError):
         chat.invoke([HumanMessage("1+2?"), ToolMessage("3", tool_call_id="a")])
     assert "Paris" in chat.invoke(FRANCE).content
 

@@ -7,14 +7,14 @@ import threading
 import warnings
 
 import pytest
-from IPython.core.error import UsageError
+from vllm_magic.errors import NoEngineError, PromptTooLongError, RequestError
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.prompts import PromptTemplate
 
 import vllm_magic.langchain as lc
 from vllm_magic.demo_model import DEMO_MODEL_NAME
 from vllm_magic.langchain import VLLM
-from vllm_magic.session import EngineSession
+from vllm_magic.engine.session import EngineSession
 
 FRANCE = "What is the capital of France?"
 
@@ -231,15 +231,15 @@ def test_from_session_follows_the_live_engine(engine):
     assert engine.engines_created == created
 
 
-def test_from_session_without_an_engine_is_a_usage_error():
-    with pytest.raises(UsageError, match="no model is loaded"):
+def test_from_session_without_an_engine_says_no_model_is_loaded():
+    with pytest.raises(NoEngineError, match="no model is loaded"):
         VLLM.from_session(EngineSession())
 
 
 # ----- mistakes ---------------------------------------------------------------------------------------
 
-def test_unknown_call_argument_is_a_usage_error(engine):
-    with pytest.raises(UsageError, match="temprature"):
+def test_unknown_call_argument_is_a_request_error(engine):
+    with pytest.raises(RequestError, match="temprature"):
         VLLM().invoke(FRANCE, temprature=0)
 
 
@@ -251,13 +251,13 @@ def test_unknown_constructor_argument_warns_and_is_dropped(engine):
     assert not hasattr(llm, "api_key")
 
 
-def test_too_long_prompt_is_a_usage_error_and_the_engine_stays_usable(engine):
+def test_too_long_prompt_is_a_prompt_error_and_the_engine_stays_usable(engine):
     llm = VLLM(temperature=0, max_new_tokens=16)
-    with pytest.raises(UsageError, match="tokens"):
+    with pytest.raises(PromptTooLongError, match="tokens"):
         llm.invoke("word " * (engine.status().max_model_len + 10))
     assert "Paris" in llm.invoke(FRANCE)
 
 
-def test_model_inside_vllm_kwargs_is_a_usage_error(engine):
-    with pytest.raises(UsageError, match="model="):
+def test_model_inside_vllm_kwargs_is_a_request_error(engine):
+    with pytest.raises(RequestError, match="model="):
         VLLM(vllm_kwargs={"model": "other"})

@@ -6,7 +6,7 @@ Two engine loads: kept in its own module, and the default engine is restored at 
 from __future__ import annotations
 
 import pytest
-from IPython.core.error import UsageError
+from vllm_magic.errors import RequestError
 
 from vllm_magic.langchain import VLLM
 
@@ -23,8 +23,9 @@ def test_a_different_engine_configuration_replaces_the_live_engine(engine):
         assert "Paris" in small.invoke(FRANCE)
         assert "Paris" in default_llm.invoke(FRANCE)  # it asked for no engine argument: the live one serves it
     finally:
-        engine.load()  # the default configuration again, for the other tests
+        engine.unload()  # the default configuration again, for the other tests
+        engine.load()
     assert engine.engines_created == created + 2
-    with pytest.raises(UsageError, match="live engine"):
+    with pytest.raises(RequestError, match="live engine"):
         small.invoke(FRANCE)  # built for max_model_len=2048; a call never replaces what was loaded since
     assert "Paris" in default_llm.invoke(FRANCE)

@@ -13,7 +13,7 @@ from IPython.core.error import UsageError
 import vllm_magic
 from ipython_capture import make_shell
 from vllm_magic.magics import VllmMagics, register
-from vllm_magic.session import EngineSession
+from vllm_magic.engine.session import EngineSession
 
 QUESTION = "What is the capital of France?"
 
@@ -85,7 +85,7 @@ def test_dead_engine_says_how_to_reload_and_a_reload_answers(shell, own, capsys)
     assert "Paris" in ip.run_cell_magic("vllm", "-t 0 -m 24 --quiet", QUESTION).text
     created = own.engines_created
     # Kill this session's engine only: the engine the other test modules share must live on.
-    procs = [psutil.Process(pid) for pid in own._engine.children]
+    procs = [psutil.Process(pid) for pid in own.backend.children]
     assert procs
     for proc in procs:
         proc.kill()

@@ -10,10 +10,10 @@ import json
 import pytest
 from IPython.core.error import UsageError
 
-from vllm_magic.display import answer_bundle, stats_line
-from vllm_magic.handles import Completion, GenerationResult
-from vllm_magic.magics import _split_load_args
-from vllm_magic.prompts import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch
+from vllm_magic.magics.display import answer_bundle
+from vllm_magic.engine.handles import Completion, GenerationResult
+from vllm_magic.magics.commands import _split_load_args
+from vllm_magic.magics.cells import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch
 
 
 def test_load_line_splits_our_flags_model_and_engine_flags():
@@ -100,10 +100,10 @@ def _result(text="Hi there", tokens=3, ttft=0.05, elapsed=0.25, aborted=False, f
 
 
 def test_stats_line_reports_tokens_ttft_rate_and_interruption():
-    line = stats_line(_result())
+    line = _result().summary
     assert line == "3 tokens · TTFT 50 ms · 10.0 tok/s"
-    assert stats_line(_result(aborted=True)).endswith("⏹ interrupted")
-    assert "max tokens" in stats_line(_result(finish="length"))
+    assert _result(aborted=True).summary.endswith("⏹ interrupted")
+    assert "max tokens" in _result(finish="length").summary
 
 
 def test_answer_bundles_per_format():

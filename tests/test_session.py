@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from vllm_magic.session import PromptTooLongError
+from vllm_magic.engine.session import PromptTooLongError
 
 
 def test_second_load_with_the_same_arguments_reuses_the_engine(engine):
@@ -162,7 +162,7 @@ def test_one_too_long_prompt_in_a_batch_refuses_the_whole_batch(engine):
 
 def test_max_tokens_is_bounded_by_the_room_left_in_the_context(engine, monkeypatch):
     max_len = engine.status().max_model_len
-    driver = engine._engine.driver
+    driver = engine.backend.driver
     sent = []  # the SamplingParams that reach the engine
     real_add = driver.add
 

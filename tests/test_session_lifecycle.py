@@ -10,8 +10,8 @@ import textwrap
 import psutil
 import pytest
 
-from vllm_magic.engine_config import ConfigError, parse_engine_flags
-from vllm_magic.session import EngineStartError
+from vllm_magic.engine.config import ConfigError, parse_engine_flags
+from vllm_magic.engine.session import EngineStartError
 
 
 def _engine_children() -> set[int]:
@@ -51,7 +51,8 @@ def test_switching_leaves_no_engine_process_behind(engine):
     assert engine.last_unload.processes_killed == 0
     second = _engine_children()
     assert "Paris" in _answers(engine)
-    engine.load()  # back to the default configuration
+    engine.unload()  # the default configuration again: a bare load() would keep the running engine
+    engine.load()
     assert engine.config.fingerprint == default.fingerprint
     assert not (second & _engine_children()), "processes of the second engine survived the switch"
     assert "Paris" in _answers(engine)

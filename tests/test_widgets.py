@@ -12,8 +12,8 @@ import time
 import ipywidgets as widgets
 import pytest
 
-import vllm_magic.session as session_module
-from vllm_magic.playground import _PRE, Playground
+import vllm_magic.engine.session as session_module
+from vllm_magic.widgets.playground import _PRE, Playground
 from vllm_magic.widgets import SLIDERS, SamplingPanel, decode_stop, encode_stop, parse_seed
 
 _EMPTY_ANSWER = _PRE.format("")
@@ -47,15 +47,6 @@ def panels(engine):
     yield make
     for panel in made:
         panel.close()
-
-
-def _wait_until(predicate, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 # ----- pure logic ---------------------------------------------------------------------------------
@@ -195,11 +186,11 @@ def test_two_panels_stay_in_sync(engine, panels):
 
 
 def test_a_closed_panel_lets_go_of_the_session(engine):
-    before = len(engine._listeners)
+    before = len(engine.listeners)
     panel = SamplingPanel(engine)
-    assert len(engine._listeners) == before + 1
+    assert len(engine.listeners) == before + 1
     panel.close()
-    assert len(engine._listeners) == before
+    assert len(engine.listeners) == before
     engine.defaults.temperature = 0.1  # must not reach the closed controls
     assert panel.controls["temperature"].value == 0.7
 
@@ -221,7 +212,7 @@ def test_status_line_shows_model_and_last_request_speed(engine, panels):
     panel = panels()
     assert "SmolLM2-135M-Instruct" in panel.status_line.value
     result = engine.generate("Name three colors.", max_tokens=12)
-    _wait_until(lambda: "tok/s" in panel.status_line.value, what="the status line to update")
+    engine.listeners.drain()  # the panel hears of results on the listeners' thread
     assert f"{result.output_tokens} tokens" in panel.status_line.value
     assert "TTFT" in panel.status_line.value
 
@@ -276,7 +267,7 @@ def test_playground_answer_matches_the_session_greedy_answer(engine, playground)
 def test_playground_stop_aborts_its_request(engine, playground):
     engine.defaults.max_tokens = 4000
     run = playground.generate(LONG_PROMPT)
-    _wait_until(lambda: len(run.text) > 0, timeout=60, what="the first tokens")
+    playground._handle.wait_for_delta(0)  # the first text has arrived (the request runs for 4000 tokens)
     playground.stop_button.click()
     playground.wait(timeout=60)
     assert run.result.aborted and 0 < run.result.output_tokens < 4000

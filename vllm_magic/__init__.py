@@ -9,9 +9,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .demo_model import DemoModelError, prepare_demo_model
-from .session import get_session
+from .engine import get_session
+from .errors import VllmMagicError
 
-__all__ = ["__version__", "get_session", "prepare_demo_model", "DemoModelError",
+__all__ = ["__version__", "get_session", "prepare_demo_model", "DemoModelError", "VllmMagicError",
            "load_ipython_extension", "unload_ipython_extension"]
 
 

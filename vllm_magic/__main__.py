@@ -91,7 +91,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _demo_without_notebook() -> int:
-    from .session import get_session
+    from .engine import get_session
 
     session = get_session()
     info = session.load()

@@ -22,6 +22,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .errors import VllmMagicError
+
 __all__ = ["DemoModelError", "cache_dir", "demo_model_dir", "prepare_demo_model", "DEMO_MODEL_NAME"]
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -35,7 +37,7 @@ MANIFEST = "vllm-magic-manifest.json"
 PREPARATION_VERSION = 1
 
 
-class DemoModelError(RuntimeError):
+class DemoModelError(VllmMagicError, RuntimeError):
     """The demo model could not be prepared; the message says what to run."""
 
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .handles import GenerationResult
+from ..engine.handles import GenerationResult
 
 __all__ = ["VllmResult"]
+
+
+def _from_generation(name: str, doc: str) -> Any:
+    """A read-only attribute that is the generation's ``name``."""
+    return property(lambda self: getattr(self.generation, name), doc=doc)
 
 
 @dataclass(repr=False, eq=False)
@@ -18,7 +23,7 @@ class VllmResult:
     ``--regex`` and ``--choice`` (None otherwise), ``prompt`` the exact text sent to the model after
     the chat template, ``user_prompt`` the cell's prompt after ``{name}`` interpolation,
     ``sampling_params`` the ``SamplingParams`` that reached the engine, ``generation`` the full
-    :class:`~vllm_magic.handles.GenerationResult` (token ids, every completion of ``-n``).
+    :class:`~vllm_magic.engine.handles.GenerationResult` (token ids, every completion of ``-n``).
 
     Its repr is one compact line: the cell already showed the answer while it streamed.
     """
@@ -29,55 +34,23 @@ class VllmResult:
     parsed: Any = None
     messages: list[dict] = field(default_factory=list)
 
-    # ----- the answer ---------------------------------------------------------------------------
-    @property
-    def text(self) -> str:
-        return self.generation.text
+    # ----- the answer and its metrics, read from the generation ----------------------------------
+    text = _from_generation("text", "The answer (the first completion's text).")
+    prompt = _from_generation("prompt", "The exact text sent to the model, after the chat template.")
+    token_ids = _from_generation("token_ids", "The answer's token ids.")
+    finish_reason = _from_generation("finish_reason", "Why the answer ended: ``stop``, ``length`` or ``abort``.")
+    interrupted = _from_generation("aborted", "True when the generation was stopped (Ctrl-C, Stop button) "
+                                   "before it finished.")
+    prompt_tokens = _from_generation("prompt_tokens", "Tokens of the prompt.")
+    tokens = _from_generation("output_tokens", "Generated tokens, over all completions.")
+    ttft = _from_generation("ttft", "Seconds from submission to the first generated text.")
+    elapsed = _from_generation("elapsed", "Seconds from submission to the end.")
+    tokens_per_second = _from_generation("tokens_per_second", "Decode rate after the first token.")
 
     @property
     def texts(self) -> list[str]:
         """Every completion's text (``-n 3`` gives three)."""
         return [c.text for c in self.generation.completions]
-
-    @property
-    def prompt(self) -> str:
-        return self.generation.prompt
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.generation.token_ids
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.generation.finish_reason
-
-    @property
-    def interrupted(self) -> bool:
-        """True when the generation was stopped (Ctrl-C, Stop button) before it finished."""
-        return self.generation.aborted
-
-    # ----- metrics -------------------------------------------------------------------------------
-    @property
-    def prompt_tokens(self) -> int:
-        return self.generation.prompt_tokens
-
-    @property
-    def tokens(self) -> int:
-        """Generated tokens, over all completions."""
-        return self.generation.output_tokens
-
-    @property
-    def ttft(self) -> float | None:
-        """Seconds from submission to the first generated text."""
-        return self.generation.ttft
-
-    @property
-    def elapsed(self) -> float:
-        return self.generation.elapsed
-
-    @property
-    def tokens_per_second(self) -> float | None:
-        return self.generation.tokens_per_second
 
     @property
     def metrics(self) -> dict[str, Any]:

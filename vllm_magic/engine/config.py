@@ -17,10 +17,12 @@ import shlex
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+from ..errors import ConfigError
 
 __all__ = ["EngineConfig", "ConfigError", "parse_engine_flags", "resolve_engine_config", "platform_name",
-           "unpinned_cpu_threads", "import_vllm"]
+           "unpinned_cpu_threads", "import_vllm", "short_model_name", "FETCH_ONLY_ARGS"]
 
 GiB = 1 << 30
 # About 1 GiB of KV cache on CPU: ~23k tokens of the demo model, and it leaves a 24 GiB machine
@@ -42,10 +44,6 @@ def unpinned_cpu_threads() -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
-class ConfigError(ValueError):
-    """The engine configuration is invalid; found before any engine was touched."""
-
-
 @dataclass(frozen=True)
 class EngineConfig:
     """A fully resolved engine configuration: the model plus keyword arguments for ``vllm.LLM``."""
@@ -53,6 +51,41 @@ class EngineConfig:
     model: str
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     platform: str = "cpu"
+    #: The engine arguments the user gave (``engine_kwargs`` adds the platform defaults to them).
+    requested: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def short_name(self) -> str:
+        """The model as people call it: a local directory by its folder name, a hub id as is."""
+        return short_model_name(self.model)
+
+    def serves(self, wanted: "EngineConfig", derived: Callable[[], dict[str, Any]] | None = None) -> bool:
+        """Whether an engine running this configuration serves a request for ``wanted``.
+
+        The one rule for "already loaded" (``%vllm_load`` and the LangChain classes alike): the
+        same model on the same platform, and every engine argument the user gave for ``wanted``
+        has the same value here: set explicitly, left at vLLM's default, or, for values vLLM
+        derives while starting (``max_model_len``), what ``derived()`` says the engine runs with.
+        Arguments that only say how to fetch the weights never force a reload.
+        """
+        if self.model != wanted.model or self.platform != wanted.platform:
+            return False
+        if self.fingerprint == wanted.fingerprint:
+            return True
+        defaults = _engine_arg_defaults()
+        known: dict[str, Any] | None = None
+        for key in wanted.requested:
+            if key in FETCH_ONLY_ARGS:
+                continue
+            value = wanted.engine_kwargs.get(key, wanted.requested[key])
+            if self.engine_kwargs.get(key, defaults.get(key, _MISSING)) == value:
+                continue
+            if key not in self.engine_kwargs and derived is not None:
+                known = derived() if known is None else known
+                if known.get(key, _MISSING) == value:
+                    continue
+            return False
+        return True
 
     @property
     def fingerprint(self) -> str:
@@ -66,6 +99,30 @@ class EngineConfig:
         return {"model": self.model, **self.engine_kwargs}
 
 
+#: Engine arguments that say how to fetch or trust the weights, not what the running engine is.
+FETCH_ONLY_ARGS = frozenset({"trust_remote_code", "download_dir"})
+_MISSING = object()
+
+
+def short_model_name(model: str | None) -> str:
+    """A model's name for people: a local directory by its folder name, a hub id as is."""
+    if not model:
+        return ""
+    if os.path.isdir(model):
+        return os.path.basename(model.rstrip("/")) or model
+    return model
+
+
+@lru_cache(maxsize=1)
+def _engine_arg_defaults() -> dict[str, Any]:
+    from dataclasses import MISSING, fields
+
+    import_vllm()
+    from vllm.engine.arg_utils import EngineArgs
+
+    return {f.name: f.default for f in fields(EngineArgs) if f.default is not MISSING}
+
+
 _vllm_imported = False
 
 
@@ -75,7 +132,7 @@ def import_vllm(verbose: bool = False) -> None:
     global _vllm_imported
     if _vllm_imported:
         return
-    from .engine_log import EngineLog, quiet_vllm_environment
+    from .log import EngineLog, quiet_vllm_environment
 
     quiet_vllm_environment(verbose)  # before vLLM reads its logging variables
     log = EngineLog()
@@ -148,7 +205,7 @@ def parse_engine_flags(argv: str | Sequence[str]) -> dict[str, Any]:
 
 
 def _demo_model() -> str:
-    from .demo_model import prepare_demo_model
+    from ..demo_model import prepare_demo_model
 
     return str(prepare_demo_model())
 
@@ -177,7 +234,7 @@ def resolve_engine_config(model: str | None = None, **engine_kwargs: Any) -> Eng
     _check_known(engine_kwargs)
     platform = platform_name()
     return EngineConfig(model=model, engine_kwargs=_with_platform_defaults(platform, engine_kwargs),
-                        platform=platform)
+                        platform=platform, requested=dict(engine_kwargs))
 
 
 def _check_known(engine_kwargs: dict[str, Any]) -> None:

@@ -1,19 +1,21 @@
-"""Which engine a LangChain object uses: pure logic on resolved configurations (no engine)."""
+"""Whether the live engine serves a load request (the one rule of ``%vllm_load``, ``session.load``
+and the LangChain classes), and how LangChain fields become a request: pure logic, no engine."""
 
 from __future__ import annotations
 
 import pytest
-from IPython.core.error import UsageError
-
-from vllm_magic.engine_config import EngineConfig
-from vllm_magic.langchain_engine import call_overrides, engine_request, engine_serves, without_needless_fetch_args
+from vllm_magic.engine.config import EngineConfig
+from vllm_magic.errors import RequestError
+from vllm_magic.langchain.base import call_overrides, engine_request, without_needless_fetch_args
 
 LIVE = EngineConfig(model="/models/demo", platform="cpu",
                     engine_kwargs={"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.5})
 
 
-def wanted(**kwargs):
-    return EngineConfig(model="/models/demo", platform="cpu", engine_kwargs={**LIVE.engine_kwargs, **kwargs})
+def wanted(**requested):
+    """A request for the demo model with these user-given engine arguments (platform defaults added)."""
+    return EngineConfig(model="/models/demo", platform="cpu", engine_kwargs={**LIVE.engine_kwargs, **requested},
+                        requested=requested)
 
 
 def test_community_defaults_ask_for_nothing():
@@ -25,30 +27,35 @@ def test_community_defaults_ask_for_nothing():
 
 
 def test_model_inside_vllm_kwargs_is_refused():
-    with pytest.raises(UsageError):
+    with pytest.raises(RequestError):
         engine_request(None, 1, False, "auto", None, {"model": "x"})
 
 
 def test_same_configuration_is_served():
-    assert engine_serves(LIVE, wanted(), {})
+    assert LIVE.serves(wanted())
 
 
 def test_fetch_only_arguments_do_not_need_another_engine():
-    assert engine_serves(LIVE, wanted(trust_remote_code=True, download_dir="/d"),
-                         {"trust_remote_code": True, "download_dir": "/d"})
+    assert LIVE.serves(wanted(trust_remote_code=True, download_dir="/d"))
 
 
 def test_values_the_live_engine_has_are_served():
-    assert engine_serves(LIVE, wanted(), {"dtype": "float32", "enforce_eager": True})
+    assert LIVE.serves(wanted(dtype="float32", enforce_eager=True))
     # max_model_len was derived by vLLM: compared with what the engine runs with
-    assert engine_serves(LIVE, wanted(max_model_len=8192), {"max_model_len": 8192}, lambda: {"max_model_len": 8192})
+    assert LIVE.serves(wanted(max_model_len=8192), lambda: {"max_model_len": 8192})
+
+
+def test_arguments_a_request_leaves_open_are_the_live_engines_choice():
+    live = EngineConfig(model="/models/demo", platform="cpu", engine_kwargs={**LIVE.engine_kwargs, "max_model_len": 1024},
+                        requested={"max_model_len": 1024})
+    assert live.serves(wanted())
 
 
 def test_a_different_engine_configuration_is_not_served():
-    assert not engine_serves(LIVE, wanted(max_model_len=4096), {"max_model_len": 4096}, lambda: {"max_model_len": 8192})
-    assert not engine_serves(LIVE, wanted(dtype="bfloat16"), {"dtype": "bfloat16"})
+    assert not LIVE.serves(wanted(max_model_len=4096), lambda: {"max_model_len": 8192})
+    assert not LIVE.serves(wanted(dtype="bfloat16"))
     other = EngineConfig(model="/models/other", platform="cpu", engine_kwargs=LIVE.engine_kwargs)
-    assert not engine_serves(LIVE, other, {})
+    assert not LIVE.serves(other)
 
 
 def test_call_overrides_merge_and_call_time_stop_wins():
@@ -56,7 +63,7 @@ def test_call_overrides_merge_and_call_time_stop_wins():
                                        {"max_new_tokens": 7, "top_k": None, "choice": ["x", "y"]}, "VLLM")
     assert sampling == {"temperature": 0.2, "stop": ["b"], "max_tokens": 7}
     assert options == {"choice": ["x", "y"]}
-    with pytest.raises(UsageError, match="temprature"):
+    with pytest.raises(RequestError, match="temprature"):
         call_overrides({}, None, {"temprature": 0}, "VLLM")
 
 

@@ -15,7 +15,8 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from .compat import abort_requests
-from .handles import EngineDiedError, RequestHandle
+from ..errors import EngineDiedError
+from .handles import RequestHandle
 
 __all__ = ["EngineDriver"]
 

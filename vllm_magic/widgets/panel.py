@@ -7,20 +7,20 @@ status line with the model and the last request's speed. Every control is linked
 panel, ``%config``, code and any number of other panels always show and use the same values.
 
 Each control has explicit bounds that vLLM accepts, so nothing a user can set in the panel makes a
-request fail. The interactive playground lives in :mod:`vllm_magic.playground`.
+request fail. The interactive playground (:mod:`.playground`) is built from this panel.
 """
 
 from __future__ import annotations
 
 import html
-import os
 from typing import Any, Callable
 
 import ipywidgets as widgets
 import traitlets
 
-__all__ = ["SamplingPanel", "Playground", "PlaygroundRun", "SLIDERS", "encode_stop", "decode_stop", "parse_seed", "model_name",
-           "changed_settings"]
+from ..engine.sampling import SamplingDefaults
+
+__all__ = ["SamplingPanel", "SLIDERS", "encode_stop", "decode_stop", "parse_seed", "changed_settings"]
 
 #: Slider controls: trait name -> (widget class, min, max, step, label, tooltip). The bounds are the
 #: ranges vLLM accepts (top_p > 0, repetition_penalty > 0), narrowed to what is useful to drag;
@@ -80,17 +80,8 @@ def parse_seed(text: str) -> int | None:
     return value
 
 
-def model_name(path: str | None) -> str:
-    """A model's short name: the last part of a path or hub id."""
-    if not path:
-        return ""
-    return os.path.basename(path.rstrip("/")) or path
-
-
 def changed_settings(values: dict[str, Any]) -> dict[str, Any]:
     """The entries of ``values`` (a ``SamplingDefaults.as_dict()``) that differ from the initial defaults."""
-    from .sampling import SamplingDefaults
-
     initial = SamplingDefaults().as_dict()
     return {k: v for k, v in values.items() if initial.get(k) != v}
 
@@ -114,7 +105,7 @@ class SamplingPanel(widgets.VBox):
 
     def __init__(self, session: Any = None, *, show_status: bool = True, **kwargs: Any) -> None:
         if session is None:
-            from .session import get_session
+            from ..engine import get_session
 
             session = get_session()
         self.session = session
@@ -122,7 +113,7 @@ class SamplingPanel(widgets.VBox):
         self.controls: dict[str, widgets.Widget] = {}
         self._links: list[Any] = []
         self._observers: list[tuple[traitlets.HasTraits, Callable, str]] = []
-        self._model = model_name(session.config.model) if session.loaded else None
+        self._model = session.config.short_name if session.loaded else None
         self._context = _max_model_len(session)
 
         for name, (cls, low, high, step, label, tip) in SLIDERS.items():
@@ -207,6 +198,7 @@ class SamplingPanel(widgets.VBox):
     def stop(self) -> int:
         """Abort every request in flight; returns how many were stopped."""
         stopped = self.session.abort_all()
+        self.session.listeners.drain()  # the stopped requests' results first, then this line
         if self.status_line is not None:
             self.status_line.value = self._status_html(f"stopped {stopped} request{'s' * (stopped != 1)}")
         return stopped
@@ -235,7 +227,7 @@ class SamplingPanel(widgets.VBox):
         super().close()
 
     def __repr__(self) -> str:
-        name = model_name(self.session.config.model) if self.session.loaded else "no model"
+        name = self.session.config.short_name if self.session.loaded else "no model"
         changed = ", ".join(f"{k}={v!r}" for k, v in changed_settings(self.session.defaults.as_dict()).items())
         return f"SamplingPanel({name}; {changed or 'default settings'})"
 
@@ -263,14 +255,14 @@ class SamplingPanel(widgets.VBox):
             self.session.defaults.seed = value
 
     def _on_result(self, result: Any) -> None:
-        # Called on the engine's driver thread: only set traits (comm messages are thread-safe).
+        # Called on the session's listeners thread: only set traits (comm messages are thread-safe).
         if self.status_line is None:
             return
-        model = model_name(self.session.config.model) if self.session.loaded else None
+        model = self.session.config.short_name if self.session.loaded else None
         if model != self._model:  # another model was loaded since the panel opened
             self._model = model
             self.set_context_length(_max_model_len(self.session))
-        self.status_line.value = self._status_html(_result_summary(result))
+        self.status_line.value = self._status_html(result.summary)
 
     def _status_html(self, last: str | None = None) -> str:
         session = self.session
@@ -278,32 +270,10 @@ class SamplingPanel(widgets.VBox):
             head = "no model loaded: run <code>%vllm_load</code>"
         else:
             context = self._context
-            head = f"<b>{html.escape(model_name(session.config.model))}</b>" + (f" · context {context}" if context else "")
+            head = f"<b>{html.escape(session.config.short_name)}</b>" + (f" · context {context}" if context else "")
         if last is None and session.last_result is not None:
-            last = "last request: " + _result_summary(session.last_result)
+            last = "last request: " + session.last_result.summary
         elif last is not None and not last.startswith("stopped"):
             last = "last request: " + last
         tail = f" · {html.escape(last)}" if last else ""
         return f"<span style='font-size: 90%; color: var(--jp-ui-font-color2, #666)'>{head}{tail}</span>"
-
-
-def _result_summary(result: Any) -> str:
-    """``37 tokens · 25.1 tok/s · TTFT 0.12 s`` for a GenerationResult."""
-    parts = [f"{result.output_tokens} token{'s' * (result.output_tokens != 1)}"]
-    if result.tokens_per_second:
-        parts.append(f"{result.tokens_per_second:.1f} tok/s")
-    if result.ttft is not None:
-        parts.append(f"TTFT {result.ttft:.2f} s")
-    if result.aborted:
-        parts.append("aborted")
-    return " · ".join(parts)
-
-
-def __getattr__(name: str) -> Any:
-    # The playground is built from the panel and importable from here too; a lazy import keeps
-    # either module importable first.
-    if name in ("Playground", "PlaygroundRun"):
-        from . import playground
-
-        return getattr(playground, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,6 @@ from contextvars import ContextVar
 from operator import itemgetter
 from typing import Any, AsyncIterator, Iterator, Literal, Sequence
 
-from IPython.core.error import UsageError
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
@@ -26,11 +25,11 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, Runn
 from langchain_core.runnables.config import get_config_list
 from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import BaseModel
 
-from .handles import GenerationResult, RequestHandle
-from .langchain_engine import (EngineFields, adeltas, await_all, call_overrides, deltas, user_errors,
-                               wait_all)
+from ..engine.handles import GenerationResult, RequestHandle
+from ..errors import RequestError
+from .base import EngineBase, await_all, wait_all
 
 __all__ = ["ChatVLLM", "messages_to_conversation", "usage_metadata"]
 
@@ -47,59 +46,23 @@ _SHARED_CONFIG_KEYS = ("callbacks", "tags", "metadata", "run_name")
 _ROLES = {"system": "system", "human": "user", "user": "user", "ai": "assistant", "assistant": "assistant"}
 
 
-class ChatVLLM(EngineFields, BaseChatModel):
+class ChatVLLM(EngineBase, BaseChatModel):
     """The session's vLLM engine as a LangChain chat model.
 
-    Engine fields are those of ``VLLM``; sampling fields left unset follow the session's defaults.
+    Engine fields are those of ``VLLM``; sampling fields (``temperature``, ``max_tokens`` alias
+    ``max_new_tokens``, ``stop``, ``n``, ...) left unset follow the session's defaults.
 
     >>> from vllm_magic.langchain import ChatVLLM
     >>> chat = ChatVLLM(temperature=0)  # the demo model, or the live engine's  # doctest: +SKIP
     >>> chat.invoke([("system", "Answer briefly."), ("human", "Capital of France?")])  # doctest: +SKIP
     """
 
-    temperature: float | None = None
-    """Sampling temperature, 0 is greedy; None follows the session default."""
-    top_p: float | None = None
-    """Nucleus sampling; None follows the session default."""
-    top_k: int | None = None
-    """Keep the top_k most likely tokens (-1 or 0 disables); None follows the session default."""
-    min_p: float | None = None
-    """Drop tokens less likely than min_p times the most likely; None follows the session default."""
-    presence_penalty: float | None = None
-    """Penalty for tokens already present; None follows the session default."""
-    frequency_penalty: float | None = None
-    """Penalty proportional to how often a token appeared; None follows the session default."""
-    repetition_penalty: float | None = None
-    """Penalty > 1 discourages repetition; None follows the session default."""
-    seed: int | None = None
-    """Random seed for reproducible sampling; None follows the session default."""
-    max_tokens: int | None = Field(default=None, validation_alias=AliasChoices("max_tokens", "max_new_tokens"))
-    """Most tokens per answer; None follows the session default."""
-    stop: list[str] | None = None
-    """Strings that end generation; a ``stop`` given at call time wins."""
-    n: int = 1
-    """Number of answers per call (each one a ``ChatGeneration``)."""
     streaming: bool = False
     """Whether ``invoke`` streams internally (callbacks see every token)."""
 
     @property
     def _llm_type(self) -> str:
         return "vllm-chat"
-
-    @property
-    def _default_params(self) -> dict[str, Any]:
-        """The sampling overrides of this object; unset fields follow the session's defaults."""
-        params = {
-            "n": self.n if self.n != 1 else None, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-            "min_p": self.min_p, "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
-            "seed": self.seed, "stop": self.stop, "max_tokens": self.max_tokens,
-        }
-        return {k: v for k, v in params.items() if v is not None}
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, **self._default_params}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(ls_provider="vllm", ls_model_name=kwargs.get("model") or self.model_name,
@@ -116,16 +79,13 @@ class ChatVLLM(EngineFields, BaseChatModel):
         return params
 
     # ----- shared by the sync and async paths ----------------------------------------------------
-    def _submit(self, messages: list[BaseMessage], stop: list[str] | None,
-                kwargs: dict[str, Any]) -> RequestHandle:
-        sampling, options = call_overrides(self._default_params, stop, kwargs, type(self).__name__)
-        options.pop("raw", None)  # a conversation always goes through the chat template
+    def _submit_messages(self, messages: list[BaseMessage], stop: list[str] | None,
+                         kwargs: dict[str, Any]) -> RequestHandle:
         conversation = messages_to_conversation(messages)
         prefetched = _PREFETCHED.get()
         if prefetched and prefetched.get(self._key(conversation)):
             return prefetched[self._key(conversation)].pop(0)
-        with user_errors():
-            return self._live_session().submit([conversation], **options, **sampling)[0]
+        return self._submit([conversation], stop, _without_raw(kwargs))[0]
 
     def _key(self, conversation: list[dict[str, str]]) -> str:
         # The object is part of the key: a model called from a callback must not take this batch's requests.
@@ -134,11 +94,8 @@ class ChatVLLM(EngineFields, BaseChatModel):
     def _prefetch(self, messages: list[list[BaseMessage]], stop: list[str] | None,
                   kwargs: dict[str, Any]) -> dict[str, list[RequestHandle]]:
         """Submit every conversation of a batch at once, so the engine schedules them together."""
-        sampling, options = call_overrides(self._default_params, stop, kwargs, type(self).__name__)
-        options.pop("raw", None)
         conversations = [messages_to_conversation(m) for m in messages]
-        with user_errors():
-            handles = self._live_session().submit(conversations, **options, **sampling)
+        handles = self._submit(conversations, stop, _without_raw(kwargs))
         prefetched: dict[str, list[RequestHandle]] = {}
         for conversation, handle in zip(conversations, handles):
             prefetched.setdefault(self._key(conversation), []).append(handle)
@@ -242,54 +199,25 @@ class ChatVLLM(EngineFields, BaseChatModel):
                                                     "finish_reason": result.finish_reason})
         return ChatGenerationChunk(message=message, generation_info={"finish_reason": result.finish_reason})
 
-    # ----- sync ---------------------------------------------------------------------------------
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        handle = self._submit(messages, stop, kwargs)
+        handle = self._submit_messages(messages, stop, kwargs)
         return self._chat_result(wait_all([handle], self.timeout)[0])
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        handle = self._submit(messages, stop, kwargs)
-        try:
-            # Each delta goes out as soon as it arrives; usage and finish reason follow on a final
-            # empty chunk (holding a delta back to mark it last would cost one decode step).
-            for text in deltas(handle, self.timeout):
-                chunk = self._chunk(text, handle, last=False)
-                if run_manager:
-                    run_manager.on_llm_new_token(text, chunk=chunk)
-                yield chunk
-            handle.result()  # the final chunk reports the finished request
-            chunk = self._chunk("", handle, last=True)
-            if run_manager:
-                run_manager.on_llm_new_token("", chunk=chunk)
-            yield chunk
-        finally:
-            handle.abort()  # a consumer that stops early frees the engine (no-op once finished)
+        yield from self._stream_handle(self._submit_messages(messages, stop, kwargs), run_manager)
 
-    # ----- async --------------------------------------------------------------------------------
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        handle = self._submit(messages, stop, kwargs)
+        handle = self._submit_messages(messages, stop, kwargs)
         return self._chat_result((await await_all([handle], self.timeout))[0])
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        handle = self._submit(messages, stop, kwargs)
-        try:
-            async for text in adeltas(handle, self.timeout):
-                chunk = self._chunk(text, handle, last=False)
-                if run_manager:
-                    await run_manager.on_llm_new_token(text, chunk=chunk)
-                yield chunk
-            await handle  # the final chunk reports the finished request
-            chunk = self._chunk("", handle, last=True)
-            if run_manager:
-                await run_manager.on_llm_new_token("", chunk=chunk)
+        async for chunk in self._astream_handle(self._submit_messages(messages, stop, kwargs), run_manager):
             yield chunk
-        finally:
-            handle.abort()
 
     # ----- structured output --------------------------------------------------------------------
     def with_structured_output(
@@ -337,6 +265,11 @@ def structured_output_schema(schema: dict[str, Any] | type | None) -> dict[str, 
     return convert_to_json_schema(schema)
 
 
+def _without_raw(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A conversation always goes through the chat template: ``raw`` has no meaning here."""
+    return {k: v for k, v in kwargs.items() if k != "raw"}
+
+
 def _abort_unused(prefetched: dict[str, list[RequestHandle]]) -> None:
     """Free the engine of prefetched requests nobody took (answered from a cache, or streamed)."""
     for handles in prefetched.values():
@@ -349,19 +282,19 @@ def messages_to_conversation(messages: Sequence[BaseMessage]) -> list[dict[str, 
 
     System, human and AI messages (and ``ChatMessage`` with one of those roles) are supported; the
     sender ``name`` is not part of the template and is dropped. Tool messages and non-text content
-    raise ``UsageError``: the engine's model has no tool calling or image input here.
+    raise :class:`~vllm_magic.errors.RequestError`: the engine's model has no tool calling or image input here.
     """
     conversation = []
     for message in messages:
         role = message.role if isinstance(message, ChatMessage) else message.type
         if role not in _ROLES:
-            raise UsageError(f"ChatVLLM does not support {type(message).__name__} ({role!r} messages): "
+            raise RequestError(f"ChatVLLM does not support {type(message).__name__} ({role!r} messages): "
                              "it has no tool calling; use system, human and AI messages")
         if isinstance(message, AIMessage) and message.tool_calls:
-            raise UsageError("ChatVLLM does not support tool calls in AI messages: it has no tool calling")
+            raise RequestError("ChatVLLM does not support tool calls in AI messages: it has no tool calling")
         conversation.append({"role": _ROLES[role], "content": _text_of(message)})
     if not conversation:
-        raise UsageError("ChatVLLM needs at least one message")
+        raise RequestError("ChatVLLM needs at least one message")
     return conversation
 
 
@@ -379,7 +312,7 @@ def _text_of(message: BaseMessage) -> str:
             continue  # another model's reasoning is not part of this conversation
         else:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-            raise UsageError(f"ChatVLLM supports text content only, not {kind!r} blocks")
+            raise RequestError(f"ChatVLLM supports text content only, not {kind!r} blocks")
     return "".join(parts)
 
 

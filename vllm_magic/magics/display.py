@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from IPython.core.displaypub import DisplayPublisher
 from IPython.display import display
 
-__all__ = ["LoadProgress", "AnswerStream", "stream_answers", "answer_bundle", "stats_line", "supports_updates"]
+__all__ = ["LoadProgress", "AnswerStream", "stream_answers", "answer_bundle", "supports_updates"]
 
 _EMPTY = {"text/plain": ""}
 FORMATS = ("markdown", "text", "code", "json")
@@ -123,21 +123,6 @@ def extract_code(text: str) -> tuple[str, str]:
     return blocks[0][0], "\n\n".join(code.rstrip("\n") for _, code in blocks)
 
 
-def stats_line(result: Any) -> str:
-    """``9 tokens · TTFT 45 ms · 38.2 tok/s`` (plus ``interrupted`` / ``length`` when relevant)."""
-    parts = [f"{result.output_tokens} token{'s' if result.output_tokens != 1 else ''}"]
-    if result.ttft is not None:
-        parts.append(f"TTFT {result.ttft * 1000:.0f} ms")
-    rate = result.tokens_per_second
-    if rate is not None:
-        parts.append(f"{rate:.1f} tok/s")
-    if result.aborted:
-        parts.append("⏹ interrupted")
-    elif result.finish_reason == "length":
-        parts.append("stopped at max tokens")
-    return " · ".join(parts)
-
-
 class AnswerStream:
     """Shows one request's answer: live while it streams, then the final rendering and stats."""
 
@@ -184,7 +169,7 @@ class AnswerStream:
         if self._line is not None:
             self._line.close()
         text = _joined(result)
-        stats = None if quiet and not result.aborted else stats_line(result)
+        stats = None if quiet and not result.aborted else result.summary
         if self._echo:
             sys.stdout.write(text[self._echoed:] + "\n")
             if stats:

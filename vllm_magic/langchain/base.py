@@ -1,51 +1,55 @@
-"""What the LangChain classes share: engine fields, attaching to the session's engine, sampling
-overrides, and turning finished requests into LangChain's metadata.
+"""What ``VLLM`` and ``ChatVLLM`` share: engine fields, sampling fields, attaching to the session's
+engine, one submit, and one streaming helper for the sync and the async path.
 
-``VLLM`` and ``ChatVLLM`` never own an engine. Their engine fields describe the engine they want;
-constructing one attaches to the session's live engine when it serves the same model with the same
-values for every engine argument given, and loads that configuration through the session otherwise
-(which replaces the live engine: there is only ever one per process).
+Neither class owns an engine. Their engine fields describe the engine they want; constructing one
+attaches to the session's live engine when it serves that request (the session's one rule, as for
+``%vllm_load``), and loads that configuration through the session otherwise (which replaces the
+live engine: there is only ever one per process). Their sampling fields are generated from the
+session's sampling options; unset ones follow the session's defaults.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import os
 import warnings
-from dataclasses import MISSING, fields
-from functools import lru_cache
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Iterator, Optional
 
-from IPython.core.error import UsageError
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_validator
 
-from .demo_model import DEMO_MODEL_NAME
-from .engine_config import ConfigError, EngineConfig, import_vllm, resolve_engine_config
-from .handles import GenerationResult, RequestHandle
-from .sampling import SAMPLING_FIELDS
-from .session import EngineSession, NoEngineError, PromptTooLongError, get_session
+from ..demo_model import DEMO_MODEL_NAME
+from ..engine.config import EngineConfig, short_model_name
+from ..engine.handles import GenerationResult, RequestHandle
+from ..engine.sampling import SAMPLING_FIELDS, STRUCTURED_FIELDS, check_overrides, option_help, option_type
+from ..engine.session import EngineSession, get_session
+from ..errors import NoEngineError, RequestError
 
-__all__ = ["EngineFields", "engine_request", "engine_serves", "without_needless_fetch_args", "display_model_name", "user_errors",
-           "call_overrides", "usage_counts", "CALL_OPTIONS", "wait_all", "await_all", "deltas", "adeltas"]
+__all__ = ["EngineBase", "SamplingFields", "engine_request", "without_needless_fetch_args", "call_overrides",
+           "usage_counts", "CALL_OPTIONS", "wait_all", "await_all", "deltas", "adeltas"]
 
 #: Names under which the demo model can be asked for (besides ``None``).
 DEMO_MODEL_ALIASES = frozenset({DEMO_MODEL_NAME, f"HuggingFaceTB/{DEMO_MODEL_NAME}"})
 
-# Engine arguments that say how to fetch or trust the weights, not what the running engine is:
-# a live engine of the same model already has its weights, so they never force a reload.
-_FETCH_ONLY_ARGS = frozenset({"trust_remote_code", "download_dir"})
-
-# Set while from_session() builds an object: it follows the live engine instead of asking for one.
-_FOLLOW_LIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("vllm_magic_follow_live", default=False)
-
-#: Keyword arguments a call may carry besides the sampling fields.
-CALL_OPTIONS = frozenset({"json_schema", "regex", "choice", "raw", "system"})
+#: Keyword arguments a call may carry besides the sampling options.
+CALL_OPTIONS = frozenset({"raw", "system", *STRUCTURED_FIELDS})
 
 
-class EngineFields(BaseModel):
-    """Engine fields of ``langchain_community.llms.VLLM``, plus attaching to the session's engine."""
+def _sampling_field(name: str) -> tuple[Any, Any]:
+    kind = option_type(name)
+    annotation = Optional[list[str]] if kind is list else Optional[kind]
+    aliases = {"validation_alias": AliasChoices("max_tokens", "max_new_tokens")} if name == "max_tokens" else {}
+    return annotation, Field(default=None, description=f"{option_help(name)} None follows the session default.",
+                             **aliases)
+
+
+#: One optional field per sampling option (``temperature``, ``max_tokens`` alias ``max_new_tokens``,
+#: ``stop``, ``n``, ...), generated from the session's sampling options.
+SamplingFields = create_model("SamplingFields", __config__=ConfigDict(populate_by_name=True),
+                              **{name: _sampling_field(name) for name in SAMPLING_FIELDS})
+
+
+class EngineBase(SamplingFields):  # type: ignore[misc, valid-type]
+    """Engine fields of ``langchain_community.llms.VLLM``, the sampling fields, and the engine."""
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
 
@@ -66,10 +70,11 @@ class EngineFields(BaseModel):
     """Seconds to wait for an answer; the request is aborted in the engine after that. None: no limit."""
     session: Any = Field(default=None, exclude=True)
     """The engine session to use; the kernel's (``vllm_magic.get_session()``) when None."""
+    follow_live: bool = Field(default=False, exclude=True)
+    """Use whatever engine the session has loaded (after ``%vllm_load`` of another model, that one)
+    and never load one; the engine fields are then ignored. ``from_session()`` sets it."""
 
     _wanted: EngineConfig | None = PrivateAttr(default=None)
-    _requested: dict[str, Any] = PrivateAttr(default_factory=dict)
-    _follow_live: bool = PrivateAttr(default=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -91,9 +96,9 @@ class EngineFields(BaseModel):
         return values
 
     @model_validator(mode="after")
-    def _attach_engine(self) -> "EngineFields":
-        self._follow_live = _FOLLOW_LIVE.get()
-        if not self._follow_live:
+    def _attach_engine(self) -> "EngineBase":
+        # As langchain_community's VLLM does, constructing the object makes its engine ready.
+        if not self.follow_live:
             self._ensure_engine(load=True)
         return self
 
@@ -103,40 +108,38 @@ class EngineFields(BaseModel):
         return self.session if self.session is not None else get_session()
 
     def _ensure_engine(self, *, load: bool) -> None:
-        """Attach to the live engine when it fits, or load this configuration through the session.
+        """Attach to the live engine when it serves this object, or load its configuration.
 
         At call time (``load=False``) an engine that does not fit is a mistake to report, not a
         reason to replace what the user loaded since.
         """
         session = self.engine_session
-        with user_errors():
-            if self._wanted is None:
-                model, requested = engine_request(self.model, self.tensor_parallel_size, self.trust_remote_code,
-                                                  self.dtype, self.download_dir, self.vllm_kwargs)
-                wanted = resolve_engine_config(model, **requested)
-                needed = without_needless_fetch_args(wanted.model, requested)
-                if needed != requested:  # so that the engine it loads is the one %vllm_load would load
-                    requested, wanted = needed, resolve_engine_config(model, **needed)
-                self._wanted, self._requested = wanted, requested
-            live = session.config
-            if live is not None and engine_serves(live, self._wanted, self._requested, lambda: _effective(session)):
-                return
-            if live is not None and not load:
-                raise UsageError(
-                    f"{type(self).__name__} was built for {display_model_name(self._wanted.model)} but the live "
-                    f"engine is {display_model_name(live.model)} with other arguments; build a new one "
-                    f"(or {type(self).__name__}.from_session()) to use the live engine")
-            session.load(self._wanted.model, **self._requested)
+        if self._wanted is None:
+            model, requested = engine_request(self.model, self.tensor_parallel_size, self.trust_remote_code,
+                                              self.dtype, self.download_dir, self.vllm_kwargs)
+            wanted = session.resolve(model, **requested)
+            needed = without_needless_fetch_args(wanted.model, requested)
+            if needed != requested:  # so that the engine it loads is the one %vllm_load would load
+                wanted = session.resolve(model, **needed)
+            self._wanted = wanted
+        if session.serves(self._wanted):
+            return
+        live = session.config
+        if live is not None and not load:
+            raise RequestError(
+                f"{type(self).__name__} was built for {self._wanted.short_name} but the live engine is "
+                f"{live.short_name} with other arguments; build a new one (or {type(self).__name__}"
+                ".from_session()) to use the live engine")
+        session.load(self._wanted.model, **self._wanted.requested)
 
     def _live_session(self) -> EngineSession:
         """The session, with an engine that serves this object (reloaded after an unload)."""
-        if self._follow_live:
-            return self.engine_session
-        self._ensure_engine(load=self.engine_session.config is None)
+        if not self.follow_live:
+            self._ensure_engine(load=self.engine_session.config is None)
         return self.engine_session
 
     @classmethod
-    def from_session(cls, session: EngineSession | None = None, **fields_: Any):
+    def from_session(cls, session: EngineSession | None = None, **fields: Any):
         """An object that uses whatever engine ``session`` (the kernel's when None) has loaded.
 
         It follows the live engine: after ``%vllm_load`` of another model it uses that one, and it
@@ -145,22 +148,74 @@ class EngineFields(BaseModel):
         session = session or get_session()
         live = session.config
         if live is None:
-            raise UsageError("no model is loaded: run %vllm_load (the demo model) or %vllm_load MODEL first")
-        token = _FOLLOW_LIVE.set(True)
-        try:
-            return cls(session=session, model=display_model_name(live.model, for_field=True), **fields_)
-        finally:
-            _FOLLOW_LIVE.reset(token)
+            raise NoEngineError("no model is loaded: run %vllm_load (the demo model) or %vllm_load MODEL first")
+        model = DEMO_MODEL_NAME if _is_demo_dir(live.model) else live.model
+        return cls(session=session, model=model, follow_live=True, **fields)
 
     @property
     def model_name(self) -> str:
         """The model's name as LangChain reports it (the demo model's short name, a Hub id, a path)."""
         session = self.engine_session
-        if self._follow_live and session.config is not None:
-            return display_model_name(session.config.model)
+        if self.follow_live and session.config is not None:
+            return session.config.short_name
         if self._wanted is not None:
-            return display_model_name(self._wanted.model)
+            return self._wanted.short_name
         return self.model or DEMO_MODEL_NAME
+
+    # ----- requests ---------------------------------------------------------------------------
+    @property
+    def _default_params(self) -> dict[str, Any]:
+        """This object's sampling overrides: only the fields that are set (the rest follow the
+        session's defaults). The only place they are assembled."""
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, **self._default_params}
+
+    def _submit(self, prompts: list[Any], stop: list[str] | None, kwargs: dict[str, Any],
+                **options: Any) -> list[RequestHandle]:
+        """Submit prompts with this object's sampling fields, the call's arguments over them."""
+        sampling, call_options = call_overrides(self._default_params, stop, kwargs, type(self).__name__)
+        return self._live_session().submit(prompts, **{**call_options, **options}, **sampling)
+
+    def _chunk(self, text: str, handle: RequestHandle, last: bool) -> Any:
+        """One streamed chunk; the last one (empty) reports the finished request."""
+        raise NotImplementedError
+
+    def _stream_handle(self, handle: RequestHandle, run_manager: Any) -> Iterator[Any]:
+        """Chunks of ``handle`` as they arrive, reported to ``run_manager`` before each is yielded."""
+        try:
+            # Each delta goes out as soon as it arrives; usage and finish reason follow on a final
+            # empty chunk (holding a delta back to mark it last would cost one decode step).
+            for text in deltas(handle, self.timeout):
+                chunk = self._chunk(text, handle, last=False)
+                if run_manager:
+                    run_manager.on_llm_new_token(text, chunk=chunk)
+                yield chunk
+            handle.result()
+            chunk = self._chunk("", handle, last=True)
+            if run_manager:
+                run_manager.on_llm_new_token("", chunk=chunk)
+            yield chunk
+        finally:
+            handle.abort()  # a consumer that stops early frees the engine (no-op once finished)
+
+    async def _astream_handle(self, handle: RequestHandle, run_manager: Any) -> AsyncIterator[Any]:
+        """The async :meth:`_stream_handle`."""
+        try:
+            async for text in adeltas(handle, self.timeout):
+                chunk = self._chunk(text, handle, last=False)
+                if run_manager:
+                    await run_manager.on_llm_new_token(text, chunk=chunk)
+                yield chunk
+            await handle
+            chunk = self._chunk("", handle, last=True)
+            if run_manager:
+                await run_manager.on_llm_new_token("", chunk=chunk)
+            yield chunk
+        finally:
+            handle.abort()
 
 
 def engine_request(model: str | None, tensor_parallel_size: int | None, trust_remote_code: bool | None,
@@ -170,7 +225,7 @@ def engine_request(model: str | None, tensor_parallel_size: int | None, trust_re
     defaults, so that ``VLLM(model=...)`` with langchain_community's defaults matches ``%vllm_load``."""
     requested = dict(vllm_kwargs or {})
     if requested.pop("model", None) is not None:
-        raise UsageError("give the model as model=..., not inside vllm_kwargs")
+        raise RequestError("give the model as model=..., not inside vllm_kwargs")
     if tensor_parallel_size not in (None, 1):
         requested["tensor_parallel_size"] = int(tensor_parallel_size)
     if trust_remote_code:
@@ -210,55 +265,8 @@ def _ships_code(model_path: str) -> bool:
     return False
 
 
-@lru_cache(maxsize=1)
-def _engine_arg_defaults() -> dict[str, Any]:
-    import_vllm()
-    from vllm.engine.arg_utils import EngineArgs
-
-    return {f.name: f.default for f in fields(EngineArgs) if f.default is not MISSING}
-
-
-def engine_serves(live: EngineConfig, wanted: EngineConfig, requested: dict[str, Any],
-                  effective: Callable[[], dict[str, Any]] | None = None) -> bool:
-    """Whether the live engine serves ``wanted``: the same model, and every engine argument the
-    user gave has the same value there — set explicitly, left at vLLM's default, or (for the
-    values vLLM derives, like ``max_model_len``) what ``effective()`` says the engine runs with."""
-    if live.model != wanted.model or live.platform != wanted.platform:
-        return False
-    if live.fingerprint == wanted.fingerprint:
-        return True
-    defaults = _engine_arg_defaults()
-    derived: dict[str, Any] | None = None
-    for key, value in requested.items():
-        if key in _FETCH_ONLY_ARGS:
-            continue
-        value = wanted.engine_kwargs.get(key, value)
-        have = live.engine_kwargs.get(key, defaults.get(key, MISSING))
-        if have == value:
-            continue
-        if key not in live.engine_kwargs and effective is not None:
-            derived = effective() if derived is None else derived
-            if derived.get(key, MISSING) == value:
-                continue
-        return False
-    return True
-
-
-def _effective(session: EngineSession) -> dict[str, Any]:
-    """Engine arguments vLLM derived when the live engine started (not given by anyone)."""
-    status = session.status()
-    return {"max_model_len": status.max_model_len, "dtype": status.dtype}
-
-
-def display_model_name(model: str, *, for_field: bool = False) -> str:
-    """A local model directory by its folder name (the demo model as ``SmolLM2-135M-Instruct``)."""
-    if os.path.isdir(model):
-        return os.path.basename(model.rstrip("/")) if not for_field or _is_demo_dir(model) else model
-    return model
-
-
 def _is_demo_dir(path: str) -> bool:
-    from .demo_model import demo_model_dir
+    from ..demo_model import demo_model_dir
 
     try:
         return os.path.samefile(path, demo_model_dir())
@@ -266,29 +274,17 @@ def _is_demo_dir(path: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Report user mistakes as ``UsageError`` (one line in IPython, no traceback wall)."""
-    try:
-        yield
-    except (NoEngineError, PromptTooLongError, ConfigError) as exc:
-        raise UsageError(str(exc)) from None
-
-
 def call_overrides(base: dict[str, Any], stop: list[str] | None, kwargs: dict[str, Any],
                    owner: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Merge per-call keyword arguments over an object's sampling overrides.
+    """Merge a call's keyword arguments over an object's sampling overrides.
 
     Returns ``(sampling_overrides, call_options)``; ``stop`` given at call time wins over the
-    object's. Unknown keywords are a usage error rather than silently ignored.
+    object's. Unknown keywords are a :class:`RequestError` rather than silently ignored.
     """
     kwargs = dict(kwargs)
     if "max_new_tokens" in kwargs:
         kwargs.setdefault("max_tokens", kwargs.pop("max_new_tokens"))
-    unknown = sorted(k for k in kwargs if k not in SAMPLING_FIELDS and k not in CALL_OPTIONS)
-    if unknown:
-        raise UsageError(f"{owner} does not know the argument(s) {', '.join(unknown)}; "
-                         f"sampling: {', '.join(SAMPLING_FIELDS)}; also: {', '.join(sorted(CALL_OPTIONS))}")
+    check_overrides({k: v for k, v in kwargs.items() if k not in CALL_OPTIONS}, owner)
     sampling = dict(base)
     sampling.update({k: v for k, v in kwargs.items() if k in SAMPLING_FIELDS and v is not None})
     if stop is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from .widgets import SamplingPanel, _result_summary, changed_settings, model_name
+from .panel import SamplingPanel, changed_settings
 
 __all__ = ["Playground", "PlaygroundRun"]
 
@@ -42,7 +42,7 @@ class PlaygroundRun:
         """``37 tokens · 25.1 tok/s · TTFT 0.12 s`` (or the error)."""
         if self.error:
             return self.error
-        return _result_summary(self.result) if self.result is not None else "running"
+        return self.result.summary if self.result is not None else "running"
 
     def changed_settings(self) -> dict[str, Any]:
         """The settings that differ from the initial sampling defaults."""
@@ -58,7 +58,7 @@ class Playground(widgets.VBox):
 
     def __init__(self, session: Any = None, *, history_size: int = 10, **kwargs: Any) -> None:
         if session is None:
-            from .session import get_session
+            from ..engine import get_session
 
             session = get_session()
         self.session = session
@@ -162,7 +162,7 @@ class Playground(widgets.VBox):
         super().close()
 
     def __repr__(self) -> str:
-        name = model_name(self.session.config.model) if self.session.loaded else "no model"
+        name = self.session.config.short_name if self.session.loaded else "no model"
         return f"Playground({name}, {len(self.runs)} run{'s' * (len(self.runs) != 1)})"
 
     # ----- the background thread -----------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .engine_config import import_vllm
+from .config import import_vllm
 
 import_vllm()  # the first import of vLLM prints notices: keep them in the engine log
 

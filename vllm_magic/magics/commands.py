@@ -1,93 +1,69 @@
 """The IPython magics: ``%vllm_load``, ``%%vllm`` and friends.
 
-Parsing and display only: the engine lives in :mod:`vllm_magic.session`, prompts are prepared by
-:mod:`vllm_magic.prompts`, outputs are drawn by :mod:`vllm_magic.display`. Every user mistake is an
-``IPython.core.error.UsageError`` (one line, no traceback); the kernel and the engine stay usable.
+Parsing and display only: the engine lives in :mod:`vllm_magic.engine`, a cell body becomes
+prompts in :mod:`.cells`, outputs are drawn by :mod:`.display`. Every user mistake is an
+``IPython.core.error.UsageError`` (one line, no traceback): the package's own errors are turned
+into one here, and nowhere else. The kernel and the engine stay usable.
 """
 
 from __future__ import annotations
 
-import os
 import shlex
 from typing import Any, Callable
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
-from traitlets import Bool, Enum, Float, Int, List, TraitError, Unicode, Union, link, validate
-from traitlets import Any as AnyTrait
+from traitlets import Bool, Enum, Float, Unicode, link
 
+from ..engine.config import parse_engine_flags
+from ..engine.sampling import DEFAULTS_FIELDS, SAMPLING_FIELDS, SamplingTraits, option_help, option_type
+from ..engine.session import EngineSession, get_session
+from ..errors import ConfigError, EngineDiedError, EngineStartError, VllmMagicError
+from .cells import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch
 from .display import FORMATS, AnswerStream, LoadProgress, stream_answers, supports_updates
-from .engine_config import ConfigError, parse_engine_flags
-from .handles import EngineDiedError
-from .prompts import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch
 from .results import VllmResult
-from .sampling import SamplingDefaults, build_sampling_params
-from .session import EngineSession, EngineStartError, NoEngineError, PromptTooLongError, get_session
 
-__all__ = ["VllmMagics", "register", "unregister"]
-
-#: Traits of the magics that mirror the session's :class:`SamplingDefaults` (linked both ways).
-SAMPLING_TRAITS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "repetition_penalty",
-                   "presence_penalty", "frequency_penalty", "seed", "stop", "system_prompt", "raw")
-
-# Validates values of the mirrored traits with SamplingDefaults' own ranges (config is applied
-# before the session is attached, so the session's instance cannot be used).
-_VALIDATOR = SamplingDefaults()
+__all__ = ["VllmMagics", "register", "unregister", "sampling_args"]
 
 # %vllm_load's own flags; everything else is a `vllm serve` engine flag. Values: takes an argument.
 _LOAD_FLAGS = {"--as": True, "--remote": True, "--verbose": False, "--no-controls": False}
+# Short spellings of the most used sampling flags.
+_SHORT_FLAGS = {"temperature": "-t", "max_tokens": "-m", "n": "-n"}
+# Per-call options without a flag: benchmarks and code set them, a cell has no use for them.
+_NO_FLAG = ("ignore_eos", "logprobs")
+
+
+def _flag_for(name: str) -> Callable:
+    """The ``argument`` decorator of one sampling option, derived from its one declaration."""
+    flags = [_SHORT_FLAGS[name]] if name in _SHORT_FLAGS else []
+    if name != "n":
+        flags.append("--" + name.replace("_", "-"))
+    if name == "stop":
+        return argument(*flags, action="append", metavar="TEXT",
+                        help="A string that ends the answer (not included); repeat for several.")
+    return argument(*flags, type=option_type(name), help=option_help(name))
 
 
 def sampling_args(f: Callable) -> Callable:
-    """The per-call sampling flags shared by every magic that generates."""
-    decorators = [
-        argument("-t", "--temperature", type=float, help="Sampling temperature; 0 is greedy."),
-        argument("--top-p", type=float, help="Nucleus sampling probability mass (0-1]."),
-        argument("--top-k", type=int, help="Keep only the K most likely tokens; 0 disables."),
-        argument("--min-p", type=float, help="Drop tokens less likely than MIN_P times the most likely one."),
-        argument("-m", "--max-tokens", type=int, help="Most tokens to generate."),
-        argument("--stop", action="append", metavar="TEXT",
-                 help="A string that ends the answer (not included); repeat for several."),
-        argument("--seed", type=int, help="Random seed: the same seed gives the same answer."),
-        argument("-n", type=int, help="Number of answers to sample for each prompt."),
-        argument("--presence-penalty", type=float, help="Penalty for tokens already present (-2..2)."),
-        argument("--frequency-penalty", type=float, help="Penalty growing with a token's count (-2..2)."),
-        argument("--repetition-penalty", type=float, help="Penalty > 1 discourages repetition."),
-    ]
-    for decorator in reversed(decorators):
-        f = decorator(f)
+    """The per-call sampling flags shared by every magic that generates (one per sampling option)."""
+    for name in reversed([n for n in SAMPLING_FIELDS if n not in _NO_FLAG]):
+        f = _flag_for(name)(f)
     return f
 
 
 def _sampling_overrides(args: Any) -> dict[str, Any]:
-    names = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "seed", "n",
-             "presence_penalty", "frequency_penalty", "repetition_penalty")
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    return {name: getattr(args, name) for name in SAMPLING_FIELDS if getattr(args, name, None) is not None}
 
 
 @magics_class
-class VllmMagics(Magics):
+class VllmMagics(Magics, SamplingTraits):
     """vLLM in the notebook: one engine per kernel, prompts in cells.
 
     Sampling defaults are configurable (``%config VllmMagics.temperature = 0.2``) and shared with
-    the sampling widgets and the LangChain objects: they are the session's ``SamplingDefaults``.
+    the sampling widgets and the LangChain objects: the traits are those of the session's
+    ``SamplingDefaults``, linked both ways.
     """
-
-    # Sampling defaults: linked both ways to the session's SamplingDefaults in __init__.
-    temperature = Float(0.7, help=SamplingDefaults.temperature.help).tag(config=True)
-    top_p = Float(1.0, help=SamplingDefaults.top_p.help).tag(config=True)
-    top_k = Int(0, help=SamplingDefaults.top_k.help).tag(config=True)
-    min_p = Float(0.0, help=SamplingDefaults.min_p.help).tag(config=True)
-    max_tokens = Int(256, help=SamplingDefaults.max_tokens.help).tag(config=True)
-    repetition_penalty = Float(1.0, help=SamplingDefaults.repetition_penalty.help).tag(config=True)
-    presence_penalty = Float(0.0, help=SamplingDefaults.presence_penalty.help).tag(config=True)
-    frequency_penalty = Float(0.0, help=SamplingDefaults.frequency_penalty.help).tag(config=True)
-    seed = Union([Int(), AnyTrait(None)], default_value=None, allow_none=True,
-                 help=SamplingDefaults.seed.help).tag(config=True)
-    stop = List(Unicode(), default_value=[], help=SamplingDefaults.stop.help).tag(config=True)
-    system_prompt = Unicode("", help=SamplingDefaults.system_prompt.help).tag(config=True)
-    raw = Bool(False, help=SamplingDefaults.raw.help).tag(config=True)
 
     # Behaviour of the magics themselves.
     show_controls = Bool(True, help="Show the sampling panel under %vllm_load.").tag(config=True)
@@ -106,22 +82,12 @@ class VllmMagics(Magics):
     def _link_defaults(self) -> list[link]:
         # The session's current values win (widgets may already have changed them), except for the
         # traits that the IPython configuration sets explicitly.
-        configured = {name: getattr(self, name) for name in SAMPLING_TRAITS
+        configured = {name: getattr(self, name) for name in DEFAULTS_FIELDS
                       if name in self.config.get(type(self).__name__, {})}
-        links = [link((self.session.defaults, name), (self, name)) for name in SAMPLING_TRAITS]
+        links = [link((self.session.defaults, name), (self, name)) for name in DEFAULTS_FIELDS]
         for name, value in configured.items():
             setattr(self, name, value)
         return links
-
-    @validate(*SAMPLING_TRAITS)
-    def _valid_default(self, proposal: dict) -> Any:
-        # Check with the session's traits (ranges live there) so %config gets a clear error.
-        name, value = proposal["trait"].name, proposal["value"]
-        trait = _VALIDATOR.traits()[name]
-        try:
-            return trait.validate(_VALIDATOR, value)
-        except TraitError as exc:
-            raise TraitError(f"VllmMagics.{name}: {exc}") from None
 
     def close(self) -> None:
         """Stop mirroring the session's defaults and leave ``%config`` (the extension is unloaded)."""
@@ -207,9 +173,9 @@ class VllmMagics(Magics):
     @line_magic
     def vllm_unload(self, line: str = "") -> None:
         """Shut the engine down and free its memory."""
-        model = self.session.config.model if self.session.loaded else None
+        name = self.session.config.short_name if self.session.loaded else None
         if self.session.unload():
-            print(f"unloaded {os.path.basename(model.rstrip('/')) or model}")
+            print(f"unloaded {name}")
         else:
             print("no model is loaded")
 
@@ -280,7 +246,7 @@ class VllmMagics(Magics):
 
         ``{name}`` is filled from the namespace (``{{`` for a literal brace); a line holding only
         ``---`` separates prompts sent together as one batch. The cell's value is a
-        :class:`~vllm_magic.results.VllmResult` (a list of them for a batch). Interrupting the
+        :class:`~vllm_magic.magics.results.VllmResult` (a list of them for a batch). Interrupting the
         kernel stops the generation; what was streamed stays, marked interrupted.
 
         Examples::
@@ -302,21 +268,18 @@ class VllmMagics(Magics):
             raise UsageError("--continue takes one prompt, not a '---' batch")
         if args.cont and args.raw:
             raise UsageError("--continue needs the chat template; drop --raw")
-        try:
-            sampling = build_sampling_params(self.session.defaults, _sampling_overrides(args), **structured)
-        except Exception as exc:  # SamplingParams validates ranges (vLLM's errors are not all ValueErrors)
-            raise UsageError(f"invalid sampling value: {_one_line(exc)}") from None
         items: list[Any] = prompts
         if args.cont:
             items = [self._conversation_with(prompts[0], args.system)]
         try:
-            handles = self.session.submit(items, sampling, raw=args.raw, system=args.system)
+            handles = self.session.submit(items, raw=args.raw, system=args.system, **structured,
+                                          **_sampling_overrides(args))
         except EngineDiedError as exc:
             raise UsageError(_died(exc)) from None
-        except (NoEngineError, PromptTooLongError) as exc:
+        except VllmMagicError as exc:
             raise UsageError(str(exc)) from None
         try:
-            return self._stream(handles, prompts, items, sampling, parse, args)
+            return self._stream(handles, prompts, items, parse, args)
         except KeyboardInterrupt:  # outside the streaming loop (which handles it): never leave requests running
             for handle in handles:
                 handle.abort()
@@ -342,15 +305,15 @@ class VllmMagics(Magics):
             messages.insert(0, {"role": "system", "content": system})
         return messages + [{"role": "user", "content": prompt}]
 
-    def _stream(self, handles: list, prompts: list[str], items: list, sampling: Any,
-                parse: Callable[[str], Any] | None, args: Any) -> Any:
+    def _stream(self, handles: list, prompts: list[str], items: list, parse: Callable[[str], Any] | None,
+                args: Any) -> Any:
         live = supports_updates(self.shell)
         fmt = args.format or ("json" if args.json else self.output_format)
         if args.show_prompt:
             for handle in handles:
                 display_text(handle.prompt)
         batch = len(handles) > 1
-        echo = not batch and (sampling.n or 1) == 1  # a terminal prints a single answer as it comes
+        echo = not batch and (handles[0].sampling_params.n or 1) == 1  # a terminal prints a single answer as it comes
         streams = [AnswerStream(h, fmt, live=live, label=_label(i, p) if batch else None, echo=echo)
                    for i, (h, p) in enumerate(zip(handles, prompts))]
         interrupted = stream_answers(streams, self.stream_interval)
@@ -374,7 +337,7 @@ class VllmMagics(Magics):
                     parsed = None
             stream.finish(generation, parsed=parsed, quiet=args.quiet)
             messages = list(item) if isinstance(item, list) else []
-            results.append(VllmResult(generation, prompt, sampling, parsed, messages))
+            results.append(VllmResult(generation, prompt, stream.handle.sampling_params, parsed, messages))
         if args.cont and not interrupted:
             self.conversation = results[0].messages + [{"role": "assistant", "content": results[0].text}]
         value: Any = results if batch else results[0]
@@ -497,7 +460,15 @@ def register(ipython: Any, session: EngineSession | None = None) -> VllmMagics:
     unregister(ipython, shutdown=False)  # %reload_ext: never two instances writing the same defaults
     magics = VllmMagics(shell=ipython, session=session)  # also joins ipython.configurables (%config)
     ipython.register_magics(magics)
+    if not getattr(ipython, "custom_exceptions", ()):  # never replace a handler the user set
+        ipython.set_custom_exc((VllmMagicError,), _short_error)
     return magics
+
+
+def _short_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
+    """Show a vllm-magic error raised anywhere in a cell (``llm.invoke``, a widget call) as one
+    line, as IPython shows a ``UsageError``: the message is meant for the user, the traceback is not."""
+    return [f"{etype.__name__}: {value}"]
 
 
 def unregister(ipython: Any, shutdown: bool = True) -> None:
@@ -511,3 +482,5 @@ def unregister(ipython: Any, shutdown: bool = True) -> None:
         magics.close()
         if shutdown:
             magics.session.unload()
+    if getattr(ipython, "CustomTB", None) is not None and getattr(ipython, "custom_exceptions", ()) == (VllmMagicError,):
+        ipython.set_custom_exc((), None)

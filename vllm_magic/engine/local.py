@@ -1,0 +1,349 @@
+"""The in-process vLLM engine behind the session's backend seam.
+
+:meth:`LocalBackend.start` quiets vLLM's logs into the session's log file, starts ``vllm.LLM`` with
+its processes shielded from the kernel's interrupts and bound to the kernel's life (see
+:mod:`.processes`), and hands the engine to one driver thread. :meth:`~LocalBackend.shutdown`
+stops it and waits until its processes and device memory are gone. An exit hook shuts down every
+engine still running when the interpreter exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import json
+import threading
+import time
+import weakref
+from typing import Any, Callable
+
+from ..errors import ConfigError, EngineStartError
+from .backend import Backend, UnloadReport
+from .config import EngineConfig, unpinned_cpu_threads
+from .driver import EngineDriver
+from .handles import RequestHandle
+from .log import EngineLog
+from .processes import end_processes, engine_processes_guarded
+from .prompts import Prepared, PromptLike, PromptRenderer
+
+__all__ = ["LocalBackend", "device_memory_used"]
+
+# multiprocessing's words when a spawned process re-imports a script that starts processes at import.
+_BOOTSTRAP_ERROR = "finished its bootstrapping phase"
+_SCRIPT_NEEDS_MAIN_GUARD = (
+    "vLLM could not start its engine: this script loads the model when it is imported. vLLM starts "
+    "its engine in a new Python process (the 'spawn' method, the only one on CPU and the safe one "
+    "with CUDA), which imports the script again, so that process tried to start an engine of its "
+    "own. Put the code that loads the model under `if __name__ == \"__main__\":` (raw vLLM needs "
+    "the same); notebooks and the IPython shell need nothing.")
+
+
+class LocalBackend(Backend):
+    """A ``vllm.LLM`` in this process, driven by one thread, with its engine processes."""
+
+    def __init__(self, llm: Any, config: EngineConfig, children: set[int], load_seconds: float,
+                 memory_before_load: int | None, on_finished: Callable[[RequestHandle], None]) -> None:
+        self.llm = llm
+        self.config = config
+        self.children = children
+        self.load_seconds = load_seconds
+        self.memory_before_load = memory_before_load
+        self.started = time.monotonic()
+        model_config = llm.llm_engine.model_config
+        self.max_model_len = int(model_config.max_model_len)
+        self.dtype = str(model_config.dtype).replace("torch.", "")
+        cache = llm.llm_engine.vllm_config.cache_config
+        blocks = getattr(cache, "num_gpu_blocks", None)
+        self.kv_cache_tokens = int(blocks * cache.block_size) if blocks else None
+        self.renderer = PromptRenderer(llm.get_tokenizer(), self.max_model_len)
+        self.driver = EngineDriver(llm.llm_engine, on_finished=on_finished)
+        # The kernel may exit (or the session be dropped) with the engine running: shut it down then.
+        self._finalizer = weakref.finalize(self, _shutdown_engine, self.driver, llm)
+        self._finalizer.atexit = False  # the exit hook below runs earlier than atexit would
+        _RUNNING.add(self)
+
+    # ----- starting --------------------------------------------------------------------------------
+    @staticmethod
+    def validate(config: EngineConfig, log: EngineLog) -> None:
+        """Raise :class:`ConfigError` for a configuration vLLM refuses, without starting anything."""
+        from vllm.engine.arg_utils import EngineArgs
+
+        try:
+            args = EngineArgs(**config.llm_kwargs())
+            with log.capture(log.verbose):
+                args.create_engine_config()
+        except Exception as exc:
+            raise ConfigError(short_reason(exc)) from None
+
+    @classmethod
+    def start(cls, config: EngineConfig, log: EngineLog, *, verbose: bool,
+              progress: Callable[[str, float], None] | None,
+              on_finished: Callable[[RequestHandle], None]) -> "LocalBackend":
+        """Start an engine for ``config``; on any failure or interrupt, nothing it started is left.
+
+        Raises :class:`EngineStartError` with vLLM's root cause, or ``KeyboardInterrupt``.
+        """
+        import psutil
+
+        offset = log.size()
+        log.mark(f"loading {config.model} {json.dumps(config.engine_kwargs, default=str)}")
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        memory_before = device_memory_used(config.platform)
+        if config.platform == "cpu":
+            unpinned_cpu_threads()
+        t0 = time.perf_counter()
+        interrupted = _InterruptRecorder()
+        llm = None
+        try:
+            # The engine's processes leave the kernel's process group (an interrupt stops a request,
+            # not the engine) and exit when the kernel dies: see engine.processes.
+            with interrupted, log.follow(progress), log.capture(verbose), engine_processes_guarded():
+                from vllm import LLM
+
+                llm = LLM(**config.llm_kwargs())
+                # vLLM (re)configures its logger while the engine starts: take it over afterwards.
+                log.route_python_logger(verbose)
+            if interrupted.seen:  # vLLM swallowed the interrupt: the user still asked to stop
+                raise KeyboardInterrupt
+        except BaseException as exc:
+            # Interrupted or failed half-way: whatever was started is shut down, nothing half-started stays.
+            if llm is not None:
+                _shutdown_llm(llm)
+                llm = None
+            end_processes(_engine_processes(before), ask=True, grace=10.0)
+            gc.collect()
+            if isinstance(exc, KeyboardInterrupt) or interrupted.seen:
+                # vLLM turns an interrupt inside some of its context managers into other errors.
+                raise KeyboardInterrupt from None
+            if _BOOTSTRAP_ERROR in log.text_since(offset):
+                raise EngineStartError(_SCRIPT_NEEDS_MAIN_GUARD) from None
+            reasons = log.errors_since(offset)
+            message = short_reason(exc)
+            detail = "\n".join(r for r in reasons if r not in message)
+            raise EngineStartError(
+                f"vLLM could not start {config.model}: {message}" + (f"\n{detail}" if detail else "")
+                + "\nThe session is empty; %vllm_log shows vLLM's full log.") from None
+        return cls(llm, config, _engine_processes(before), time.perf_counter() - t0, memory_before, on_finished)
+
+    # ----- requests --------------------------------------------------------------------------------
+    def prepare(self, items: list[PromptLike], raw: bool, system: str) -> list[Prepared]:
+        return self.renderer.prepare(items, raw, system)
+
+    def fit(self, params: Any, prompt_tokens: int) -> Any:
+        return self.renderer.fit(params, prompt_tokens)
+
+    def add(self, requests: list[tuple[RequestHandle, Prepared, Any]]) -> None:
+        from .compat import tokens_prompt
+
+        self.driver.add([(handle, tokens_prompt(prompt.token_ids), params) for handle, prompt, params in requests])
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.driver.abort(request_ids)
+
+    def abort_all(self) -> int:
+        return self.driver.abort_all()
+
+    @property
+    def live_count(self) -> int:
+        return self.driver.live_count
+
+    def call(self, fn: Callable[[Any], Any]) -> Any:
+        llm = self.llm
+        return self.driver.call(lambda _engine: fn(llm))
+
+    # ----- health and memory -----------------------------------------------------------------------
+    def death(self) -> str | None:
+        """Why this engine cannot serve any more (its driver failed or a process exited), or None."""
+        if self.driver.dead is None and not self._processes_alive():
+            self.driver.dead = RuntimeError("an engine process exited")
+        return None if self.driver.dead is None else str(self.driver.dead)
+
+    def _processes_alive(self) -> bool:
+        import psutil
+
+        for pid in self.children:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    return False
+            except psutil.NoSuchProcess:
+                return False
+        return True
+
+    def memory(self) -> tuple[int | None, str]:
+        if self.config.platform == "cuda":
+            return device_memory_used("cuda"), "GPU memory in use"
+        import psutil
+
+        total = 0
+        for pid in self.children:
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total, "RSS of engine processes"
+
+    # ----- stopping --------------------------------------------------------------------------------
+    def shutdown(self) -> UnloadReport:
+        """Stop the driver and the engine, end its processes and wait for device memory to return."""
+        _RUNNING.discard(self)
+        self._finalizer()  # stops the driver and the engine core; a second call does nothing
+        self.llm = None
+        self.renderer = None  # type: ignore[assignment]
+        gc.collect()
+        _empty_device_cache()
+        killed = end_processes(self.children, ask=False, grace=15.0)  # shutdown already asked them
+        after = _wait_for_device_memory(self.config.platform, self.memory_before_load)
+        return UnloadReport(self.config.model, len(self.children), killed, self.memory_before_load, after)
+
+
+# ----- helpers ------------------------------------------------------------------------------------
+
+def short_reason(exc: BaseException) -> str:
+    """The innermost message of an exception chain, on one or two lines."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    for candidate in reversed(seen):
+        text = str(candidate).strip()
+        if text:
+            lines = [line for line in text.splitlines() if line.strip()]
+            return f"{type(candidate).__name__}: " + " ".join(lines[:3])[:600]
+    return type(seen[0]).__name__ if seen else "unknown error"
+
+
+class _InterruptRecorder:
+    """Notes whether SIGINT arrived while the block ran (main thread only; elsewhere a no-op).
+
+    The interrupt is still raised as usual; this only remembers it, because vLLM's start-up code
+    can swallow the KeyboardInterrupt or turn it into another error.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_InterruptRecorder":
+        import signal
+
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if callable(previous):
+                def record(signum: int, frame: Any) -> Any:
+                    self.seen = True
+                    return previous(signum, frame)
+
+                self._previous = previous
+                signal.signal(signal.SIGINT, record)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def _shutdown_llm(llm: Any) -> None:
+    from .compat import shutdown_engine
+
+    try:
+        shutdown_engine(llm)
+    except Exception:
+        pass
+
+
+def _shutdown_engine(driver: EngineDriver, llm: Any) -> None:
+    driver.stop(timeout=5)
+    _shutdown_llm(llm)
+
+
+def _empty_device_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+def _engine_processes(before: set[int]) -> set[int]:
+    """Child processes that appeared since ``before``, except multiprocessing's resource tracker
+    (it serves the whole kernel and outlives every engine)."""
+    import psutil
+
+    pids = set()
+    for proc in psutil.Process().children(recursive=True):
+        if proc.pid in before:
+            continue
+        try:
+            if "resource_tracker" in " ".join(proc.cmdline()):
+                continue
+        except psutil.Error:
+            continue
+        pids.add(proc.pid)
+    return pids
+
+
+def device_memory_used(platform: str) -> int | None:
+    """Bytes in use on all NVIDIA GPUs together, through NVML (creates no CUDA context), or None."""
+    if platform != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return sum(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used
+                       for i in range(pynvml.nvmlDeviceGetCount()))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
+def _wait_for_device_memory(platform: str, baseline: int | None, timeout: float = 15.0) -> int | None:
+    """Device memory in use after an unload, waiting a little for the driver to release it."""
+    used = device_memory_used(platform)
+    deadline = time.monotonic() + timeout
+    while used is not None and baseline is not None and used > baseline + UnloadReport.SLACK \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+        gc.collect()
+        used = device_memory_used(platform)
+    return used
+
+
+# Engines still running; shut down at interpreter exit.
+_RUNNING: "weakref.WeakSet[LocalBackend]" = weakref.WeakSet()
+
+
+def _shutdown_running() -> None:
+    for backend in list(_RUNNING):
+        try:
+            backend.shutdown()
+        except Exception:
+            pass
+
+
+def _at_exit(fn: Callable[[], Any]) -> None:
+    """Run ``fn`` when the interpreter exits, before it joins non-daemon threads.
+
+    vLLM's client keeps non-daemon threads that end only when the engine shuts down, and Python joins
+    those before plain ``atexit`` handlers run: a kernel would hang on exit. ``concurrent.futures``
+    uses the same hook for the same reason.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(fn)
+            return
+        except RuntimeError:  # already shutting down
+            pass
+    atexit.register(fn)
+
+
+_at_exit(_shutdown_running)

@@ -1,0 +1,345 @@
+"""The kernel's one engine session, shared by every front-end.
+
+``get_session()`` returns the process-wide :class:`EngineSession`. ``load()`` is idempotent by one
+rule (:meth:`EngineConfig.serves`): a request the live engine serves returns at once; another one
+shuts the old engine down, checks that its memory came back, then starts the new one. ``submit()``
+is the only way to generate: it takes many prompts or conversations at once, builds the sampling
+parameters from the session's defaults plus the call's overrides, and returns
+:class:`~vllm_magic.engine.handles.RequestHandle` objects to iterate, await or abort from any thread
+or event loop. What runs the model is a :class:`~vllm_magic.engine.backend.Backend`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from ..errors import ConfigError, EngineDiedError, EngineStartError, NoEngineError, PromptTooLongError
+from .backend import Backend, UnloadReport
+from .config import EngineConfig, import_vllm, resolve_engine_config
+from .handles import GenerationResult, RequestHandle
+from .listeners import Listeners
+from .log import EngineLog, quiet_vllm_environment
+from .prompts import PromptLike, as_prompt_list
+from .sampling import SamplingDefaults, build_sampling_params
+
+__all__ = [
+    "EngineSession", "get_session", "LoadInfo", "SessionStatus", "UnloadReport", "NoEngineError",
+    "EngineStartError", "PromptTooLongError", "ConfigError", "EngineDiedError",
+]
+
+
+@dataclass
+class LoadInfo:
+    """What ``load()`` did."""
+
+    config: EngineConfig
+    already_loaded: bool
+    seconds: float
+    summary: str
+
+
+@dataclass
+class SessionStatus:
+    """A snapshot of the session, as ``%vllm_status`` shows it."""
+
+    loaded: bool
+    model: str | None = None
+    platform: str | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    max_model_len: int | None = None
+    kv_cache_tokens: int | None = None
+    memory_bytes: int | None = None
+    memory_kind: str | None = None
+    uptime: float | None = None
+    load_seconds: float | None = None
+    submissions: int = 0
+    requests_served: int = 0
+    tokens_out: int = 0
+    requests_live: int = 0
+    vllm_version: str | None = None
+    fingerprint: str | None = None
+    log_path: str | None = None
+    #: Why the loaded engine cannot serve any more (its process died), or None while it is healthy.
+    dead: str | None = None
+
+    def _repr_markdown_(self) -> str:
+        if not self.loaded:
+            return "**vllm-magic**: no engine loaded. Run `%vllm_load` (demo model) or `%vllm_load MODEL`."
+        if self.dead:
+            return (f"**vllm-magic**: the engine of `{self.model}` is dead ({self.dead}). "
+                    "Run `%vllm_load` to start it again; `%vllm_log` shows why it died.")
+        mem = "n/a" if self.memory_bytes is None else f"{self.memory_bytes / 2**30:.2f} GiB ({self.memory_kind})"
+        rows = [
+            ("model", f"`{self.model}`"), ("platform", self.platform), ("vLLM", self.vllm_version),
+            ("dtype", self.dtype), ("max model len", self.max_model_len),
+            ("KV cache", f"{self.kv_cache_tokens} tokens" if self.kv_cache_tokens else "n/a"),
+            ("memory", mem), ("uptime", f"{self.uptime:.0f} s"), ("load time", f"{self.load_seconds:.1f} s"),
+            ("requests served", self.requests_served), ("tokens out", self.tokens_out),
+            ("requests running", self.requests_live),
+            ("engine args", ", ".join(f"{k}={v}" for k, v in sorted(self.engine_args.items())) or "-"),
+        ]
+        return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+    def __repr__(self) -> str:
+        if not self.loaded:
+            return "SessionStatus(loaded=False)"
+        if self.dead:
+            return f"SessionStatus(model={self.model!r}, dead={self.dead!r})"
+        return (f"SessionStatus(model={self.model!r}, platform={self.platform!r}, requests_served="
+                f"{self.requests_served}, tokens_out={self.tokens_out})")
+
+
+class EngineSession:
+    """Owns at most one engine (a :class:`Backend`) and serves every front-end from it."""
+
+    def __init__(self, log: EngineLog | None = None) -> None:
+        self.defaults = SamplingDefaults()
+        self._log = log
+        self._backend: Backend | None = None
+        self._lock = threading.RLock()  # serializes load/unload; submit only reads _backend
+        self._ids = itertools.count(1)
+        self._counter_lock = threading.Lock()
+        self.submissions = 0
+        self.requests_served = 0
+        self.tokens_out = 0
+        self.engines_created = 0
+        self.last_result: GenerationResult | None = None
+        self.last_unload: UnloadReport | None = None
+        self.listeners = Listeners(report=lambda text: self.log.mark(text))
+
+    # ----- lifecycle -----------------------------------------------------------------------------
+    @property
+    def log(self) -> EngineLog:
+        """vLLM's log of this session's engines (``%vllm_log``)."""
+        if self._log is None:
+            self._log = EngineLog()
+        return self._log
+
+    @property
+    def loaded(self) -> bool:
+        return self._backend is not None
+
+    @property
+    def config(self) -> EngineConfig | None:
+        return None if self._backend is None else self._backend.config
+
+    @property
+    def backend(self) -> Backend | None:
+        """What runs the model now (None when nothing is loaded)."""
+        return self._backend
+
+    @property
+    def llm(self) -> Any:
+        """The underlying ``vllm.LLM`` of an in-process engine (its engine is driven by the
+        session's thread: don't step it; use :meth:`run_on_engine`)."""
+        backend = self._require()
+        if not hasattr(backend, "llm"):
+            raise NoEngineError(f"the {type(backend).__name__} has no vllm.LLM in this process")
+        return backend.llm
+
+    def resolve(self, model: str | None = None, **engine_kwargs: Any) -> EngineConfig:
+        """The configuration ``load(model, **engine_kwargs)`` would run (nothing is started)."""
+        import_vllm()
+        return resolve_engine_config(model, **engine_kwargs)
+
+    def serves(self, wanted: EngineConfig) -> bool:
+        """Whether the live engine serves a load request for ``wanted`` (the rule ``load`` uses)."""
+        backend = self._backend
+        return (backend is not None and backend.death() is None
+                and backend.config.serves(wanted, backend.derived_args))
+
+    def load(self, model: str | None = None, *, verbose: bool = False,
+             progress: Callable[[str, float], None] | None = None, **engine_kwargs: Any) -> LoadInfo:
+        """Load ``model`` (None: the demo model) with vLLM engine arguments, or keep the live engine
+        when it serves that request.
+
+        Raises :class:`ConfigError` (old engine kept) for a configuration that is invalid before
+        anything starts, and :class:`EngineStartError` (session left empty) when vLLM fails to start.
+        ``progress(stage, elapsed)`` is called about twice a second while a new engine starts.
+        """
+        from .local import LocalBackend
+
+        start = time.perf_counter()
+        quiet_vllm_environment(verbose)  # before any vLLM import and any engine's children start
+        import_vllm(verbose)
+        config = resolve_engine_config(model, **engine_kwargs)
+        with self._lock:
+            if self.serves(config):
+                return LoadInfo(self._backend.config, True, time.perf_counter() - start,
+                                self._summary(self._backend, already=True))
+            if self._backend is not None:
+                LocalBackend.validate(config, self.log)  # refuse a bad configuration while the old engine runs
+                self.unload()
+            self._backend = LocalBackend.start(config, self.log, verbose=verbose, progress=progress,
+                                               on_finished=_weakly(self._finished))
+            self.engines_created += 1
+            return LoadInfo(config, False, time.perf_counter() - start, self._summary(self._backend))
+
+    def unload(self) -> bool:
+        """Shut the engine down and wait until its processes (and GPU memory) are gone.
+
+        Returns False when nothing was loaded. Safe to call twice.
+        """
+        with self._lock:
+            backend, self._backend = self._backend, None
+            if backend is None:
+                return False
+            self.log.mark(f"unloading {backend.config.model}")
+            report = backend.shutdown()
+            if report.processes_killed:
+                self.log.mark(f"killed {report.processes_killed} engine process(es) that outlived shutdown")
+            self.last_unload = report
+            return True
+
+    # ----- requests ------------------------------------------------------------------------------
+    def submit(self, prompts: PromptLike | Sequence[PromptLike], sampling: Any = None, *,
+               raw: bool | None = None, system: str | None = None, json_schema: Any = None,
+               regex: str | None = None, choice: list[str] | None = None,
+               **overrides: Any) -> list[RequestHandle]:
+        """Submit one or many prompts together; returns one handle per prompt.
+
+        ``prompts`` is a string, a conversation (a list of ``{"role", "content"}`` dicts), or a list
+        of either. Strings go through the model's chat template as one user message (with
+        ``system`` or the defaults' system prompt) unless ``raw`` (default: the session's) is true.
+        ``overrides`` are sampling options (``temperature=0``, ``max_tokens=5``, ``n=2``, ...) over
+        the session's defaults; ``json_schema``, ``regex`` or ``choice`` constrain the answer.
+        ``sampling`` is a ready ``SamplingParams`` used as given, instead of defaults and overrides.
+        """
+        backend = self._require()
+        items = as_prompt_list(prompts)
+        raw = self.defaults.raw if raw is None else raw
+        system = self.defaults.system_prompt if system is None else system
+        structured = {"json_schema": json_schema, "regex": regex, "choice": choice}
+        if sampling is None:
+            sampling = build_sampling_params(self.defaults, overrides, **structured)
+        elif overrides or any(v is not None for v in structured.values()):
+            raise TypeError("pass either a SamplingParams or sampling options, not both")
+        else:
+            from .compat import RequestOutputKind
+
+            sampling = sampling.clone()
+            sampling.output_kind = RequestOutputKind.DELTA
+        parse = json.loads if json_schema is not None else None
+        requests = []
+        for prompt in backend.prepare(items, raw, system):
+            params = backend.fit(sampling, len(prompt.token_ids))
+            handle = RequestHandle(f"vm-{next(self._ids)}", prompt.text, prompt.token_ids, params.n,
+                                   self._abort_one, parse, sampling_params=params)
+            requests.append((handle, prompt, params))
+        backend.add(requests)
+        with self._counter_lock:
+            self.submissions += 1
+        return [handle for handle, _, _ in requests]
+
+    def generate(self, prompt: PromptLike, **kwargs: Any) -> GenerationResult:
+        """Submit one prompt and wait for its result (Ctrl-C aborts it)."""
+        return self.submit(prompt, **kwargs)[0].result()
+
+    def render_prompt(self, prompt: PromptLike, *, raw: bool | None = None, system: str | None = None) -> str:
+        """The exact text that would be sent for ``prompt`` (after the chat template)."""
+        backend = self._require()
+        raw = self.defaults.raw if raw is None else raw
+        system = self.defaults.system_prompt if system is None else system
+        return backend.prepare([prompt], raw, system)[0].text
+
+    def abort_all(self) -> int:
+        """Abort every request in flight (the Stop button); returns how many were stopped."""
+        backend = self._backend
+        return 0 if backend is None else backend.abort_all()
+
+    def _abort_one(self, request_id: str) -> None:
+        backend = self._backend
+        if backend is not None:
+            backend.abort([request_id])
+
+    def run_on_engine(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(llm)`` on the driver thread, between engine steps (benchmarks use raw vLLM here)."""
+        return self._require().call(fn)
+
+    def add_listener(self, fn: Callable[[GenerationResult], None]) -> None:
+        """Call ``fn(result)`` after every finished request, on the listeners' thread (the widgets'
+        status line). Its errors are reported, not raised."""
+        self.listeners.add(fn)
+
+    def remove_listener(self, fn: Callable[[GenerationResult], None]) -> None:
+        self.listeners.remove(fn)
+
+    def _finished(self, handle: RequestHandle) -> None:
+        # Called on the driver thread: count, then hand the result to the listeners' thread.
+        result = handle.snapshot()
+        with self._counter_lock:
+            self.requests_served += 1
+            self.tokens_out += result.output_tokens
+        self.last_result = result
+        self.listeners.notify(result)
+
+    def _require(self) -> Backend:
+        backend = self._backend
+        if backend is None:
+            raise NoEngineError("no model is loaded: run %vllm_load (the demo model) or %vllm_load MODEL first")
+        death = backend.death()
+        if death is not None:
+            raise EngineDiedError(f"the engine process died ({death}); run %vllm_load again to restart it")
+        return backend
+
+    # ----- status --------------------------------------------------------------------------------
+    def status(self) -> SessionStatus:
+        """Model, engine args, platform, memory, uptime and request counters."""
+        backend = self._backend
+        if backend is None:
+            return SessionStatus(loaded=False, submissions=self.submissions, requests_served=self.requests_served,
+                                 tokens_out=self.tokens_out)
+        from .compat import vllm_version
+
+        dead = backend.death()
+        memory, kind = (None, "") if dead else backend.memory()
+        config = backend.config
+        return SessionStatus(
+            loaded=True, model=config.model, platform=config.platform,
+            engine_args=dict(config.engine_kwargs), dtype=backend.dtype, max_model_len=backend.max_model_len,
+            kv_cache_tokens=backend.kv_cache_tokens, memory_bytes=memory, memory_kind=kind,
+            uptime=time.monotonic() - backend.started, load_seconds=backend.load_seconds,
+            submissions=self.submissions, requests_served=self.requests_served, tokens_out=self.tokens_out,
+            requests_live=backend.live_count, vllm_version=vllm_version(),
+            fingerprint=config.fingerprint, log_path=str(self.log.path), dead=dead)
+
+    @staticmethod
+    def _summary(backend: Backend, already: bool = False) -> str:
+        name, platform = backend.config.short_name, backend.config.platform
+        if already:  # the arguments it was loaded with: a request that leaves them open keeps them
+            given = "".join(f", {k}={v}" for k, v in sorted(backend.config.requested.items()))
+            return f"{name} already loaded ({platform}, {backend.dtype}{given})"
+        kv = f", KV cache {backend.kv_cache_tokens:,} tokens" if backend.kv_cache_tokens else ""
+        return f"{name} loaded on {platform} ({backend.dtype}{kv}) in {backend.load_seconds:.1f} s"
+
+
+def _weakly(method: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A callback that does not keep its object alive (the engine must not pin the session)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(value: Any) -> None:
+        fn = ref()
+        if fn is not None:
+            fn(value)
+
+    return call
+
+
+_session: EngineSession | None = None
+_session_lock = threading.Lock()
+
+
+def get_session() -> EngineSession:
+    """The process-wide engine session (created on first use; its engine is shut down at exit)."""
+    global _session
+    with _session_lock:
+        if _session is None:
+            _session = EngineSession()
+        return _session

@@ -1,0 +1,40 @@
+"""The package's errors: every one a :class:`VllmMagicError` with a message meant for the user.
+
+The core (engine session, LangChain classes, widgets) raises these; only the magics turn them into
+IPython's ``UsageError``. None of them is a ``ValueError``: pydantic would bury one raised while a
+LangChain object is constructed under a ``ValidationError``. With the extension loaded, any cell that raises one shows its message in
+one line instead of a traceback (``llm.invoke(...)`` included).
+"""
+
+from __future__ import annotations
+
+__all__ = ["VllmMagicError", "ConfigError", "NoEngineError", "EngineStartError", "EngineDiedError",
+           "PromptTooLongError", "RequestError"]
+
+
+class VllmMagicError(Exception):
+    """Base of every error vllm-magic reports to its user."""
+
+
+class ConfigError(VllmMagicError):
+    """The engine configuration is invalid; found before any engine was touched."""
+
+
+class NoEngineError(VllmMagicError, RuntimeError):
+    """No engine is loaded."""
+
+
+class EngineStartError(VllmMagicError, RuntimeError):
+    """The engine failed to start; the message carries vLLM's root cause in a few lines."""
+
+
+class EngineDiedError(VllmMagicError, RuntimeError):
+    """The engine stopped serving (its process died, or it was shut down)."""
+
+
+class PromptTooLongError(VllmMagicError):
+    """A prompt does not fit the model's context window."""
+
+
+class RequestError(VllmMagicError):
+    """A request cannot be made as asked: unknown options, unsupported messages, bad values."""
