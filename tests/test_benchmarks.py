@@ -4,6 +4,7 @@ table, JSON and chart. Timings are not asserted (they depend on the machine)."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -115,3 +116,18 @@ async def test_awaiting_a_handle_is_not_woken_per_delta():
         del loop.call_soon_threadsafe
     assert [r.text for r in results] == ["x" * 10] * 8
     assert len(wakeups) == 8
+
+
+def test_gpu_memory_is_summed_over_every_device(monkeypatch):
+    """A tensor-parallel engine spans several GPUs: the sampler reads all of them, not GPU 0 alone."""
+    import types
+
+    from benchmarks.measure import engine_memory_now
+
+    used = {0: 3 << 30, 1: 5 << 30}
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: len(used),
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetMemoryInfo=lambda handle: types.SimpleNamespace(used=used[handle]))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert engine_memory_now("cuda") == (8 << 30, "device memory in use")
