@@ -34,12 +34,16 @@ class Row:
     unit: str  # "tok/s", "ms", "s", "GiB"
     value: float | None = None
     baseline: str | None = None  # name of the row this one is compared with
-    ratio: float | None = None  # value / baseline value (for ttft: the difference, in ms)
+    ratio: float | None = None  # median of ``ratios`` (older results: value / baseline value)
     target: str | None = None
     met: bool | None = None
     samples: list[float] = field(default_factory=list)
     note: str = ""
     available: bool = True
+    ratios: list[float] = field(default_factory=list)  # one per interleaved run; ``ratio`` is their median
+    tokens: list[int] = field(default_factory=list)  # output tokens of each sample
+    failed: bool = False  # the front-end raised, or did not generate what raw vLLM generated
+    run_id: str = ""  # the run that measured it (a table refuses rows of another run)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
