@@ -68,7 +68,7 @@ def make_prompts(n: int) -> list[str]:
 STREAM_PROMPT = "Explain, step by step, how a rainbow forms."
 TTFT_TOKENS = 8  # the time-to-first-text runs stop early: many short runs beat a few long ones
 # How the results were taken, recorded in each JSON (older results have neither key).
-PAIRING = "median of per-run ratios to raw vLLM in the same run"
+PAIRING = "median of per-run ratios to raw vLLM in the same interleaved run"
 PREFIX_CACHE = "reset before every timed run and warm-up"
 GiB = float(1 << 30)
 

@@ -7,13 +7,14 @@ import json
 import math
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 
 from benchmarks.loads import magic_load_line
 from benchmarks.frontends import fresh_prefix_cache
 from benchmarks.measure import Sample
-from benchmarks.report import markdown_table
+from benchmarks.report import fill_doc, markdown_table
 from benchmarks.run import failed_rows, make_prompts, paired_rows, run
 
 
@@ -216,6 +217,39 @@ def test_failed_rows_make_the_command_fail():
     old_format = {"group": "batch", "name": "c", "note": "error: RuntimeError: y", "available": False}
     assert failed_rows({"rows": [ok]}) == []
     assert failed_rows({"rows": [ok, raised, old_format]}) == [raised, old_format]
+
+
+def _results(run_id, rows):
+    meta = {"title": "t", "device": "d", "vllm_version": "v", "model_label": "m", "dtype": "float32", "prompts": 1,
+            "tokens": 1, "stream_tokens": 1, "repeats": 1, "stream_repeats": 1, "date": "now", "engine_kwargs": {},
+            "run_id": run_id, "pairing": "median of per-run ratios", "prefix_cache": "reset"}
+    return {"meta": meta, "rows": rows}
+
+
+def test_a_table_refuses_rows_of_another_run(tmp_path):
+    row = {"group": "batch", "name": "x", "unit": "tok/s", "value": 10.0, "note": "", "run_id": "aaa"}
+    assert "| x | 10.0 tok/s |" in markdown_table(_results("aaa", [row]))
+    with pytest.raises(ValueError, match="another run"):
+        markdown_table(_results("bbb", [row]))
+
+
+def test_the_doc_is_filled_from_each_json_not_from_an_edited_md(tmp_path):
+    row = {"group": "batch", "name": "x", "unit": "tok/s", "value": 10.0, "note": "", "run_id": "aaa"}
+    (tmp_path / "run.json").write_text(json.dumps(_results("aaa", [row])))
+    (tmp_path / "run.md").write_text("| batch throughput | x | 99 tok/s (from elsewhere) |")
+    doc = tmp_path / "doc.md"
+    doc.write_text("before\n<!-- results: run -->\nstale\n<!-- /results -->\nafter\n")
+    fill_doc(doc, tmp_path)
+    text = doc.read_text()
+    assert "10.0 tok/s" in text and "99 tok/s" not in text and "stale" not in text
+    assert text.startswith("before\n") and text.endswith("after\n")
+
+
+def test_old_results_render_and_say_they_predate_paired_runs():
+    for path in sorted((Path(__file__).parents[1] / "benchmarks" / "results").glob("*.json")):
+        data = json.loads(path.read_text())
+        if "rows" in data and "pairing" not in data["meta"]:
+            assert "Taken before paired runs" in markdown_table(data), path.name
 
 
 def test_prefix_cache_reset_makes_the_next_run_compute_its_prompt_again(engine):
