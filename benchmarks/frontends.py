@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from .measure import Sample, pinned_sampling, wait_until
 
-__all__ = ["Workload", "BATCH", "STREAM", "magics_available", "langchain_available"]
+__all__ = ["Workload", "BATCH", "STREAM", "fresh_prefix_cache", "magics_available", "langchain_available"]
 
 _ids = itertools.count(1)
 
@@ -72,6 +72,18 @@ class Workload:
 
 
 # ----- raw vLLM ------------------------------------------------------------------------------------
+
+def fresh_prefix_cache(llm: Any) -> None:
+    """Empty vLLM's prefix cache, so that the next request computes its prompt in full.
+
+    Every timed run sends the same prompts; without this, every run after the first would find
+    them computed by the one before. ``LLM.reset_prefix_cache()`` has this form from vLLM 0.26 to
+    0.32 at least; it must run between engine steps (on the driver thread), and vLLM refuses while
+    requests still hold cache blocks: so does this.
+    """
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM did not reset its prefix cache: requests were still in the engine")
+
 
 def _sampling(max_tokens: int, delta: bool = False) -> Any:
     from vllm import SamplingParams
@@ -123,6 +135,9 @@ def stream_raw_generate(w: Workload) -> Sample:
         start = time.perf_counter()
         llm.generate([w.stream_text], one, use_tqdm=False)
         t_one = time.perf_counter() - start
+        # The full generate computes the prompt again, as the 1-token one did: else the difference
+        # of the two would leave part of the prompt's time out of the decode time.
+        fresh_prefix_cache(llm)
         start = time.perf_counter()
         outputs = llm.generate([w.stream_text], full, use_tqdm=False)
         t_full = time.perf_counter() - start

@@ -3,7 +3,7 @@
     python -m benchmarks.gpu_session_check --model DIR [--engine-args JSON] [--switch-max-model-len N]
         [--json PATH]
 
-Device memory is ``torch.cuda.mem_get_info`` (in use = total - free, for the whole device), taken
+Device memory is the memory in use on all GPUs, summed (NVML, as the session reads it), taken
 before and after each step; a background sampler also records the lowest value during each switch,
 which shows that the old engine's memory was given back before the new engine took its own.
 Runs on CPU too (memory is then the RSS of the engine processes).
@@ -22,15 +22,10 @@ GiB = float(1 << 30)
 
 
 def _device_used() -> float | None:
-    try:
-        import torch
+    from .measure import engine_memory_now
 
-        if torch.cuda.is_available():
-            free, total = torch.cuda.mem_get_info()
-            return (total - free) / GiB
-    except Exception:
-        pass
-    return None
+    value, _ = engine_memory_now("cuda")
+    return None if value is None else value / GiB
 
 
 def _memory() -> float | None:

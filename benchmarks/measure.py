@@ -34,12 +34,16 @@ class Row:
     unit: str  # "tok/s", "ms", "s", "GiB"
     value: float | None = None
     baseline: str | None = None  # name of the row this one is compared with
-    ratio: float | None = None  # value / baseline value (for ttft: the difference, in ms)
+    ratio: float | None = None  # median of ``ratios`` (older results: value / baseline value)
     target: str | None = None
     met: bool | None = None
     samples: list[float] = field(default_factory=list)
     note: str = ""
     available: bool = True
+    ratios: list[float] = field(default_factory=list)  # one per interleaved run; ``ratio`` is their median
+    tokens: list[int] = field(default_factory=list)  # output tokens of each sample
+    failed: bool = False  # the front-end raised, or did not generate what raw vLLM generated
+    run_id: str = ""  # the run that measured it (a table refuses rows of another run)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,27 +55,34 @@ def best(values: list[float], higher_is_better: bool) -> float:
 
 
 def median(values: list[float]) -> float:
+    """The median (runs of a shared machine have outliers both ways)."""
     return statistics.median(values)
 
 
 # ----- memory ------------------------------------------------------------------------------------
 
 def _cuda_used_bytes() -> int | None:
-    """Device memory in use on GPU 0 (NVML: no CUDA context in this process; torch as a fallback)."""
+    """Device memory in use on all GPUs, summed: an engine may span several (tensor parallel).
+
+    NVML creates no CUDA context in this process; torch is the fallback where NVML is missing.
+    """
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+        try:
+            return sum(int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used)
+                       for i in range(pynvml.nvmlDeviceGetCount()))
+        finally:
+            pynvml.nvmlShutdown()
     except Exception:
         pass
     try:
         import torch
 
         if torch.cuda.is_available():
-            free, total = torch.cuda.mem_get_info()
-            return int(total - free)
+            return sum(int(total - free) for free, total in
+                       (torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count())))
     except Exception:
         pass
     return None
@@ -185,13 +196,18 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
 
 
 def machine_description() -> str:
-    """A short description of this machine: GPU name, or CPU model and core count."""
+    """A short description of this machine: GPU name (and count), or CPU model and core count."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
-        return name.decode() if isinstance(name, bytes) else str(name)
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        finally:
+            pynvml.nvmlShutdown()
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        return name if count == 1 else f"{count} x {name}"
     except Exception:
         pass
     model = "CPU"

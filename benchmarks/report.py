@@ -3,8 +3,8 @@
     python -m benchmarks.report RESULTS.json [...]   # re-draw tables and charts from saved JSON
     python -m benchmarks.report --doc docs/benchmarks.md   # put the saved tables into the doc
 
-In the doc, ``<!-- results: TAG -->`` ... ``<!-- /results -->`` holds ``benchmarks/results/TAG.md``
-(or, for the session check, the table in ``TAG.json``).
+In the doc, ``<!-- results: TAG -->`` ... ``<!-- /results -->`` holds the table of
+``benchmarks/results/TAG.json`` (for the session check, the table stored in it).
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
-__all__ = ["write_all", "markdown_table", "write_chart"]
+__all__ = ["write_all", "markdown_table", "write_chart", "fill_doc", "method_notes"]
 
 GROUP_TITLES = {
     "batch": "batch throughput",
@@ -62,21 +61,39 @@ def header_line(meta: dict) -> str:
     return " · ".join(parts)
 
 
+def method_notes(meta: dict) -> list[str]:
+    """How the comparison with raw vLLM was taken; results that predate paired runs say so."""
+    if meta.get("pairing"):
+        return [f"vs. raw vLLM: the {meta['pairing']} (time to first text: of per-run differences, in ms); "
+                "in every run each row generated as many tokens as raw vLLM, or it is marked failed. "
+                f"vLLM's prefix cache was {meta.get('prefix_cache', 'not reset')}."]
+    return ["Taken before paired runs: vs. raw vLLM compares the rows' summary values, every run sent the "
+            "same prompts without emptying vLLM's prefix cache, and token counts were not checked."]
+
+
 def markdown_table(results: dict) -> str:
+    """The results as a markdown table; raises ValueError if a row was measured in another run."""
     meta = results["meta"]
+    strays = [r["name"] for r in results["rows"] if r.get("run_id", meta.get("run_id")) != meta.get("run_id")]
+    if strays:
+        raise ValueError(f"rows from another run than {meta.get('run_id')}: {strays}")
     lines = [f"#### {meta['title']}", "", header_line(meta), "",
              f"Engine arguments: `{json.dumps(meta['engine_kwargs'], sort_keys=True)}`", "",
              "| measure | front-end / action | result | vs. raw vLLM | target | met |",
              "|---|---|---|---|---|---|"]
     for row in results["rows"]:
         met = "" if row.get("met") is None else ("yes" if row["met"] else "**no**")
+        if row.get("failed"):
+            met = "**failed**"
         result = _fmt(row["value"], row["unit"]) if row.get("available", True) else "not available"
         note = f" ({row['note']})" if row.get("note") else ""
         lines.append(f"| {GROUP_TITLES.get(row['group'], row['group'])} | {row['name']}{note} | {result} | "
                      f"{_ratio(row)} | {row.get('target') or ''} | {met} |")
-    if meta.get("notes"):
-        lines.append("")
-        lines += [f"- {note}" for note in meta["notes"]]
+    notes = [*meta.get("notes", []), *method_notes(meta)]
+    if meta.get("complete") is False:
+        notes.append("This run was cut short: what it had not measured yet is missing.")
+    lines.append("")
+    lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -147,18 +164,20 @@ def write_all(results: dict, out_dir: Path, tag: str, chart: bool = True) -> dic
 
 
 def fill_doc(doc: Path, results_dir: Path) -> None:
-    """Replace every results block of ``doc`` with the saved table it names."""
+    """Replace every results block of ``doc`` with the table of the results JSON it names.
+
+    Each table is drawn from its one JSON file, never from an edited ``.md``: a table shows one
+    run's rows only (``markdown_table`` refuses rows of another run).
+    """
     text = doc.read_text()
 
     def table(match: re.Match) -> str:
         tag = match.group(1)
-        md, js = results_dir / f"{tag}.md", results_dir / f"{tag}.json"
-        if md.exists():
-            body = md.read_text()
-        elif js.exists():
-            body = json.loads(js.read_text())["markdown"]
-        else:
+        path = results_dir / f"{tag}.json"
+        if not path.exists():
             return match.group(0)  # not measured yet: leave the block as it is
+        data = json.loads(path.read_text())
+        body = markdown_table(data) if "rows" in data else data["markdown"]  # the session check: its own table
         return f"<!-- results: {tag} -->\n\n{body.strip()}\n\n<!-- /results -->"
 
     pattern = re.compile(r"<!-- results: ([\w.-]+) -->(?:.*?<!-- /results -->)?", re.S)

@@ -6,6 +6,11 @@ the same configuration, switches ``max_model_len`` and back, unloads, and constr
 community's ``VLLM`` twice as the control; engine memory is sampled all along. Results go to
 ``benchmarks/results/TAG.{json,md,png}``.
 
+Front-ends run interleaved with raw vLLM; each one's comparison with raw vLLM is the median of its
+per-run ratios (time to first text: of per-run differences), and each run's output token count must
+equal raw vLLM's. vLLM's prefix cache is emptied before every timed run, so that no run reuses the
+prompt computation of an earlier one.
+
 Examples::
 
     python -m benchmarks.run                       # CPU size, demo model
@@ -23,15 +28,16 @@ import os
 import platform as _platform
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from .frontends import BATCH, STREAM, Workload
+from .frontends import BATCH, STREAM, Workload, fresh_prefix_cache
 from .loads import community_vllm_twice, magic_load_line, reload_magic, reload_session
 from .measure import MemorySampler, Row, Sample, best, machine_description, median
 from .report import write_all
 
-__all__ = ["main", "run", "SIZES"]
+__all__ = ["main", "run", "SIZES", "failed_rows", "paired_rows"]
 
 SIZES: dict[str, dict[str, Any]] = {
     # A few seconds of generation: the test suite runs this size.
@@ -61,6 +67,9 @@ def make_prompts(n: int) -> list[str]:
 
 STREAM_PROMPT = "Explain, step by step, how a rainbow forms."
 TTFT_TOKENS = 8  # the time-to-first-text runs stop early: many short runs beat a few long ones
+# How the results were taken, recorded in each JSON (older results have neither key).
+PAIRING = "median of per-run ratios to raw vLLM in the same interleaved run"
+PREFIX_CACHE = "reset before every timed run and warm-up"
 GiB = float(1 << 30)
 
 
@@ -89,7 +98,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results directory")
     p.add_argument("--note", action="append", default=[], help="a note for the table (repeatable)")
     p.add_argument("--statistic", choices=("median", "best"), default="median",
-                   help="how runs are summarized: median, or best (max tok/s, min ms) on a busy shared machine")
+                   help="how a row's runs are summarized: median, or best (max tok/s, min ms) on a busy shared "
+                        "machine; the comparison with raw vLLM is the median of per-run ratios either way")
     p.add_argument("--no-chart", action="store_true")
     return p.parse_args(argv)
 
@@ -98,9 +108,19 @@ def _say(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _measure_group(entries, workload: Workload, repeats: int, warm: Workload) -> dict[str, Any]:
-    """Warm each front-end up once, then run them interleaved ``repeats`` times."""
-    samples: dict[str, list[Sample]] = {}
+def _error(exc: BaseException) -> str:
+    return f"error: {type(exc).__name__}: {exc}"[:300]
+
+
+def _measure_group(entries, workload: Workload, repeats: int, warm: Workload,
+                   fresh: Callable[[], None]) -> dict[str, Any]:
+    """Warm each front-end up once, then run them interleaved ``repeats`` times.
+
+    Returns ``{"runs": [{name: Sample}, ...], "problems": {name: note}}``, one dict per run.
+    ``fresh()`` comes before every call, warm-ups included: no call finds its prompts already
+    computed (prefix cache) by an earlier one.
+    """
+    runs: list[dict[str, Sample]] = []
     problems: dict[str, str] = {}
     live = []
     for name, fn, needs in entries:
@@ -108,89 +128,119 @@ def _measure_group(entries, workload: Workload, repeats: int, warm: Workload) ->
             problems[name] = "front-end not available"
             continue
         try:
+            fresh()
             fn(warm)
             live.append((name, fn))
-            samples[name] = []
         except Exception as exc:  # a front-end that fails is reported, the others still run
-            problems[name] = f"error: {type(exc).__name__}: {exc}"[:300]
+            problems[name] = _error(exc)
             _say(f"{name}: {problems[name]}")
     for rep in range(repeats):
+        run: dict[str, Sample] = {}
         # Rotate the order each run so that no front-end always runs first (GPU clocks, caches).
-        for name, fn in live[rep % len(live):] + live[:rep % len(live)] if live else []:
+        turn = rep % len(live) if live else 0
+        for name, fn in live[turn:] + live[:turn]:
             try:
-                samples[name].append(fn(workload))
+                fresh()
+                run[name] = fn(workload)
             except Exception as exc:
-                problems[name] = f"error: {type(exc).__name__}: {exc}"[:300]
+                problems[name] = _error(exc)
                 _say(f"{name}: {problems[name]}")
-        _say(f"run {rep + 1}/{repeats}: " + ", ".join(
-            f"{n} {samples[n][-1].value:,.1f}" for n, _ in live if samples.get(n)))
-    return {"samples": samples, "problems": problems}
+        runs.append(run)
+        _say(f"run {rep + 1}/{repeats}: " + ", ".join(f"{n} {run[n].value:,.1f}" for n, _ in live if n in run))
+    return {"runs": runs, "problems": problems}
 
 
-def _batch_rows(measured: dict, pick: Callable[[list[float], bool], float]) -> list[Row]:
-    rows, raw = [], None
-    for name, _, _ in BATCH:
-        values = [s.value for s in measured["samples"].get(name, [])]
-        if not values:
-            rows.append(Row("batch", name, "tok/s", available=False, note=measured["problems"].get(name, "")))
-            continue
-        value = pick(values, True)
-        row = Row("batch", name, "tok/s", value, samples=values)
-        extras = [s.extra for s in measured["samples"][name] if "head_ms" in s.extra]
-        if extras and name != BATCH[0][0]:
-            row.note = (f"{median([e['head_ms'] for e in extras]):.0f} ms before the first request, "
-                        f"{median([e['tail_ms'] for e in extras]):.0f} ms after the last")
-        if raw is None:
-            raw = value
-        else:
-            row.baseline, row.ratio = BATCH[0][0], value / raw
-            row.target, row.met = f">= {BATCH_TARGET}", row.ratio >= BATCH_TARGET
+def paired_rows(group: str, unit: str, measured: dict[str, Any], names: list[str], *,
+                value_of: Callable[[Sample], float], higher: bool,
+                pick: Callable[[list[float], bool], float], compare: Callable[[float, float], float],
+                expected_tokens: int, target: Callable[[str], tuple[str, Callable[[float], bool]] | None],
+                describe: Callable[[str, list[Sample]], str]) -> list[Row]:
+    """One row per front-end in ``names``; the first is the raw baseline.
+
+    The row's value summarizes its runs (``pick``); its comparison with the baseline is paired:
+    the median of ``compare(front-end, baseline)`` over the runs where both have a value, so
+    that whatever slowed one run down weighs on both sides of that run's ratio. Each run's output
+    token count must equal the baseline's in the same run, and the baseline's ``expected_tokens``;
+    a front-end that raised, or generated another count, fails its row.
+    """
+    base, runs, problems = names[0], measured["runs"], measured["problems"]
+    rows = []
+    for name in names:
+        mine = [(i, run[name]) for i, run in enumerate(runs) if name in run]
+        kept = [(i, s, value_of(s)) for i, s in mine if not math.isnan(value_of(s))]
+        row = Row(group, name, unit, samples=[v for _, _, v in kept],
+                  tokens=[int(s.extra["tokens"]) for _, s, _ in kept], available=bool(mine))
+        if row.samples:
+            row.value = pick(row.samples, higher)
+        wrong = []
+        for i, sample in mine:
+            # Raw vLLM's count in the same run; where raw vLLM has none, the count asked for.
+            reference = runs[i][base].extra["tokens"] if name != base and base in runs[i] else expected_tokens
+            if sample.extra["tokens"] != reference:
+                wrong.append(f"run {i + 1}: {sample.extra['tokens']:g} tokens, not {reference:g}")
+        if name != base:
+            row.ratios = [compare(v, value_of(runs[i][base])) for i, _, v in kept
+                          if base in runs[i] and not math.isnan(value_of(runs[i][base]))]
+            if row.ratios:
+                row.baseline, row.ratio = base, median(row.ratios)
+                wanted = target(name)
+                if wanted is not None:
+                    row.target, row.met = wanted[0], wanted[1](row.ratio)
+        problem = problems.get(name, "")
+        row.failed = problem.startswith("error:") or bool(wrong)
+        row.note = "; ".join(part for part in (
+            describe(name, [s for _, s in mine]), problem,
+            f"generated other token counts than {'asked' if name == base else 'raw vLLM'}: {', '.join(wrong)}"
+            if wrong else "") if part)
         rows.append(row)
     return rows
 
 
-def _stream_rows(ttft_measured: dict, decode_measured: dict,
-                 pick: Callable[[list[float], bool], float]) -> list[Row]:
-    """Time to first text from the short runs, decode rate from the long ones."""
-    ttft_rows, decode_rows = [], []
-    base = STREAM[0][0]
-    base_ttft = [s.value for s in ttft_measured["samples"].get(base, [])]
-    base_decode = [s.extra["decode"] for s in decode_measured["samples"].get(base, [])
-                   if not math.isnan(s.extra["decode"])]
-    raw_ttft = pick(base_ttft, False) if base_ttft else None
-    raw_decode = pick(base_decode, True) if base_decode else None
-    for name, _, _ in STREAM:
-        ttft_samples = ttft_measured["samples"].get(name, [])
-        decode_samples = decode_measured["samples"].get(name, [])
-        if not ttft_samples:
-            ttft_rows.append(Row("ttft", name, "ms", available=False, note=ttft_measured["problems"].get(name, "")))
-        else:
-            values = [s.value for s in ttft_samples]
-            row = Row("ttft", name, "ms", pick(values, False), samples=values)
-            if name == "raw LLM.generate":
-                row.note = "no streaming: a 1-token generate"
-            heads = [s.extra["head_ms"] for s in ttft_samples if "head_ms" in s.extra]
-            if heads:
-                row.note = f"{median(heads):.2f} ms before the request reached the session"
-            if name != base and raw_ttft is not None:
-                row.baseline, row.ratio = base, row.value - raw_ttft
-                if name in STREAMING_FRONTENDS:
-                    row.target, row.met = f"<= +{TTFT_TARGET_MS:g} ms", row.ratio <= TTFT_TARGET_MS
-            ttft_rows.append(row)
-        decodes = [s.extra["decode"] for s in decode_samples if not math.isnan(s.extra["decode"])]
-        if not decodes:
-            decode_rows.append(Row("decode", name, "tok/s", available=bool(decode_samples),
-                                   note=decode_measured["problems"].get(name, "")))
-            continue
-        row = Row("decode", name, "tok/s", pick(decodes, True), samples=decodes)
-        if name == "raw LLM.generate":
-            row.note = "(full - 1-token generate) time"
-        if name != base and raw_decode:
-            row.baseline, row.ratio = base, row.value / raw_decode
-            if name in STREAMING_FRONTENDS:
-                row.target, row.met = f">= {DECODE_TARGET}", row.ratio >= DECODE_TARGET
-        decode_rows.append(row)
-    return ttft_rows + decode_rows
+def _describe_batch(name: str, samples: list[Sample]) -> str:
+    extras = [s.extra for s in samples if "head_ms" in s.extra]
+    if not extras:
+        return ""
+    return (f"{median([e['head_ms'] for e in extras]):.0f} ms before the first request, "
+            f"{median([e['tail_ms'] for e in extras]):.0f} ms after the last")
+
+
+def _describe_ttft(name: str, samples: list[Sample]) -> str:
+    heads = [s.extra["head_ms"] for s in samples if "head_ms" in s.extra]
+    if heads:
+        return f"{median(heads):.2f} ms before the request reached the session"
+    return "no streaming: a 1-token generate" if name == "raw LLM.generate" else ""
+
+
+def _describe_decode(name: str, samples: list[Sample]) -> str:
+    return "(full - 1-token generate) time" if name == "raw LLM.generate" else ""
+
+
+def _batch_rows(measured: dict, pick: Callable[[list[float], bool], float], workload: Workload) -> list[Row]:
+    """Throughput of each batch front-end, and its per-run ratio to raw ``LLM.generate``."""
+    return paired_rows(
+        "batch", "tok/s", measured, [name for name, _, _ in BATCH], value_of=lambda s: s.value, higher=True,
+        pick=pick, compare=lambda a, b: a / b, expected_tokens=len(workload.prompts) * workload.tokens,
+        target=lambda name: (f">= {BATCH_TARGET}", lambda r: r >= BATCH_TARGET), describe=_describe_batch)
+
+
+def _stream_rows(ttft_measured: dict, decode_measured: dict, pick: Callable[[list[float], bool], float],
+                 short: Workload, workload: Workload) -> list[Row]:
+    """Time to first text from the short runs (per-run differences to the raw engine loop, in ms),
+    decode rate from the long ones (per-run ratios)."""
+    names = [name for name, _, _ in STREAM]
+
+    def streaming(text: str, check: Callable[[float], bool]):
+        return lambda name: (text, check) if name in STREAMING_FRONTENDS else None
+
+    ttft = paired_rows(
+        "ttft", "ms", ttft_measured, names, value_of=lambda s: s.value, higher=False, pick=pick,
+        compare=lambda a, b: a - b, expected_tokens=short.stream_tokens,
+        target=streaming(f"<= +{TTFT_TARGET_MS:g} ms", lambda r: r <= TTFT_TARGET_MS), describe=_describe_ttft)
+    decode = paired_rows(
+        "decode", "tok/s", decode_measured, names, value_of=lambda s: s.extra["decode"], higher=True,
+        pick=pick, compare=lambda a, b: a / b, expected_tokens=workload.stream_tokens,
+        target=streaming(f">= {DECODE_TARGET}", lambda r: r >= DECODE_TARGET), describe=_describe_decode)
+    return ttft + decode
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -209,6 +259,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     engine_kwargs = json.loads(args.engine_args)
     pick = (lambda values, higher: best(values, higher)) if args.statistic == "best" else (lambda values, _: median(values))
     session = get_session()
+    run_id = uuid.uuid4().hex[:12]  # every row carries it: a table refuses rows of another run
     notes = list(args.note)
     rows: list[Row] = []
 
@@ -231,9 +282,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 "ttft_tokens": TTFT_TOKENS, "reload_repeats": size["reload_repeats"],
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": _platform.python_version(),
                 "memory_kind": sampler.kind, "notes": notes, "complete": final,
-                "statistic": args.statistic,
+                "statistic": args.statistic, "run_id": run_id, "pairing": PAIRING, "prefix_cache": PREFIX_CACHE,
             },
-            "rows": [r.as_dict() for r in [*rows, *extra]],
+            "rows": [{**r.as_dict(), "run_id": run_id} for r in [*rows, *extra]],
             "memory": {"peaks_bytes": dict(sampler.peaks), "marks_bytes": list(sampler.marks)},
         }
         tag = args.tag or f"{args.size or ('gpu' if platform == 'cuda' else 'cpu')}-{model_label}"
@@ -261,16 +312,21 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         workload = Workload(session, make_prompts(size["prompts"]), size["tokens"], STREAM_PROMPT,
                             size["stream_tokens"])
         warm = Workload(session, make_prompts(2), 4, STREAM_PROMPT, 4)
+        short = Workload(session, workload.prompts[:1], 4, STREAM_PROMPT, TTFT_TOKENS)
         saved_defaults = session.defaults.as_dict()
+
+        def fresh() -> None:
+            session.run_on_engine(fresh_prefix_cache)
+
         try:
             _say(f"batch: {size['prompts']} prompts x {size['tokens']} tokens, {size['repeats']} runs")
-            rows += _batch_rows(_measure_group(BATCH, workload, size["repeats"], warm), pick)
+            batch = _measure_group(BATCH, workload, size["repeats"], warm, fresh)
+            rows += _batch_rows(batch, pick, workload)
             _say(f"time to first text: {TTFT_TOKENS}-token streams, {size['ttft_repeats']} runs")
-            short = Workload(session, workload.prompts[:1], 4, STREAM_PROMPT, TTFT_TOKENS)
-            ttft = _measure_group(STREAM, short, size["ttft_repeats"], warm)
+            ttft = _measure_group(STREAM, short, size["ttft_repeats"], warm, fresh)
             _say(f"single-stream decode: {size['stream_tokens']} tokens, {size['stream_repeats']} runs")
-            decode = _measure_group(STREAM, workload, size["stream_repeats"], warm)
-            rows += _stream_rows(ttft, decode, pick)
+            decode = _measure_group(STREAM, workload, size["stream_repeats"], warm, fresh)
+            rows += _stream_rows(ttft, decode, pick, short, workload)
             save()
         finally:
             for key, value in saved_defaults.items():
@@ -294,7 +350,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                                        note=f"median of {len(times)}" + ("" if no_new else "; a new engine was started!")))
             except Exception as exc:
                 reload_rows.append(Row("load", "%vllm_load, same config", "ms", available=False,
-                                       note=f"error: {type(exc).__name__}: {exc}"[:300]))
+                                       note=_error(exc), failed=True))
         else:
             reload_rows.append(Row("load", "%vllm_load, same config", "ms", available=False,
                                    note="front-end not available"))
@@ -373,13 +429,23 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def failed_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows whose front-end raised or generated other token counts than raw vLLM."""
+    return [r for r in results["rows"] if r.get("failed") or r.get("note", "").startswith("error:")]
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print its table; exit status 1 when a row failed (missed targets are
+    results, not failures)."""
     results = run(argv)
     print(Path(results["paths"]["md"]).read_text())
     missed = [r for r in results["rows"] if r.get("met") is False]
     for row in missed:
         print(f"target missed: {row['group']} / {row['name']}: {row['value']} ({row['target']})")
-    return 0
+    failed = failed_rows(results)
+    for row in failed:
+        print(f"failed: {row['group']} / {row['name']}: {row['note']}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -4,12 +4,18 @@ table, JSON and chart. Timings are not asserted (they depend on the machine)."""
 from __future__ import annotations
 
 import json
+import math
+import statistics
+import sys
+from pathlib import Path
 
 import pytest
 
 from benchmarks.loads import magic_load_line
-from benchmarks.report import markdown_table
-from benchmarks.run import make_prompts, run
+from benchmarks.frontends import fresh_prefix_cache
+from benchmarks.measure import Sample
+from benchmarks.report import fill_doc, markdown_table
+from benchmarks.run import failed_rows, make_prompts, paired_rows, run
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +42,35 @@ def test_smoke_run_writes_table_json_and_chart(smoke):
     assert (out / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_smoke_every_row_was_measured_and_no_front_end_failed(smoke):
+    results, _, _ = smoke
+    for row in results["rows"]:
+        assert row["available"], row
+        assert "error:" not in row["note"], row
+        assert not row["failed"], row
+    assert failed_rows(results) == []
+
+
 def test_smoke_rows_did_the_same_work(smoke):
     results, _, _ = smoke
+    meta = results["meta"]
     rows = {(r["group"], r["name"]): r for r in results["rows"]}
     raw = rows[("batch", "raw LLM.generate")]
     submit = rows[("batch", "session.submit")]
     assert raw["value"] > 0 and submit["value"] > 0
-    assert submit["ratio"] == pytest.approx(submit["value"] / raw["value"])
+    assert len(submit["ratios"]) == meta["repeats"]
+    assert submit["ratio"] == pytest.approx(statistics.median(submit["ratios"]))
+    for row in results["rows"]:
+        if row["group"] == "batch":
+            assert row["tokens"] == [meta["prompts"] * meta["tokens"]] * meta["repeats"], row["name"]
+        elif row["group"] == "ttft":
+            assert row["tokens"] == [meta["ttft_tokens"]] * meta["ttft_repeats"], row["name"]
+        elif row["group"] == "decode":
+            assert row["tokens"] == [meta["stream_tokens"]] * meta["stream_repeats"], row["name"]
     for group in ("ttft", "decode"):
         assert rows[(group, "session streaming")]["available"]
         assert rows[(group, "raw engine step loop")]["value"] > 0
+    assert {r["run_id"] for r in results["rows"]} == {meta["run_id"]}
 
 
 def test_smoke_reused_the_live_engine(smoke, engine):
@@ -115,3 +140,131 @@ async def test_awaiting_a_handle_is_not_woken_per_delta():
         del loop.call_soon_threadsafe
     assert [r.text for r in results] == ["x" * 10] * 8
     assert len(wakeups) == 8
+
+
+def test_gpu_memory_is_summed_over_every_device(monkeypatch):
+    """A tensor-parallel engine spans several GPUs: the sampler reads all of them, not GPU 0 alone."""
+    import types
+
+    from benchmarks.measure import engine_memory_now
+
+    used = {0: 3 << 30, 1: 5 << 30}
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: len(used),
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetMemoryInfo=lambda handle: types.SimpleNamespace(used=used[handle]))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert engine_memory_now("cuda") == (8 << 30, "device memory in use")
+
+
+def _paired(runs, problems=None, expected_tokens=8):
+    return {r.name: r for r in paired_rows(
+        "batch", "tok/s", {"runs": runs, "problems": problems or {}}, ["raw", "front"],
+        value_of=lambda s: s.value, higher=True, pick=lambda values, _: statistics.median(values),
+        compare=lambda a, b: a / b, expected_tokens=expected_tokens,
+        target=lambda name: (">= 0.98", lambda r: r >= 0.98), describe=lambda name, samples: "")}
+
+
+def test_ratio_is_the_median_of_per_run_ratios_not_a_ratio_of_medians():
+    # Run 2 is slow for both (a busy machine): paired, it costs the front-end nothing.
+    raw = [100.0, 50.0, 110.0]
+    front = [99.0, 49.5, 108.9]
+    runs = [{"raw": Sample(r, {"tokens": 8}), "front": Sample(f, {"tokens": 8})} for r, f in zip(raw, front)]
+    rows = _paired(runs)
+    assert rows["front"].ratios == pytest.approx([0.99, 0.99, 0.99])
+    assert rows["front"].ratio == pytest.approx(0.99)
+    assert rows["front"].met is True and not rows["front"].failed
+    assert rows["front"].tokens == [8, 8, 8]
+
+
+def test_ratios_pair_only_runs_where_both_sides_ran():
+    runs = [{"raw": Sample(100.0, {"tokens": 8}), "front": Sample(90.0, {"tokens": 8})},
+            {"front": Sample(10.0, {"tokens": 8})},
+            {"raw": Sample(50.0, {"tokens": 8}), "front": Sample(50.0, {"tokens": 8})}]
+    rows = _paired(runs, {"raw": "error: RuntimeError: boom"})
+    assert rows["front"].ratios == pytest.approx([0.9, 1.0])
+    assert rows["raw"].failed and rows["raw"].note == "error: RuntimeError: boom"
+    assert not rows["front"].failed
+
+
+def test_a_front_end_that_raised_once_fails_its_row_though_other_runs_measured():
+    runs = [{"raw": Sample(100.0, {"tokens": 8}), "front": Sample(100.0, {"tokens": 8})},
+            {"raw": Sample(100.0, {"tokens": 8})}]
+    rows = _paired(runs, {"front": "error: ValueError: bad"})
+    assert rows["front"].value == 100.0 and rows["front"].failed
+    assert "error: ValueError: bad" in rows["front"].note
+
+
+def test_a_token_count_unlike_raw_vllms_fails_the_row():
+    runs = [{"raw": Sample(100.0, {"tokens": 8}), "front": Sample(120.0, {"tokens": 6})}]
+    rows = _paired(runs)
+    assert rows["front"].failed and not rows["raw"].failed
+    assert "run 1: 6 tokens, not 8" in rows["front"].note
+    short_raw = _paired(runs, expected_tokens=6)
+    assert short_raw["raw"].failed and "run 1: 8 tokens, not 6" in short_raw["raw"].note
+
+
+def test_nan_decode_runs_are_left_out_of_values_and_ratios():
+    runs = [{"raw": Sample(100.0, {"tokens": 8}), "front": Sample(math.nan, {"tokens": 8})},
+            {"raw": Sample(100.0, {"tokens": 8}), "front": Sample(95.0, {"tokens": 8})}]
+    rows = _paired(runs)
+    assert rows["front"].samples == [95.0] and rows["front"].ratios == pytest.approx([0.95])
+
+
+def test_failed_rows_make_the_command_fail():
+    ok = {"group": "batch", "name": "a", "note": "", "failed": False}
+    raised = {"group": "batch", "name": "b", "note": "error: RuntimeError: x", "failed": True}
+    old_format = {"group": "batch", "name": "c", "note": "error: RuntimeError: y", "available": False}
+    assert failed_rows({"rows": [ok]}) == []
+    assert failed_rows({"rows": [ok, raised, old_format]}) == [raised, old_format]
+
+
+def _results(run_id, rows):
+    meta = {"title": "t", "device": "d", "vllm_version": "v", "model_label": "m", "dtype": "float32", "prompts": 1,
+            "tokens": 1, "stream_tokens": 1, "repeats": 1, "stream_repeats": 1, "date": "now", "engine_kwargs": {},
+            "run_id": run_id, "pairing": "median of per-run ratios", "prefix_cache": "reset"}
+    return {"meta": meta, "rows": rows}
+
+
+def test_a_table_refuses_rows_of_another_run(tmp_path):
+    row = {"group": "batch", "name": "x", "unit": "tok/s", "value": 10.0, "note": "", "run_id": "aaa"}
+    assert "| x | 10.0 tok/s |" in markdown_table(_results("aaa", [row]))
+    with pytest.raises(ValueError, match="another run"):
+        markdown_table(_results("bbb", [row]))
+
+
+def test_the_doc_is_filled_from_each_json_not_from_an_edited_md(tmp_path):
+    row = {"group": "batch", "name": "x", "unit": "tok/s", "value": 10.0, "note": "", "run_id": "aaa"}
+    (tmp_path / "run.json").write_text(json.dumps(_results("aaa", [row])))
+    (tmp_path / "run.md").write_text("| batch throughput | x | 99 tok/s (from elsewhere) |")
+    doc = tmp_path / "doc.md"
+    doc.write_text("before\n<!-- results: run -->\nstale\n<!-- /results -->\nafter\n")
+    fill_doc(doc, tmp_path)
+    text = doc.read_text()
+    assert "10.0 tok/s" in text and "99 tok/s" not in text and "stale" not in text
+    assert text.startswith("before\n") and text.endswith("after\n")
+
+
+def test_old_results_render_and_say_they_predate_paired_runs():
+    for path in sorted((Path(__file__).parents[1] / "benchmarks" / "results").glob("*.json")):
+        data = json.loads(path.read_text())
+        if "rows" in data and "pairing" not in data["meta"]:
+            assert "Taken before paired runs" in markdown_table(data), path.name
+
+
+def test_prefix_cache_reset_makes_the_next_run_compute_its_prompt_again(engine):
+    """The benchmark's runs send the same prompts: without the reset, later runs find them cached."""
+    from vllm import SamplingParams
+
+    # Only whole cache blocks are cached (128 tokens on CPU): a few hundred tokens fill some.
+    prompt = "Cache me: " + " ".join(["a long enough prompt to fill several cache blocks"] * 40)
+    params = SamplingParams(temperature=0.0, max_tokens=2)
+
+    def cached_tokens(llm):
+        return llm.generate([prompt], params, use_tqdm=False)[0].num_cached_tokens
+
+    engine.run_on_engine(fresh_prefix_cache)
+    assert engine.run_on_engine(cached_tokens) == 0
+    assert engine.run_on_engine(cached_tokens) > 0  # the prefix cache is on: a repeat is cheaper
+    engine.run_on_engine(fresh_prefix_cache)
+    assert engine.run_on_engine(cached_tokens) == 0
