@@ -71,7 +71,7 @@ def _construct(cls: Any, model: str, dtype: str, vllm_kwargs: dict) -> Any:
 
 
 def _shutdown(obj: Any) -> None:
-    from vllm_magic.compat import shutdown_engine
+    from vllm_magic.engine.compat import shutdown_engine
 
     llm = getattr(obj, "client", obj)
     try:

@@ -248,8 +248,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from vllm_magic import get_session
-    from vllm_magic.compat import vllm_version
-    from vllm_magic.engine_config import platform_name
+    from vllm_magic.engine.compat import vllm_version
+    from vllm_magic.engine.config import platform_name
 
     platform = platform_name()
     size = dict(SIZES[args.size or ("gpu" if platform == "cuda" else "cpu")])
