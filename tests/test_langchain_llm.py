@@ -218,6 +218,18 @@ def test_prompts_go_through_the_chat_template_unless_raw(engine):
     assert engine.last_result.prompt == FRANCE
 
 
+def test_raw_left_unset_follows_the_session_mode(engine):
+    llm = VLLM(temperature=0, max_new_tokens=4)
+    engine.defaults.raw = True  # what the sampling panel's chat/raw toggle sets
+    llm.invoke(FRANCE)
+    assert engine.last_result.prompt == FRANCE
+    VLLM(temperature=0, max_new_tokens=4, raw=False).invoke(FRANCE)  # set on the object: it wins
+    assert "<|im_start|>user" in engine.last_result.prompt
+    engine.defaults.raw = False
+    llm.invoke(FRANCE)
+    assert "<|im_start|>user" in engine.last_result.prompt
+
+
 def test_choice_given_per_call_constrains_the_answer(engine):
     answer = VLLM(temperature=0, max_new_tokens=4).invoke("Is Paris in France?", choice=["yes", "no"])
     assert answer in ("yes", "no")

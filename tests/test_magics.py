@@ -357,6 +357,16 @@ def test_no_model_loaded_says_what_to_run(ip):
     assert_still_answers(ip)
 
 
+def test_package_errors_raised_by_code_in_a_cell_show_as_one_line(ip, monkeypatch):
+    shown = []  # what a kernel sends as the error's traceback (ipykernel overrides this same method)
+    monkeypatch.setattr(ip, "_showtraceback", lambda etype, evalue, stb: shown.append(stb))
+    result = ip.run_cell("from vllm_magic.langchain import VLLM\nVLLM.from_session().invoke('Hi', temprature=0)")
+    assert type(result.error_in_exec).__name__ == "RequestError"
+    assert len(shown) == 1 and len(shown[0]) == 1, shown
+    assert shown[0][0].startswith("RequestError: VLLM does not know the option(s) temprature")
+    assert_still_answers(ip)
+
+
 # ----- interrupts ------------------------------------------------------------------------------
 
 def test_interrupt_from_the_display_keeps_the_partial_answer(ip, pub, engine):

@@ -12,6 +12,8 @@ import pytest
 
 from vllm_magic.engine.session import PromptTooLongError
 
+QUESTION = "What is the capital of France?"
+
 
 def test_second_load_with_the_same_arguments_reuses_the_engine(engine):
     created = engine.engines_created
@@ -269,3 +271,33 @@ def test_status_reports_what_is_loaded(engine):
     assert status.memory_bytes and status.memory_bytes > 100 << 20
     assert status.uptime > 0 and status.load_seconds > 0
     assert "SmolLM2-135M-Instruct" in status._repr_markdown_()
+
+
+def test_listeners_run_off_the_driver_thread_and_their_failures_are_reported(engine, capsys):
+    calls = []
+
+    def listener(result):
+        calls.append((threading.current_thread().name, result.request_id))
+        raise ValueError("listener bug")
+
+    engine.add_listener(listener)
+    try:
+        first = engine.submit(QUESTION, temperature=0, max_tokens=4)[0]
+        first.result()
+        second = engine.submit(QUESTION, temperature=0, max_tokens=4)[0]
+        second.result()
+        engine.listeners.drain()
+    finally:
+        engine.remove_listener(listener)
+    assert calls == [("vllm-magic-listeners", first.request_id), ("vllm-magic-listeners", second.request_id)]
+    err = capsys.readouterr().err
+    assert err.count("failed after a request: ValueError: listener bug") == 1  # one line, not one per result
+    assert "ValueError: listener bug" in engine.log.read(60)  # the traceback is in the log
+    assert "Paris" in engine.generate(QUESTION, temperature=0, max_tokens=16).text
+
+
+def test_counters_include_a_request_as_soon_as_its_result_is_seen(engine):
+    for _ in range(5):
+        served = engine.requests_served
+        result = engine.generate(QUESTION, temperature=0, max_tokens=2)
+        assert engine.requests_served == served + 1 and engine.last_result.request_id == result.request_id

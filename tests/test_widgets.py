@@ -272,7 +272,7 @@ def test_playground_stop_aborts_its_request(engine, playground):
     playground.wait(timeout=60)
     assert run.result.aborted and 0 < run.result.output_tokens < 4000
     assert engine.status().requests_live == 0
-    assert "aborted" in playground.stats.value and playground.stop_button.disabled
+    assert "interrupted" in playground.stats.value and playground.stop_button.disabled
 
 
 def test_playground_reports_problems_in_the_widget(engine, playground):
@@ -376,7 +376,7 @@ def test_config_and_panel_stay_in_sync(engine, panels, ip):
 
 
 def test_magics_show_the_panel_and_the_playground(engine, ip, monkeypatch):
-    import vllm_magic.magics as magics_module
+    import vllm_magic.magics.commands as magics_module
 
     shown = []
     real = magics_module.display_widget

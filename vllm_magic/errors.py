@@ -1,9 +1,10 @@
 """The package's errors: every one a :class:`VllmMagicError` with a message meant for the user.
 
 The core (engine session, LangChain classes, widgets) raises these; only the magics turn them into
-IPython's ``UsageError``. None of them is a ``ValueError``: pydantic would bury one raised while a
-LangChain object is constructed under a ``ValidationError``. With the extension loaded, any cell that raises one shows its message in
-one line instead of a traceback (``llm.invoke(...)`` included).
+IPython's ``UsageError``. IPython and Jupyter show any of them raised in a cell (``llm.invoke(...)``
+included) as one line, as they show a ``UsageError``: the message is meant for the user, the
+traceback is not. None of them is a ``ValueError``: pydantic would bury one raised while a LangChain
+object is constructed under a ``ValidationError``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ __all__ = ["VllmMagicError", "ConfigError", "NoEngineError", "EngineStartError",
 
 class VllmMagicError(Exception):
     """Base of every error vllm-magic reports to its user."""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython's hook for exceptions that render themselves (ipyparallel uses it too).
+        return [f"{type(self).__name__}: {self}"]
 
 
 class ConfigError(VllmMagicError):

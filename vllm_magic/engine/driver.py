@@ -168,12 +168,7 @@ class EngineDriver:
 
     def _finish(self, handle: RequestHandle, *, aborted: bool = False) -> None:
         self._live.pop(handle.request_id, None)
-        handle._finish(aborted=aborted)
-        if self._on_finished is not None:
-            try:
-                self._on_finished(handle)
-            except Exception:
-                pass
+        handle._finish(aborted=aborted, then=self._on_finished)
 
     def _close_all(self, error: BaseException, aborted: bool = False) -> None:
         for handle in list(self._live.values()):

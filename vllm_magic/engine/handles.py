@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -149,7 +150,10 @@ class RequestHandle:
                 self._deltas.append((index, text))
         self._notify()
 
-    def _finish(self, *, aborted: bool = False, error: BaseException | None = None) -> None:
+    def _finish(self, *, aborted: bool = False, error: BaseException | None = None,
+                then: Callable[["RequestHandle"], None] | None = None) -> None:
+        """Mark the request finished. ``then(handle)`` runs before any waiter can see it finished
+        (the session counts it there, so a caller that got the result sees the counters include it)."""
         with self._cond:
             if self._finished_at is not None:
                 return
@@ -159,6 +163,11 @@ class RequestHandle:
             if aborted:
                 for c in self._completions:
                     c.finish_reason = c.finish_reason or "abort"
+            if then is not None:
+                try:
+                    then(self)  # the condition's lock is reentrant: ``then`` may read the handle
+                except Exception:  # noqa: BLE001 - a bookkeeping bug must not stop the engine's thread
+                    traceback.print_exc()
         self._notify(finished=True)
 
     def _notify(self, finished: bool = False) -> None:

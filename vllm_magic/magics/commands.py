@@ -460,15 +460,7 @@ def register(ipython: Any, session: EngineSession | None = None) -> VllmMagics:
     unregister(ipython, shutdown=False)  # %reload_ext: never two instances writing the same defaults
     magics = VllmMagics(shell=ipython, session=session)  # also joins ipython.configurables (%config)
     ipython.register_magics(magics)
-    if not getattr(ipython, "custom_exceptions", ()):  # never replace a handler the user set
-        ipython.set_custom_exc((VllmMagicError,), _short_error)
     return magics
-
-
-def _short_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
-    """Show a vllm-magic error raised anywhere in a cell (``llm.invoke``, a widget call) as one
-    line, as IPython shows a ``UsageError``: the message is meant for the user, the traceback is not."""
-    return [f"{etype.__name__}: {value}"]
 
 
 def unregister(ipython: Any, shutdown: bool = True) -> None:
@@ -482,5 +474,3 @@ def unregister(ipython: Any, shutdown: bool = True) -> None:
         magics.close()
         if shutdown:
             magics.session.unload()
-    if getattr(ipython, "CustomTB", None) is not None and getattr(ipython, "custom_exceptions", ()) == (VllmMagicError,):
-        ipython.set_custom_exc((), None)
