@@ -50,7 +50,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 BATCH_TARGET = 0.98
 DECODE_TARGET = 0.97
-TTFT_TARGET_MS = 2.0
+TTFT_TARGET_MS = 1.0
 RELOAD_TARGET_MS = 10.0
 STREAMING_FRONTENDS = ("session streaming", "%%vllm streaming", "LangChain llm.stream")
 
