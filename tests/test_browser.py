@@ -270,7 +270,7 @@ def test_stop_button_aborts_the_playground_run(loaded):
     page.screenshot(path=str(SHOTS / "03-playground-streaming.png"))
     panel = _cell(page, 0).locator(".vllm-sampling-panel")
     panel.locator(".vllm-stop-all button, button.vllm-stop-all").first.click()
-    expect(stats).to_contain_text("aborted", timeout=60_000)
+    expect(stats).to_contain_text("interrupted", timeout=60_000)
     expect(panel.locator(".vllm-status")).to_contain_text("stopped 1 request")
     tokens = int(re.search(r"(\d+) tokens", stats.inner_text()).group(1))
     assert 0 < tokens < 4000
