@@ -78,7 +78,7 @@ def test_interrupt_during_load_leaves_no_engine_then_loading_works(kernel):
     kernel.ok("%vllm_unload")
     assert not kernel.engine_pids()
     msg_id = kernel.start("%vllm_load")
-    _until(lambda: len(kernel.engine_pids()) >= 2)  # the engine core and its worker are starting
+    _until(lambda: len(kernel.engine_pids()) >= 1)  # the engine core is starting
     kernel.interrupt()
     run = kernel.wait(msg_id)
     assert run.error == ("UsageError", "loading interrupted; no engine is loaded (run %vllm_load again)")
