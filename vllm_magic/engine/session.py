@@ -164,11 +164,10 @@ class EngineSession:
         anything starts, and :class:`EngineStartError` (session left empty) when vLLM fails to start.
         ``progress(stage, elapsed)`` is called about twice a second while a new engine starts.
         """
-        from .local import LocalBackend
-
         start = time.perf_counter()
         quiet_vllm_environment(verbose)  # before any vLLM import and any engine's children start
         import_vllm(verbose)
+        from .local import LocalBackend
         config = resolve_engine_config(model, **engine_kwargs)
         with self._lock:
             if self.serves(config):
