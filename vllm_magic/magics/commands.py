@@ -19,7 +19,7 @@ from traitlets import Bool, Enum, Float, Unicode, link
 from ..engine.config import parse_engine_flags
 from ..engine.sampling import DEFAULTS_FIELDS, SAMPLING_FIELDS, SamplingTraits, option_help, option_type
 from ..engine.session import EngineSession, get_session
-from ..errors import ConfigError, EngineDiedError, EngineStartError, VllmMagicError
+from ..errors import ConfigError, EngineDiedError, VllmMagicError
 from .cells import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch
 from .display import FORMATS, AnswerStream, LoadProgress, stream_answers, supports_updates
 from .results import VllmResult
@@ -118,8 +118,9 @@ class VllmMagics(Magics, SamplingTraits):
         """Load a model into the kernel's engine, or reuse it when it is already loaded.
 
         Loading shows one progress line, then a one-line summary; vLLM's log goes to a file
-        (``%vllm_log``). Re-running the same cell says "already loaded" at once; another model or
-        other flags shut the old engine down first.
+        (``%vllm_log``). Re-running the same cell says "already loaded" at once. The live engine is
+        kept when it runs the model with every flag given (flags left out keep its values); another
+        model or another value shuts it down first.
 
         Examples::
 
@@ -139,7 +140,7 @@ class VllmMagics(Magics, SamplingTraits):
         progress = LoadProgress(supports_updates(self.shell))
         try:
             info = self.session.load(model, verbose=args.verbose, progress=progress, **engine_kwargs)
-        except (ConfigError, EngineStartError) as exc:
+        except VllmMagicError as exc:  # a bad configuration, vLLM's start failing, the demo model missing
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
             raise UsageError("loading interrupted; no engine is loaded (run %vllm_load again)") from None
