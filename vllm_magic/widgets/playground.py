@@ -39,7 +39,7 @@ class PlaygroundRun:
 
     @property
     def summary(self) -> str:
-        """``37 tokens · 25.1 tok/s · TTFT 0.12 s`` (or the error)."""
+        """``37 tokens · TTFT 120 ms · 25.1 tok/s`` (or the error)."""
         if self.error:
             return self.error
         return self.result.summary if self.result is not None else "running"
