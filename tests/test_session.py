@@ -289,11 +289,32 @@ def test_listeners_run_off_the_driver_thread_and_their_failures_are_reported(eng
         engine.listeners.drain()
     finally:
         engine.remove_listener(listener)
-    assert calls == [("vllm-magic-listeners", first.request_id), ("vllm-magic-listeners", second.request_id)]
+    assert {thread for thread, _ in calls} == {"vllm-magic-listeners"}
+    ours = [request_id for _, request_id in calls if request_id in (first.request_id, second.request_id)]
+    assert ours == [first.request_id, second.request_id]
     err = capsys.readouterr().err
     assert err.count("failed after a request: ValueError: listener bug") == 1  # one line, not one per result
     assert "ValueError: listener bug" in engine.log.read(60)  # the traceback is in the log
     assert "Paris" in engine.generate(QUESTION, temperature=0, max_tokens=16).text
+
+
+def test_a_listener_hears_only_of_results_notified_after_it_was_added():
+    from vllm_magic.engine.listeners import Listeners
+
+    listeners, heard, gate = Listeners(), [], threading.Event()
+    listeners.add(lambda value: gate.wait())  # holds the listeners' thread until the checks are set up
+    listeners.add(lambda value: heard.append(("early", value)))
+    listeners.notify("before")
+    late = lambda value: heard.append(("late", value))  # noqa: E731
+    listeners.add(late)
+    listeners.notify("after")
+    gate.set()
+    listeners.drain()
+    assert heard == [("early", "before"), ("early", "after"), ("late", "after")]
+    listeners.remove(late)
+    listeners.notify("gone")
+    listeners.drain()
+    assert ("late", "gone") not in heard
 
 
 def test_counters_include_a_request_as_soon_as_its_result_is_seen(engine):

@@ -44,14 +44,19 @@ class Listeners:
         return len(self._items)
 
     def notify(self, value: Any) -> None:
-        """Queue ``value`` for every listener; returns at once."""
+        """Queue ``value`` for the listeners present now; returns at once.
+
+        The listeners are taken when the value is queued, so a listener added later never sees a
+        value notified before it existed; one removed in between is skipped.
+        """
         with self._lock:
             if not self._items:
                 return
+            items = tuple(self._items)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="vllm-magic-listeners", daemon=True)
                 self._thread.start()
-        self._queue.put(value)
+        self._queue.put((items, value))
 
     def drain(self) -> None:
         """Wait until every value queued so far was handed to the listeners (tests, shutdown)."""
@@ -65,12 +70,13 @@ class Listeners:
 
     def _run(self) -> None:
         while True:
-            value = self._queue.get()
-            if isinstance(value, threading.Event):
-                value.set()
+            entry = self._queue.get()
+            if isinstance(entry, threading.Event):
+                entry.set()
                 continue
+            items, value = entry
             with self._lock:
-                items = list(self._items)
+                items = [fn for fn in items if fn in self._items]
             for fn in items:
                 try:
                     fn(value)
