@@ -12,19 +12,19 @@ from IPython.core.error import UsageError
 
 from vllm_magic.magics.display import answer_bundle
 from vllm_magic.engine.handles import Completion, GenerationResult
-from vllm_magic.magics.commands import _split_load_args
+from vllm_magic.magics.commands import _LOAD_FLAGS, _SERVE_FLAGS, _split_args
 from vllm_magic.magics.cells import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch
 
 
 def test_load_line_splits_our_flags_model_and_engine_flags():
-    ours, model, engine = _split_load_args("org/model --as chat --max-model-len 2048 --verbose --dtype=float16")
+    ours, model, engine = _split_args("org/model --as chat --max-model-len 2048 --verbose --dtype=float16", _LOAD_FLAGS, "%vllm_load")
     assert model == "org/model"
     assert ours == ["--as", "chat", "--verbose"]
     assert engine == ["--max-model-len", "2048", "--dtype=float16"]
 
 
 def test_load_line_without_model_keeps_flag_values_with_their_flags():
-    ours, model, engine = _split_load_args("--dtype float32 --no-controls --as=x")
+    ours, model, engine = _split_args("--dtype float32 --no-controls --as=x", _LOAD_FLAGS, "%vllm_load")
     assert model is None
     assert engine == ["--dtype", "float32"]
     assert ours == ["--no-controls", "--as=x"]
@@ -32,7 +32,15 @@ def test_load_line_without_model_keeps_flag_values_with_their_flags():
 
 def test_load_flag_without_value_is_a_usage_error():
     with pytest.raises(UsageError, match="--as needs a value"):
-        _split_load_args("--as")
+        _split_args("--as", _LOAD_FLAGS, "%vllm_load")
+
+
+def test_serve_line_splits_its_own_flags_from_vllm_serve_flags():
+    ours, model, flags = _split_args("--port 8001 --tool-call-parser hermes --handoff --api-key=k "
+                                     "--enable-auto-tool-choice", _SERVE_FLAGS, "%vllm_serve")
+    assert model is None
+    assert ours == ["--port", "8001", "--handoff", "--api-key=k"]
+    assert flags == ["--tool-call-parser", "hermes", "--enable-auto-tool-choice"]
 
 
 def test_interpolation_fills_names_and_keeps_escaped_braces():

@@ -10,7 +10,7 @@ object is constructed under a ``ValidationError``.
 from __future__ import annotations
 
 __all__ = ["VllmMagicError", "ConfigError", "NoEngineError", "EngineStartError", "EngineDiedError",
-           "PromptTooLongError", "RequestError"]
+           "PromptTooLongError", "RequestError", "ServerError"]
 
 
 class VllmMagicError(Exception):
@@ -43,3 +43,7 @@ class PromptTooLongError(VllmMagicError):
 
 class RequestError(VllmMagicError):
     """A request cannot be made as asked: unknown options, unsupported messages, bad values."""
+
+
+class ServerError(VllmMagicError, RuntimeError):
+    """A vLLM server could not be reached or started, refused the connection, or went away."""

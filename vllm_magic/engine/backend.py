@@ -1,10 +1,11 @@
 """The seam between the engine session and what actually runs a model.
 
 An :class:`EngineSession` owns at most one :class:`Backend`: the in-process vLLM engine
-(:class:`~vllm_magic.engine.local.LocalBackend`) today, an OpenAI-compatible server tomorrow. The
-session does everything that is the same for all of them (defaults, sampling, request ids,
-counters, listeners, status); a backend only starts, prepares prompts, runs requests, reports its
-health and memory, and shuts down.
+(:class:`~vllm_magic.engine.local.LocalBackend`) or a vLLM server elsewhere
+(:class:`~vllm_magic.engine.remote.RemoteBackend`). The session does everything that is the same
+for all of them (defaults, the merge of sampling options, request ids, counters, listeners,
+status); a backend only starts, turns options and prompts into what its engine takes, runs
+requests, reports its health and memory, and shuts down.
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ class Backend(abc.ABC):
     #: Seconds the start took, and when it finished (``time.monotonic()``).
     load_seconds: float
     started: float
+    #: The vLLM version that runs the engine.
+    vllm_version: str
+
+    @abc.abstractmethod
+    def params(self, defaults: Any, overrides: dict[str, Any], structured: dict[str, Any]) -> Any:
+        """One request's sampling parameters, in this engine's form, from the session's defaults,
+        the call's overrides and its ``json_schema``/``regex``/``choice`` constraint."""
+
+    @abc.abstractmethod
+    def given_params(self, sampling: Any) -> Any:
+        """A ready vLLM ``SamplingParams``, in this engine's form (streaming deltas)."""
 
     @abc.abstractmethod
     def prepare(self, items: list[PromptLike], raw: bool, system: str) -> list[Prepared]:
@@ -81,6 +93,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def death(self) -> str | None:
         """Why the engine cannot serve any more, or None while it can."""
+
+    def died_message(self, reason: str) -> str:
+        """What the user reads when a request finds the engine dead for ``reason``."""
+        return f"the engine process died ({reason}); run %vllm_load again to restart it"
 
     @abc.abstractmethod
     def memory(self) -> tuple[int | None, str]:

@@ -9,7 +9,6 @@ engine still running when the interpreter exits.
 
 from __future__ import annotations
 
-import atexit
 import gc
 import json
 import os
@@ -25,8 +24,9 @@ from .config import EngineConfig, unpinned_cpu_threads
 from .driver import EngineDriver
 from .handles import RequestHandle
 from .log import EngineLog
-from .processes import end_processes, engine_processes_guarded
+from .processes import at_exit, end_processes, engine_processes_guarded
 from .prompts import Prepared, PromptLike, PromptRenderer
+from .sampling import build_sampling_params
 
 __all__ = ["LocalBackend", "device_memory_used"]
 
@@ -129,6 +129,22 @@ class LocalBackend(Backend):
         return cls(llm, config, _engine_processes(before), time.perf_counter() - t0, memory_before, on_finished)
 
     # ----- requests --------------------------------------------------------------------------------
+    @property
+    def vllm_version(self) -> str:
+        from .compat import vllm_version
+
+        return vllm_version()
+
+    def params(self, defaults: Any, overrides: dict[str, Any], structured: dict[str, Any]) -> Any:
+        return build_sampling_params(defaults, overrides, **structured)
+
+    def given_params(self, sampling: Any) -> Any:
+        from .compat import RequestOutputKind
+
+        sampling = sampling.clone()
+        sampling.output_kind = RequestOutputKind.DELTA
+        return sampling
+
     def prepare(self, items: list[PromptLike], raw: bool, system: str) -> list[Prepared]:
         return self.renderer.prepare(items, raw, system)
 
@@ -373,21 +389,4 @@ def _shutdown_running() -> None:
             pass
 
 
-def _at_exit(fn: Callable[[], Any]) -> None:
-    """Run ``fn`` when the interpreter exits, before it joins non-daemon threads.
-
-    vLLM's client keeps non-daemon threads that end only when the engine shuts down, and Python joins
-    those before plain ``atexit`` handlers run: a kernel would hang on exit. ``concurrent.futures``
-    uses the same hook for the same reason.
-    """
-    register = getattr(threading, "_register_atexit", None)
-    if register is not None:
-        try:
-            register(fn)
-            return
-        except RuntimeError:  # already shutting down
-            pass
-    atexit.register(fn)
-
-
-_at_exit(_shutdown_running)
+at_exit(_shutdown_running)

@@ -25,6 +25,7 @@ through a pidfd; elsewhere the parent process id is polled twice a second. On pl
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import gc
@@ -36,7 +37,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-__all__ = ["engine_processes_guarded", "end_processes"]
+__all__ = ["engine_processes_guarded", "end_processes", "watch_parent", "at_exit"]
 
 #: Seconds an engine gets to shut down after its kernel died before its session is killed.
 SHUTDOWN_GRACE = 5.0
@@ -121,11 +122,14 @@ def _guarded_child(parent_pid: int, collector_pause: Any, target: Callable[..., 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), name="vllm-magic-parent-watch", daemon=True).start()
+    threading.Thread(target=watch_parent, args=(parent_pid,), name="vllm-magic-parent-watch", daemon=True).start()
     return target(*args, **kwargs)
 
 
-def _watch_parent(parent_pid: int) -> None:
+def watch_parent(parent_pid: int) -> None:
+    """Wait for the process ``parent_pid`` (the kernel) to exit, then end this process's group:
+    SIGTERM to this process first (vLLM stops its engine core and workers on it), SIGKILL to the
+    whole group :data:`SHUTDOWN_GRACE` seconds later. This process must lead its own group."""
     _wait_for_exit(parent_pid)
     # The kernel is gone: shut the engine down the way vLLM expects (its SIGTERM handler stops the
     # engine core and its workers), then make sure of it.
@@ -181,3 +185,20 @@ def end_processes(pids: Iterable[int], *, ask: bool, grace: float) -> int:
             proc.kill()
     psutil.wait_procs(alive, timeout=5)
     return len(alive)
+
+
+def at_exit(fn: Callable[[], Any]) -> None:
+    """Run ``fn`` when the interpreter exits, before it joins non-daemon threads.
+
+    vLLM's client keeps non-daemon threads that end only when the engine shuts down, and Python joins
+    those before plain ``atexit`` handlers run: a kernel would hang on exit. ``concurrent.futures``
+    uses the same hook for the same reason.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(fn)
+            return
+        except RuntimeError:  # already shutting down
+            pass
+    atexit.register(fn)

@@ -3,8 +3,9 @@
 :class:`SamplingTraits` declares each default-able option once (type, range, help). The session's
 :class:`SamplingDefaults` is built from it, and so are the magics' ``%config`` traits, the ``%%vllm``
 flags and the LangChain fields: every field list in the package derives from here.
-:func:`build_sampling_params` merges the defaults with a call's overrides; nothing else constructs
-``SamplingParams``.
+:func:`sampling_values` merges the defaults with a call's overrides, the one merge for every
+backend; :func:`build_sampling_params` turns them into vLLM's ``SamplingParams`` (nothing else
+constructs one).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from traitlets import Any as AnyTrait
 
 from ..errors import RequestError
 
-__all__ = ["SamplingTraits", "SamplingDefaults", "build_sampling_params", "DEFAULTS_FIELDS", "SAMPLING_FIELDS",
+__all__ = ["SamplingTraits", "SamplingDefaults", "build_sampling_params", "sampling_values", "json_schema_of", "DEFAULTS_FIELDS", "SAMPLING_FIELDS",
            "PER_CALL_FIELDS", "STRUCTURED_FIELDS", "check_overrides", "option_type", "option_help"]
 
 DEFAULT_MAX_TOKENS = 256
@@ -121,16 +122,14 @@ def check_overrides(overrides: Mapping[str, Any], owner: str = "the request") ->
                            f"{', '.join(SAMPLING_FIELDS)}; also raw, system, {', '.join(STRUCTURED_FIELDS)}")
 
 
-def build_sampling_params(defaults: SamplingDefaults | None = None, overrides: Mapping[str, Any] | None = None, *,
-                          json_schema: Any = None, regex: str | None = None, choice: list[str] | None = None) -> Any:
-    """``SamplingParams`` from the session defaults and one call's overrides.
+def sampling_values(defaults: SamplingDefaults | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The sampling options of one request: the session's defaults with the call's overrides.
 
-    ``overrides`` win over ``defaults``; ``None`` values mean "use the default". ``json_schema``,
-    ``regex`` and ``choice`` constrain the output through vLLM's structured outputs. A value vLLM
-    refuses raises :class:`~vllm_magic.errors.RequestError` with vLLM's reason.
+    ``overrides`` win over ``defaults``; ``None`` values mean "use the default". Unknown names raise
+    :class:`~vllm_magic.errors.RequestError`. Plain values, no vLLM: every backend builds its own
+    request from them (``SamplingParams`` in process, a JSON body for a server).
     """
-    from .compat import RequestOutputKind, SamplingParams, structured_outputs_kwargs
-
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     check_overrides(overrides)
     values: dict[str, Any] = {"max_tokens": DEFAULT_MAX_TOKENS}
@@ -143,9 +142,32 @@ def build_sampling_params(defaults: SamplingDefaults | None = None, overrides: M
         del values["stop"]
     if values.get("top_k") in (None, -1):  # LangChain's and older vLLM's "disabled"
         values["top_k"] = 0
+    return values
+
+
+def json_schema_of(json_schema: Any) -> Any:
+    """A JSON schema given as a dict or as JSON text, as a dict."""
+    if isinstance(json_schema, str):
+        try:
+            return _json.loads(json_schema)
+        except ValueError as exc:
+            raise RequestError(f"the JSON schema is not valid JSON: {exc}") from None
+    return json_schema
+
+
+def build_sampling_params(defaults: SamplingDefaults | None = None, overrides: Mapping[str, Any] | None = None, *,
+                          json_schema: Any = None, regex: str | None = None, choice: list[str] | None = None) -> Any:
+    """vLLM ``SamplingParams`` from the session defaults and one call's overrides
+    (:func:`sampling_values`).
+
+    ``json_schema``, ``regex`` and ``choice`` constrain the output through vLLM's structured
+    outputs. A value vLLM refuses raises :class:`~vllm_magic.errors.RequestError` with its reason.
+    """
+    from .compat import RequestOutputKind, SamplingParams, structured_outputs_kwargs
+
+    values = sampling_values(defaults, overrides)
+    json_schema = json_schema_of(json_schema)
     try:
-        if isinstance(json_schema, str):
-            json_schema = _json.loads(json_schema)
         values.update(structured_outputs_kwargs(json=json_schema, regex=regex, choice=choice))
         values["output_kind"] = RequestOutputKind.DELTA
         return SamplingParams(**values)

@@ -19,14 +19,14 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from ..errors import ConfigError, EngineDiedError, EngineStartError, NoEngineError, PromptTooLongError
+from ..errors import ConfigError, EngineDiedError, EngineStartError, NoEngineError, PromptTooLongError, ServerError
 from .backend import Backend, UnloadReport
 from .config import EngineConfig, import_vllm, resolve_engine_config
 from .handles import GenerationResult, RequestHandle
 from .listeners import Listeners
 from .log import EngineLog, quiet_vllm_environment
 from .prompts import PromptLike, as_prompt_list
-from .sampling import SamplingDefaults, build_sampling_params
+from .sampling import SamplingDefaults
 
 __all__ = [
     "EngineSession", "get_session", "LoadInfo", "SessionStatus", "UnloadReport", "NoEngineError",
@@ -68,16 +68,22 @@ class SessionStatus:
     log_path: str | None = None
     #: Why the loaded engine cannot serve any more (its process died), or None while it is healthy.
     dead: str | None = None
+    #: The URL of the vLLM server the session is attached to (``%vllm_load --remote``), or None.
+    server: str | None = None
 
     def _repr_markdown_(self) -> str:
         if not self.loaded:
             return "**vllm-magic**: no engine loaded. Run `%vllm_load` (demo model) or `%vllm_load MODEL`."
+        if self.dead and self.server:
+            return (f"**vllm-magic**: {self.dead}. Start the server again, or attach another with "
+                    "`%vllm_load --remote URL`.")
         if self.dead:
             return (f"**vllm-magic**: the engine of `{self.model}` is dead ({self.dead}). "
                     "Run `%vllm_load` to start it again; `%vllm_log` shows why it died.")
         mem = "n/a" if self.memory_bytes is None else f"{self.memory_bytes / 2**30:.2f} GiB ({self.memory_kind})"
         rows = [
-            ("model", f"`{self.model}`"), ("platform", self.platform), ("vLLM", self.vllm_version),
+            ("model", f"`{self.model}`"), ("platform", self.platform),
+            *([("server", self.server)] if self.server else []), ("vLLM", self.vllm_version),
             ("dtype", self.dtype), ("max model len", self.max_model_len),
             ("KV cache", f"{self.kv_cache_tokens} tokens" if self.kv_cache_tokens else "n/a"),
             ("memory", mem), ("uptime", f"{self.uptime:.0f} s"), ("load time", f"{self.load_seconds:.1f} s"),
@@ -113,6 +119,8 @@ class EngineSession:
         self.last_result: GenerationResult | None = None
         self.last_unload: UnloadReport | None = None
         self.listeners = Listeners(report=lambda text: self.log.mark(text))
+        #: The vLLM server this kernel started (``%vllm_serve``), or None.
+        self.server: Any = None
 
     # ----- lifecycle -----------------------------------------------------------------------------
     @property
@@ -181,6 +189,94 @@ class EngineSession:
             self.engines_created += 1
             return LoadInfo(config, False, time.perf_counter() - start, self._summary(self._backend))
 
+    def connect(self, url: str, *, api_key: str | None = None, model: str | None = None) -> LoadInfo:
+        """Use the vLLM server at ``url`` (any OpenAI-compatible vLLM server) instead of an engine in
+        this process; ``model`` picks one of the models it serves (None: the first).
+
+        The server is reached before anything else changes: when it cannot be (or refuses the key,
+        or does not serve ``model``), :class:`~vllm_magic.errors.ServerError` is raised and the
+        engine the session had is kept. Attaching to the server already attached returns at once.
+        """
+        from .remote import RemoteBackend
+
+        start = time.perf_counter()
+        with self._lock:
+            current = self._backend
+            if isinstance(current, RemoteBackend) and current.same_server(url, api_key, model) \
+                    and current.death() is None:
+                return LoadInfo(current.config, True, time.perf_counter() - start,
+                                self._summary(current, already=True))
+            backend = RemoteBackend.connect(url, api_key=api_key, model=model, on_finished=_weakly(self._finished))
+            if self._backend is not None:
+                self.unload()
+            self._backend = backend
+            return LoadInfo(backend.config, False, time.perf_counter() - start, self._summary(backend))
+
+    def serve(self, model: str | None = None, *, host: str = "127.0.0.1", port: int | None = None,
+              api_key: str | None = None, handoff: bool = False, server_kwargs: dict[str, Any] | None = None,
+              timeout: float | None = None, progress: Callable[[str, float], None] | None = None,
+              **engine_kwargs: Any) -> Any:
+        """Start vLLM's OpenAI-compatible server for a model, owned by this kernel; returns the
+        :class:`~vllm_magic.engine.server.ManagedServer` once it answers.
+
+        ``model`` None serves the model loaded here (with its engine arguments), else the demo
+        model; engine arguments and platform defaults are those of :meth:`load`. ``server_kwargs``
+        are ``vllm serve``'s own options (``served_model_name``, ``tool_call_parser``, ...).
+        ``handoff`` moves the loaded engine to the server: it is unloaded first (two copies may not
+        fit one GPU), the server starts on its configuration, and the session attaches to it.
+        """
+        from .server import READY_TIMEOUT, ManagedServer, check_host
+
+        check_host(host, api_key)  # before anything is unloaded
+        with self._lock:
+            if self.server is not None and self.server.alive:
+                raise ConfigError(f"this kernel already serves {self.server.model_name} at {self.server.base_url}; "
+                                  "stop it first (%vllm_serve --stop)")
+            local = self._backend if self._backend is not None and self._backend.config.platform != "remote" else None
+            if handoff:
+                if local is None:
+                    raise ConfigError("--handoff moves the engine loaded in this kernel to a server: load one "
+                                      "first (%vllm_load)")
+                if model is not None or engine_kwargs:
+                    raise ConfigError("--handoff serves the loaded engine as it is: leave out the model and "
+                                      "engine flags")
+                config = local.config
+            else:
+                if model is None and local is not None:
+                    model, engine_kwargs = local.config.model, {**local.config.requested, **engine_kwargs}
+                quiet_vllm_environment(False)
+                config = self.resolve(model, **engine_kwargs)
+                if local is not None and config.platform == "cuda":
+                    raise ConfigError("the engine loaded in this kernel holds the GPU: move it to the server "
+                                      "with --handoff, or free it first with %vllm_unload")
+            if handoff:
+                self.unload()
+            try:
+                server = ManagedServer.start(config, host=host, port=port, api_key=api_key,
+                                             server_kwargs=server_kwargs)
+                server.wait_ready(READY_TIMEOUT if timeout is None else timeout, progress)
+            except ServerError as exc:
+                if handoff:
+                    raise ServerError(f"{exc}\nThe engine was unloaded for the handoff: %vllm_load starts it "
+                                      "in this kernel again.") from None
+                raise
+            self.server = server
+            if handoff:
+                self.connect(server.url, api_key=api_key, model=server.model_name)
+            return server
+
+    def stop_server(self) -> Any:
+        """Stop the server this kernel started (detaching the session when it uses it); returns it,
+        or None when none runs."""
+        with self._lock:
+            server, self.server = self.server, None
+            if server is None:
+                return None
+            if getattr(self._backend, "url", None) == server.url:
+                self.unload()
+            server.stop()
+            return server
+
     def unload(self) -> bool:
         """Shut the engine down and wait until its processes (and GPU memory) are gone.
 
@@ -217,14 +313,11 @@ class EngineSession:
         system = self.defaults.system_prompt if system is None else system
         structured = {"json_schema": json_schema, "regex": regex, "choice": choice}
         if sampling is None:
-            sampling = build_sampling_params(self.defaults, overrides, **structured)
+            sampling = backend.params(self.defaults, overrides, {k: v for k, v in structured.items() if v is not None})
         elif overrides or any(v is not None for v in structured.values()):
             raise TypeError("pass either a SamplingParams or sampling options, not both")
         else:
-            from .compat import RequestOutputKind
-
-            sampling = sampling.clone()
-            sampling.output_kind = RequestOutputKind.DELTA
+            sampling = backend.given_params(sampling)
         parse = json.loads if json_schema is not None else None
         requests = []
         for prompt in backend.prepare(items, raw, system):
@@ -285,7 +378,7 @@ class EngineSession:
             raise NoEngineError("no model is loaded: run %vllm_load (the demo model) or %vllm_load MODEL first")
         death = backend.death()
         if death is not None:
-            raise EngineDiedError(f"the engine process died ({death}); run %vllm_load again to restart it")
+            raise EngineDiedError(backend.died_message(death))
         return backend
 
     # ----- status --------------------------------------------------------------------------------
@@ -295,8 +388,6 @@ class EngineSession:
         if backend is None:
             return SessionStatus(loaded=False, submissions=self.submissions, requests_served=self.requests_served,
                                  tokens_out=self.tokens_out)
-        from .compat import vllm_version
-
         dead = backend.death()
         memory, kind = (None, "") if dead else backend.memory()
         config = backend.config
@@ -306,12 +397,19 @@ class EngineSession:
             kv_cache_tokens=backend.kv_cache_tokens, memory_bytes=memory, memory_kind=kind,
             uptime=time.monotonic() - backend.started, load_seconds=backend.load_seconds,
             submissions=self.submissions, requests_served=self.requests_served, tokens_out=self.tokens_out,
-            requests_live=backend.live_count, vllm_version=vllm_version(),
-            fingerprint=config.fingerprint, log_path=str(self.log.path), dead=dead)
+            requests_live=backend.live_count, vllm_version=backend.vllm_version,
+            fingerprint=config.fingerprint, log_path=str(self.log.path), dead=dead,
+            server=getattr(backend, "url", None))
 
     @staticmethod
     def _summary(backend: Backend, already: bool = False) -> str:
         name, platform = backend.config.short_name, backend.config.platform
+        url = getattr(backend, "url", None)
+        if url is not None:
+            if already:
+                return f"{name} already attached (vLLM server at {url})"
+            return (f"{name} on the vLLM server at {url} (vLLM {backend.vllm_version}, context "
+                    f"{backend.max_model_len:,} tokens), attached in {backend.load_seconds:.1f} s")
         if already:  # the arguments it was loaded with: a request that leaves them open keeps them
             given = "".join(f", {k}={v}" for k, v in sorted(backend.config.requested.items()))
             return f"{name} already loaded ({platform}, {backend.dtype}{given})"

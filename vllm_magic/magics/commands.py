@@ -17,6 +17,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Enum, Float, Unicode, link
 
 from ..engine.config import parse_engine_flags
+from ..engine.server import parse_serve_flags
 from ..engine.sampling import DEFAULTS_FIELDS, SAMPLING_FIELDS, SamplingTraits, option_help, option_type
 from ..engine.session import EngineSession, get_session
 from ..errors import ConfigError, EngineDiedError, VllmMagicError
@@ -27,7 +28,10 @@ from .results import VllmResult
 __all__ = ["VllmMagics", "register", "unregister", "sampling_args"]
 
 # %vllm_load's own flags; everything else is a `vllm serve` engine flag. Values: takes an argument.
-_LOAD_FLAGS = {"--as": True, "--remote": True, "--verbose": False, "--no-controls": False}
+_LOAD_FLAGS = {"--as": True, "--remote": True, "--api-key": True, "--verbose": False, "--no-controls": False}
+# %vllm_serve's own flags; everything else is a `vllm serve` flag (engine or server).
+_SERVE_FLAGS = {"--host": True, "--port": True, "--api-key": True, "--timeout": True, "--lines": True,
+                "--handoff": False, "--status": False, "--logs": False, "--stop": False}
 # Short spellings of the most used sampling flags.
 _SHORT_FLAGS = {"temperature": "-t", "max_tokens": "-m", "n": "-n"}
 # Per-call options without a flag: benchmarks and code set them, a cell has no use for them.
@@ -108,7 +112,9 @@ class VllmMagics(Magics, SamplingTraits):
               help="Variable name of the LangChain LLM over this engine (default: llm).")
     @argument("--verbose", action="store_true", help="Show vLLM's own logs in the cell.")
     @argument("--no-controls", action="store_true", help="Do not show the sampling panel after loading.")
-    @argument("--remote", metavar="URL", help="An OpenAI-compatible vLLM server (not available yet).")
+    @argument("--remote", metavar="URL", help="Use the vLLM server at URL instead of an engine in this kernel "
+              "(MODEL or --model: which of its models; default: the first).")
+    @argument("--api-key", metavar="KEY", help="The API key of the --remote server.")
     @argument("engine_flags", nargs="*", metavar="ENGINE FLAGS",
               help="Any `vllm serve` engine flag, same spelling: --max-model-len 2048, --dtype float16, "
                    "--tensor-parallel-size 2, --quantization awq, --enforce-eager, ... "
@@ -122,16 +128,24 @@ class VllmMagics(Magics, SamplingTraits):
         kept when it runs the model with every flag given (flags left out keep its values); another
         model or another value shuts it down first.
 
+        With ``--remote URL`` the session uses a vLLM server elsewhere (``vllm serve`` on a GPU box,
+        a multi-node deployment, ``%vllm_serve``) instead: every cell, widget and LangChain object
+        works the same.
+
         Examples::
 
             %vllm_load
             %vllm_load HuggingFaceTB/SmolLM2-360M-Instruct --max-model-len 4096
             %vllm_load Qwen/Qwen2.5-7B-Instruct-AWQ --quantization awq --gpu-memory-utilization 0.8
+            %vllm_load --remote http://gpu-box:8000 --api-key $KEY
         """
-        ours, model, engine_argv = _split_load_args(line)
+        ours, model, engine_argv = _split_args(line, _LOAD_FLAGS, "%vllm_load")
         args = _parse(self.vllm_load, ours)
         if args.remote:
-            raise UsageError("--remote is not available yet: start the server's model here with %vllm_load MODEL")
+            self._attach(args, model, engine_argv)
+            return
+        if args.api_key:
+            raise UsageError("--api-key goes with --remote URL (or %vllm_serve)")
         try:
             engine_kwargs = parse_engine_flags(engine_argv)
         except ConfigError as exc:
@@ -146,11 +160,34 @@ class VllmMagics(Magics, SamplingTraits):
             raise UsageError("loading interrupted; no engine is loaded (run %vllm_load again)") from None
         finally:
             progress.close()
+        self._loaded(info, args)
+
+    def _loaded(self, info: Any, args: Any) -> None:
         print(("✓ " if not info.already_loaded else "") + info.summary)
         self.langchain_name = args.as_name
         self._publish_langchain(args.as_name)
         if self.show_controls and not args.no_controls:
             self._show_controls(reuse=info.already_loaded)
+
+    def _attach(self, args: Any, model: str | None, engine_argv: list[str]) -> None:
+        """``%vllm_load --remote URL``: attach the session to a vLLM server."""
+        extra = list(engine_argv)
+        if extra[:1] == ["--model"] and len(extra) >= 2 and model is None:
+            model, extra = extra[1], extra[2:]
+        elif extra and extra[0].startswith("--model="):
+            model, extra = extra[0].split("=", 1)[1], extra[1:]
+        if extra:
+            raise UsageError(f"engine flags ({' '.join(extra)}) shape an engine started here; a --remote server "
+                             "runs with the flags it was started with")
+        if args.verbose:
+            print(f"attaching to {args.remote}")
+        try:
+            info = self.session.connect(args.remote, api_key=args.api_key, model=model)
+        except VllmMagicError as exc:
+            raise UsageError(str(exc)) from None
+        except KeyboardInterrupt:
+            raise UsageError("attaching interrupted; the session is as it was") from None
+        self._loaded(info, args)
 
     def _publish_langchain(self, name: str) -> None:
         """Put a LangChain LLM over the live engine into the namespace as ``name``."""
@@ -171,12 +208,98 @@ class VllmMagics(Magics, SamplingTraits):
             panel = self._panel = widgets.SamplingPanel(self.session)
         display_widget(panel)
 
+    @magic_arguments()
+    @argument("model", nargs="?", help="Model to serve; none: the one loaded here, else the demo model.")
+    @argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1: this machine "
+              "only; another one needs --api-key).")
+    @argument("--port", type=int, help="Port (default 8000 when free, else a free one).")
+    @argument("--api-key", metavar="KEY", help="Require this key from clients (as their API key).")
+    @argument("--handoff", action="store_true", help="Move the engine loaded here to the server and use it "
+              "from this session (one copy of the model, for one GPU).")
+    @argument("--timeout", type=float, help="Seconds to wait for the server to answer (default 900).")
+    @argument("--status", action="store_true", help="Show the running server.")
+    @argument("--logs", action="store_true", help="Show the end of the server's log.")
+    @argument("--lines", type=int, default=40, help="How many log lines --logs shows (default 40).")
+    @argument("--stop", action="store_true", help="Stop the server and every process it started.")
+    @argument("flags", nargs="*", metavar="FLAGS",
+              help="Any `vllm serve` flag, same spelling: engine flags as for %%vllm_load, and server ones "
+                   "(--served-model-name, --enable-auto-tool-choice, --tool-call-parser, --reasoning-parser, ...).")
+    @line_magic
+    def vllm_serve(self, line: str = "") -> None:
+        """Serve a model with vLLM's OpenAI-compatible server, owned by this kernel.
+
+        Shows one progress line until the server answers, then its URL and client code. The server
+        stops with ``%vllm_serve --stop`` and with the kernel (also when the kernel is killed).
+        Outside programs (the ``openai`` client, LangChain's ``VLLMOpenAI``, curl) use it as any
+        ``vllm serve``; ``%vllm_load --remote URL`` points this session at it.
+
+        Examples::
+
+            %vllm_serve
+            %vllm_serve --handoff
+            %vllm_serve Qwen/Qwen2.5-7B-Instruct --port 8001 --enable-auto-tool-choice --tool-call-parser hermes
+            %vllm_serve --host 0.0.0.0 --api-key $KEY
+            %vllm_serve --stop
+        """
+        ours, model, flags = _split_args(line, _SERVE_FLAGS, "%vllm_serve")
+        args = _parse(self.vllm_serve, ours)
+        actions = [name for name in ("status", "logs", "stop") if getattr(args, name)]
+        if len(actions) > 1 or (actions and (model or flags or args.handoff)):
+            raise UsageError(f"--{actions[0]} takes no model or flags" if len(actions) == 1
+                             else "use one of --status, --logs and --stop at a time")
+        server = self.session.server
+        if args.status:
+            print(server.describe() if server is not None else "no server is running (%vllm_serve starts one)")
+            return
+        if args.logs:
+            log = server.log if server is not None else getattr(self, "_server_log", None)
+            if log is None:
+                print("no server was started in this kernel")
+            else:
+                text = log.read(max(args.lines, 1))
+                print(text if text.strip() else f"(the server log {log.path} is empty)")
+            return
+        if args.stop:
+            attached = server is not None and getattr(self.session.backend, "url", None) == server.url
+            stopped = self.session.stop_server()
+            if stopped is None:
+                print("no server is running")
+                return
+            self._server_log = stopped.log
+            print(f"stopped the server at {stopped.base_url}; no process of it is left"
+                  + ("; the session has no engine now (%vllm_load starts one)" if attached else ""))
+            return
+        try:
+            engine_kwargs, server_kwargs = parse_serve_flags(flags)
+        except ConfigError as exc:
+            raise UsageError(f"{exc} (%vllm_serve takes every `vllm serve` flag)") from None
+        model = model or engine_kwargs.pop("model", None)
+        progress = LoadProgress(supports_updates(self.shell))
+        try:
+            server = self.session.serve(model, host=args.host, port=args.port, api_key=args.api_key,
+                                        handoff=args.handoff, server_kwargs=server_kwargs, timeout=args.timeout,
+                                        progress=progress, **engine_kwargs)
+        except VllmMagicError as exc:
+            raise UsageError(str(exc)) from None
+        except KeyboardInterrupt:
+            raise UsageError("starting the server interrupted; it was stopped") from None
+        finally:
+            progress.close()
+        self._server_log = server.log
+        print(f"✓ {server.model_name} served at {server.base_url} (ready in {server.ready_seconds:.1f} s; "
+              "%vllm_serve --stop stops it)")
+        if args.handoff:
+            print("this session now uses it: cells, widgets and llm work as before")
+            self._publish_langchain(self.langchain_name)
+        display_code(server.client_snippet())
+
     @line_magic
     def vllm_unload(self, line: str = "") -> None:
         """Shut the engine down and free its memory."""
         name = self.session.config.short_name if self.session.loaded else None
+        url = getattr(self.session.backend, "url", None)
         if self.session.unload():
-            print(f"unloaded {name}")
+            print(f"detached from the server at {url} (it keeps running)" if url else f"unloaded {name}")
         else:
             print("no model is loaded")
 
@@ -377,12 +500,13 @@ def _parse(magic: Callable, line: str | list[str]) -> Any:
         raise UsageError(f"{exc}{listing} ({name}? explains the flags)") from None
 
 
-def _split_load_args(line: str) -> tuple[list[str], str | None, list[str]]:
-    """Split ``%vllm_load``'s line into our flags, the model and the engine flags (vLLM parses those)."""
+def _split_args(line: str, own: dict[str, bool], magic: str) -> tuple[list[str], str | None, list[str]]:
+    """Split a magic's line into its own flags (``own``: name -> takes a value), the model and the
+    `vllm serve` flags (vLLM's parser reads those)."""
     try:
         tokens = shlex.split(line)
     except ValueError as exc:
-        raise UsageError(f"%vllm_load: {exc}") from None
+        raise UsageError(f"{magic}: {exc}") from None
     ours: list[str] = []
     engine: list[str] = []
     model = None
@@ -390,15 +514,15 @@ def _split_load_args(line: str) -> tuple[list[str], str | None, list[str]]:
     while i < len(tokens):
         token = tokens[i]
         name = token.split("=", 1)[0]
-        if name in _LOAD_FLAGS:
+        if name in own:
             ours.append(token)
-            if _LOAD_FLAGS[name] and "=" not in token:
+            if own[name] and "=" not in token:
                 if i + 1 >= len(tokens):
-                    raise UsageError(f"%vllm_load: {name} needs a value")
+                    raise UsageError(f"{magic}: {name} needs a value")
                 ours.append(tokens[i + 1])
                 i += 1
         elif token in ("-h", "--help"):
-            raise UsageError("%vllm_load? shows the help; `vllm serve --help` lists the engine flags")
+            raise UsageError(f"{magic}? shows the help; `vllm serve --help` lists the engine flags")
         elif i == 0 and not token.startswith("-"):
             model = token
         else:
@@ -448,6 +572,12 @@ def display_text(text: str) -> None:
     from IPython.display import display
 
     display({"text/plain": text}, raw=True)
+
+
+def display_code(code: str) -> None:
+    from IPython.display import display
+
+    display({"text/markdown": f"```python\n{code}\n```", "text/plain": code}, raw=True)
 
 
 def display_widget(widget: Any) -> None:

@@ -1,0 +1,312 @@
+"""Serving and remote engines against real vLLM servers of the demo model.
+
+One server (``demo_server``) is started the way ``%vllm_serve`` starts it and shared by this module;
+tests that must break a server, or need one with an API key, start their own. Sessions attached to
+a server are sessions of their own: the in-process demo engine (``engine``) keeps running beside
+them, which is what lets a test compare the two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import pytest
+from IPython.core.error import UsageError
+
+from ipython_capture import make_shell
+from vllm_magic.engine.server import ManagedServer, parse_serve_flags, serve_cli_flags
+from vllm_magic.engine.session import EngineSession
+from vllm_magic.errors import ConfigError, ServerError
+from vllm_magic.magics import register, unregister
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    owner = EngineSession()
+    server = owner.serve(port=0)
+    yield server
+    owner.stop_server()
+    assert not server.processes()
+
+
+@pytest.fixture
+def remote(demo_server):
+    """A session of its own, attached to the demo server."""
+    session = EngineSession()
+    session.connect(demo_server.url)
+    yield session
+    session.unload()
+
+
+@pytest.fixture
+def shell():
+    ip, publisher = make_shell()
+    yield ip, publisher
+    unregister(ip, shutdown=False)
+    type(ip).clear_instance()
+
+
+def _until(condition, timeout: float = 120) -> None:
+    """Wait until ``condition()`` holds (checked ten times a second); fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the awaited state never came"
+        time.sleep(0.1)
+
+
+def _running_on(server_url: str) -> float:
+    """Requests the server's engine is running now, from its Prometheus metrics."""
+    text = httpx.get(f"{server_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
+# ----- outside clients of a served engine -------------------------------------------------------------
+
+def test_langchain_community_vllmopenai_answers_from_the_served_engine(demo_server):
+    from langchain_community.llms import VLLMOpenAI
+
+    llm = VLLMOpenAI(openai_api_key="EMPTY", openai_api_base=demo_server.url + "/v1",
+                     model_name=demo_server.model_name, model_kwargs={"stop": ["."]})
+    answer = llm.invoke("Rome is")
+    assert isinstance(answer, str) and answer.strip()
+    assert "." not in answer  # the stop string reached the server
+
+
+def test_openai_client_streams_the_same_greedy_answer_it_returns_whole(demo_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=demo_server.base_url, api_key="EMPTY")
+    messages = [{"role": "user", "content": QUESTION}]
+    whole = client.chat.completions.create(model=demo_server.model_name, messages=messages, temperature=0,
+                                           max_tokens=24).choices[0].message.content
+    pieces = [chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+        model=demo_server.model_name, messages=messages, temperature=0, max_tokens=24, stream=True)
+        if chunk.choices]
+    assert "Paris" in whole
+    assert len([p for p in pieces if p]) > 1 and "".join(pieces) == whole
+    completion = client.completions.create(model=demo_server.model_name, prompt="Rome is", temperature=0,
+                                           max_tokens=8).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=demo_server.model_name, prompt="Rome is", temperature=0, max_tokens=8, stream=True) if c.choices)
+    assert completion.strip() and streamed == completion
+
+
+# ----- %%vllm against --remote ----------------------------------------------------------------------
+
+CELLS = [
+    ("-t 0 -m 24", QUESTION),
+    ("-t 0 -m 12", "Name a colour.\n---\nName a fruit.\n---\nName a planet."),
+    ("-t 0 -m 64 --json '{\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, "
+     "\"required\": [\"city\"]}'", "Which city is the capital of France? Answer in JSON."),
+    ("-t 0 -m 16 --raw", "The capital of Italy is"),
+]
+
+
+def test_cells_against_remote_give_the_in_process_engines_greedy_answers(engine, demo_server, shell):
+    ip, _ = shell
+    register(ip, session=EngineSession())
+    ip.run_line_magic("vllm_load", f"--remote {demo_server.url} --no-controls")
+    remote = [ip.run_cell_magic("vllm", line + " --quiet", cell) for line, cell in CELLS]
+    register(ip, session=engine)
+    local = [ip.run_cell_magic("vllm", line + " --quiet", cell) for line, cell in CELLS]
+    for (line, _), far, near in zip(CELLS, remote, local):
+        far_list, near_list = (far, near) if isinstance(far, list) else ([far], [near])
+        assert len(far_list) == len(near_list) > 0
+        for a, b in zip(far_list, near_list):
+            assert a.text == b.text, f"{line}: remote {a.text!r} != in-process {b.text!r}"
+            assert a.token_ids == b.token_ids and a.prompt == b.prompt
+            assert a.text.strip()
+    assert remote[2].parsed == local[2].parsed and "city" in remote[2].parsed
+
+
+def test_continue_and_sampling_flags_reach_the_server(demo_server, shell):
+    ip, _ = shell
+    session = EngineSession()
+    register(ip, session=session)
+    ip.run_line_magic("vllm_load", f"--remote {demo_server.url} --no-controls")
+    first = ip.run_cell_magic("vllm", "-t 0 -m 24 --quiet --continue", "My name is Ada. Say hello to me.")
+    second = ip.run_cell_magic("vllm", "-t 0 -m 24 --quiet --continue", "What is my name?")
+    assert "My name is Ada" in second.prompt and first.text in second.prompt  # the conversation was sent
+    assert second.text.strip()
+    many = ip.run_cell_magic("vllm", "-t 1.0 -n 3 -m 8 --seed 1 --quiet", "Name an animal.")
+    assert len(many.texts) == 3 and many.sampling_params.n == 3
+    stopped = ip.run_cell_magic("vllm", "-t 0 -m 40 --stop Paris --quiet", QUESTION)
+    assert "Paris" not in stopped.text and stopped.finish_reason == "stop"
+    status = session.status()
+    assert status.server == demo_server.url and status.requests_served == 4
+    session.unload()
+
+
+def test_langchain_objects_over_a_remote_session_answer(remote):
+    from vllm_magic.langchain import VLLM, ChatVLLM
+
+    llm = VLLM.from_session(remote, temperature=0, max_tokens=16)
+    assert "Paris" in llm.invoke(QUESTION)
+    assert "".join(llm.stream(QUESTION)) == llm.invoke(QUESTION)
+    chat = ChatVLLM.from_session(remote, temperature=0, max_tokens=16)
+    assert "Paris" in chat.invoke(QUESTION).content
+
+
+def test_an_aborted_remote_request_is_dropped_by_the_server(remote, demo_server):
+    handle = remote.submit("Write a very long story about a dragon.", temperature=0.8, max_tokens=4000,
+                           ignore_eos=True)[0]
+    assert handle.wait_for_delta(after=3)
+    _until(lambda: _running_on(demo_server.url) >= 1)
+    handle.abort()
+    result = handle.result()
+    assert result.aborted and result.output_tokens >= 3 and result.finish_reason == "abort"
+    _until(lambda: _running_on(demo_server.url) == 0)
+    assert "Paris" in remote.generate(QUESTION, temperature=0, max_tokens=16).text
+
+
+def test_a_remote_session_needs_no_vllm_in_its_process(engine, demo_server):
+    code = textwrap.dedent(f"""
+        import sys
+        class NoVllm:
+            def find_spec(self, name, path=None, target=None):
+                if name == "vllm" or name.startswith("vllm."):
+                    raise ImportError("vLLM is not installed here")
+        sys.meta_path.insert(0, NoVllm())
+        from vllm_magic import get_session
+        session = get_session()
+        session.connect({demo_server.url!r})
+        print(session.generate({QUESTION!r}, temperature=0, max_tokens=16).text)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == engine.generate(QUESTION, temperature=0, max_tokens=16).text
+
+
+# ----- errors ---------------------------------------------------------------------------------------
+
+def test_remote_mistakes_are_one_line_and_keep_the_session(engine, demo_server, shell):
+    ip, _ = shell
+    register(ip, session=engine)
+    closed = f"http://127.0.0.1:{_closed_port()}"
+    cases = [
+        (f"--remote {closed}", "connection refused"),
+        (f"--remote {demo_server.url} --model no-such-model", "does not serve 'no-such-model'"),
+        (f"--remote {demo_server.url} --max-model-len 512", "runs with the flags it was started with"),
+        (f"--remote {demo_server.url}/nothing-here", "404"),
+    ]
+    for line, words in cases:
+        with pytest.raises(UsageError, match=words) as error:
+            ip.run_line_magic("vllm_load", line)
+        assert "\n" not in str(error.value).strip()
+        assert engine.config is not None and engine.config.platform != "remote"  # the engine is kept
+    assert "Paris" in ip.run_cell_magic("vllm", "-t 0 -m 16 --quiet", QUESTION).text
+
+
+def test_non_loopback_host_without_api_key_is_refused_before_anything_starts(shell):
+    ip, _ = shell
+    session = EngineSession()
+    register(ip, session=session)
+    with pytest.raises(UsageError, match="reachable from other machines.*--api-key"):
+        ip.run_line_magic("vllm_serve", "--host 0.0.0.0 --port 0")
+    assert session.server is None
+
+
+def test_keyed_server_refuses_keyless_requests_and_stop_leaves_no_process(engine):
+    owner = EngineSession()
+    server = owner.serve(port=0, api_key="s3cret")
+    try:
+        refused = httpx.post(f"{server.base_url}/completions", json={"model": server.model_name, "prompt": "Hi"})
+        assert refused.status_code == 401
+        with pytest.raises(ServerError, match="wants an API key"):
+            EngineSession().connect(server.url)
+        with pytest.raises(ServerError, match="refused the API key"):
+            EngineSession().connect(server.url, api_key="wrong")
+        keyed = EngineSession()
+        keyed.connect(server.url, api_key="s3cret")
+        assert keyed.generate(QUESTION, temperature=0, max_tokens=16).text == \
+            engine.generate(QUESTION, temperature=0, max_tokens=16).text
+        keyed.unload()
+        pids = {p.pid for p in server.processes()}
+        assert len(pids) >= 2  # the server and vLLM's engine core
+    finally:
+        owner.stop_server()
+    assert not server.processes() and not _alive(pids)
+
+
+def test_a_server_killed_mid_answer_ends_the_answer_with_a_clear_error(engine, demo_server):
+    owner = EngineSession()
+    server = owner.serve(port=0)
+    session = EngineSession()
+    session.connect(server.url)
+    handle = session.submit("Write a very long story about a dragon.", temperature=0.8, max_tokens=4000,
+                            ignore_eos=True)[0]
+    assert handle.wait_for_delta(after=3)
+    os.killpg(server.process.pid, signal.SIGKILL)
+    with pytest.raises(ServerError, match="went away mid-answer"):
+        handle.result()
+    assert handle.snapshot().output_tokens >= 3  # what arrived is kept
+    assert session.status().dead
+    with pytest.raises(Exception, match="does not answer"):
+        session.generate(QUESTION)
+    owner.stop_server()
+    session.connect(demo_server.url)  # the session takes another server
+    assert "Paris" in session.generate(QUESTION, temperature=0, max_tokens=16).text
+    session.unload()
+
+
+# ----- flags ----------------------------------------------------------------------------------------
+
+def test_serve_flags_split_into_engine_and_server_ones_and_render_back():
+    engine_kwargs, server_kwargs = parse_serve_flags(
+        "--max-model-len 2048 --enforce-eager --no-enable-prefix-caching --served-model-name smol "
+        "--enable-auto-tool-choice --tool-call-parser hermes --hf-overrides '{\"a\": 1}'")
+    assert engine_kwargs == {"max_model_len": 2048, "enforce_eager": True, "enable_prefix_caching": False,
+                             "served_model_name": ["smol"], "hf_overrides": {"a": 1}}
+    assert server_kwargs == {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
+    assert parse_serve_flags(serve_cli_flags({**engine_kwargs, **server_kwargs})) == (engine_kwargs, server_kwargs)
+    with pytest.raises(ConfigError, match="unrecognized flags: --no-such-flag"):
+        parse_serve_flags("--no-such-flag 1")
+
+
+def test_a_server_that_fails_to_start_reports_vllms_reason(tmp_path):
+    owner = EngineSession()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    with pytest.raises(ServerError, match="exited while starting") as error:
+        owner.serve(str(tmp_path), port=0, timeout=600)
+    assert "no-such-architecture" in str(error.value) or "Error" in str(error.value)
+    assert owner.server is None
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _alive(pids: set[int]) -> list[int]:
+    import psutil
+
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def test_managed_server_reports_its_processes_and_urls(demo_server):
+    assert isinstance(demo_server, ManagedServer) and demo_server.alive
+    assert demo_server.base_url == demo_server.url + "/v1"
+    assert httpx.get(f"{demo_server.url}/health").status_code == 200
+    assert demo_server.model_name == "SmolLM2-135M-Instruct"
+    assert "openai" in demo_server.client_snippet() and demo_server.base_url in demo_server.client_snippet()
+    assert len(demo_server.processes()) >= 2

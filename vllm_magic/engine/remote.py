@@ -1,0 +1,464 @@
+"""A vLLM server elsewhere behind the session's backend seam: ``%vllm_load --remote URL``.
+
+:class:`RemoteBackend` drives any OpenAI-compatible vLLM server (``vllm serve``, one started by
+``%vllm_serve``, a multi-GPU or multi-node deployment) so that every front-end works as with the
+in-process engine. Prompts are rendered and tokenized by the server (``/tokenize``, its own chat
+template), then sent as token ids to ``/v1/completions``, streamed, with ``return_token_ids``:
+the engine sees exactly what an in-process engine would, so greedy answers are the same. Structured
+outputs go through vLLM's extra request fields. Closing a request's stream makes the server abort
+it, which is how an interrupt or the Stop button reaches it.
+
+Nothing here imports vLLM: a laptop without it can drive a GPU box that has it. All HTTP runs on
+one event loop thread (``httpx``), so a batch of hundreds of prompts is hundreds of concurrent
+streams, not hundreds of threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import threading
+import time
+import uuid
+from typing import Any, Callable, Coroutine
+
+from ..errors import PromptTooLongError, RequestError, ServerError
+from .backend import Backend, UnloadReport
+from .config import EngineConfig
+from .handles import RequestHandle
+from .prompts import Prepared, PromptLike, conversation_of
+from .sampling import SAMPLING_FIELDS, json_schema_of, sampling_values
+
+__all__ = ["RemoteBackend", "RemoteParams", "REMOTE_PLATFORM", "normalize_url"]
+
+#: The ``platform`` of a session attached to a server.
+REMOTE_PLATFORM = "remote"
+#: Seconds to wait for a server to accept a connection or answer a short call.
+CONNECT_TIMEOUT = 10.0
+
+
+def normalize_url(url: str) -> str:
+    """``host:port``, ``http://host:port/`` or an OpenAI ``base_url`` (``.../v1``) -> ``http://host:port``."""
+    url = url.strip().rstrip("/")
+    if not url:
+        raise RequestError("give the server's URL, e.g. http://127.0.0.1:8000")
+    if "://" not in url:
+        url = "http://" + url
+    if url.endswith("/v1"):
+        url = url[:-3]
+    return url.rstrip("/")
+
+
+class RemoteParams:
+    """The sampling options of one request to a server: what ``SamplingParams`` is in process.
+
+    Read options as attributes (``params.n``, ``params.max_tokens``); :meth:`body` gives the fields
+    of a ``/v1/completions`` request.
+    """
+
+    def __init__(self, values: dict[str, Any], structured: dict[str, Any] | None = None) -> None:
+        self.values = dict(values)
+        self.structured = {k: v for k, v in (structured or {}).items() if v is not None}
+
+    @classmethod
+    def from_sampling_params(cls, sampling: Any) -> "RemoteParams":
+        """The options of a ready vLLM ``SamplingParams`` (its fields that a request can carry)."""
+        values = {name: getattr(sampling, name) for name in SAMPLING_FIELDS if getattr(sampling, name, None) is not None}
+        structured: dict[str, Any] = {}
+        spec = getattr(sampling, "structured_outputs", None) or getattr(sampling, "guided_decoding", None)
+        if spec is not None:
+            for ours, theirs in (("json_schema", "json"), ("regex", "regex"), ("choice", "choice")):
+                if getattr(spec, theirs, None) is not None:
+                    structured[ours] = getattr(spec, theirs)
+        return cls(values, structured)
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        if name == "n":
+            return 1
+        if name in SAMPLING_FIELDS:
+            return None
+        raise AttributeError(name)
+
+    def clone(self) -> "RemoteParams":
+        return copy.deepcopy(self)
+
+    def body(self, structured_key: str = "structured_outputs") -> dict[str, Any]:
+        """The request fields of these options (vLLM's extra fields for structured outputs)."""
+        body = {k: v for k, v in self.values.items() if v is not None}
+        spec = {{"json_schema": "json"}.get(k, k): v for k, v in self.structured.items()}
+        if spec:
+            if structured_key == "structured_outputs":
+                body["structured_outputs"] = spec
+            else:  # vLLM before structured_outputs: guided_json, guided_regex, guided_choice
+                body.update({f"guided_{k}": v for k, v in spec.items()})
+        return body
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in {**self.values, **self.structured}.items())
+        return f"RemoteParams({fields})"
+
+
+class _Loop:
+    """One event loop thread with one HTTP client: every call to the server runs here."""
+
+    def __init__(self, url: str, api_key: str | None) -> None:
+        import httpx
+
+        self._httpx = httpx
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="vllm-magic-http", daemon=True)
+        self._thread.start()
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+        async def make() -> Any:
+            return httpx.AsyncClient(
+                base_url=url, headers=headers, timeout=httpx.Timeout(CONNECT_TIMEOUT, read=None),
+                limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256))
+
+        self.client = self.run(make())
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
+        """Run ``coro`` on the loop and wait for its value; Ctrl-C cancels it and is raised."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    return future.result(timeout=0.05)
+                except TimeoutError:
+                    if deadline is not None and time.monotonic() > deadline:
+                        future.cancel()
+                        raise
+        except KeyboardInterrupt:
+            future.cancel()
+            raise
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> "asyncio.Future[Any]":
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        if not self.loop.is_running():
+            return
+        try:
+            self.run(self.client.aclose(), timeout=5)
+        except Exception:  # noqa: BLE001 - closing a client to a server that is gone
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+class RemoteBackend(Backend):
+    """An OpenAI-compatible vLLM server, driven over HTTP."""
+
+    def __init__(self, url: str, api_key: str | None, model: str, max_model_len: int, version: str,
+                 on_finished: Callable[[RequestHandle], None], loop: _Loop, load_seconds: float) -> None:
+        self.url = url
+        self.api_key = api_key
+        self.config = EngineConfig(model=model, engine_kwargs={}, platform=REMOTE_PLATFORM)
+        self.dtype = "n/a"
+        self.max_model_len = max_model_len
+        self.kv_cache_tokens = None
+        self.vllm_version = version
+        self.load_seconds = load_seconds
+        self.started = time.monotonic()
+        self._on_finished = on_finished
+        self._loop = loop
+        self._live: dict[str, asyncio.Future[Any]] = {}
+        self._live_lock = threading.Lock()
+        self._failure: str | None = None
+        self._structured_key = "structured_outputs" if _version_tuple(version) >= (0, 10, 2) else "guided"
+        self._prefix = uuid.uuid4().hex[:8]  # request ids unique on a server that several sessions share
+
+    # ----- connecting ------------------------------------------------------------------------------
+    @classmethod
+    def connect(cls, url: str, *, api_key: str | None = None, model: str | None = None,
+                on_finished: Callable[[RequestHandle], None]) -> "RemoteBackend":
+        """Attach to the server at ``url``; raises :class:`ServerError` with one clear paragraph when
+        it cannot be reached, wants another key, or does not serve ``model``."""
+        url = normalize_url(url)
+        t0 = time.perf_counter()
+        loop = _Loop(url, api_key)
+        try:
+            models = loop.run(_get_json(loop.client, "/v1/models", url, api_key), timeout=CONNECT_TIMEOUT * 2)
+            served = [entry for entry in models.get("data", []) if isinstance(entry, dict)]
+            if not served:
+                raise ServerError(f"the server at {url} serves no model")
+            names = [entry.get("id") for entry in served]
+            if model is None:
+                entry = served[0]
+            else:
+                matches = [e for e in served if e.get("id") == model or e.get("root") == model]
+                if not matches:
+                    raise ServerError(f"the server at {url} does not serve {model!r}; it serves "
+                                      f"{', '.join(map(repr, names))} (pass one with --model, or none)")
+                entry = matches[0]
+            name = str(entry["id"])
+            max_model_len = entry.get("max_model_len")
+            version = "unknown"
+            try:
+                version = str(loop.run(_get_json(loop.client, "/version", url, api_key), timeout=CONNECT_TIMEOUT)
+                              .get("version", "unknown"))
+            except ServerError:
+                pass  # an older server without /version still serves
+            probe = loop.run(_post(loop.client, "/tokenize", {"model": name, "prompt": "Hi"}), timeout=CONNECT_TIMEOUT)
+            if probe.status_code == 404:
+                raise ServerError(f"the server at {url} is OpenAI-compatible but not vLLM (it has no /tokenize "
+                                  "route); vllm-magic drives vLLM servers")
+            if max_model_len is None and probe.status_code == 200:
+                max_model_len = probe.json().get("max_model_len")
+        except BaseException:
+            loop.close()
+            raise
+        return cls(url, api_key, name, int(max_model_len or 0) or 1 << 30, version, on_finished, loop,
+                   time.perf_counter() - t0)
+
+    def same_server(self, url: str, api_key: str | None, model: str | None) -> bool:
+        """Whether this backend is attached to ``url`` with ``api_key`` and serves ``model`` (None: any)."""
+        return (normalize_url(url) == self.url and (api_key or None) == (self.api_key or None)
+                and model in (None, self.config.model))
+
+    # ----- requests --------------------------------------------------------------------------------
+    def params(self, defaults: Any, overrides: dict[str, Any], structured: dict[str, Any]) -> RemoteParams:
+        structured = dict(structured)
+        if structured.get("json_schema") is not None:
+            structured["json_schema"] = json_schema_of(structured["json_schema"])
+        return RemoteParams(sampling_values(defaults, overrides), structured)
+
+    def given_params(self, sampling: Any) -> RemoteParams:
+        return RemoteParams.from_sampling_params(sampling)
+
+    def prepare(self, items: list[PromptLike], raw: bool, system: str) -> list[Prepared]:
+        async def all_of() -> list[Prepared]:
+            return list(await asyncio.gather(*(self._prepare_one(item, raw, system) for item in items)))
+
+        prepared = self._loop.run(all_of())
+        for item in prepared:
+            if len(item.token_ids) >= self.max_model_len:
+                raise PromptTooLongError(
+                    f"the prompt has {len(item.token_ids)} tokens but the model's context holds "
+                    f"{self.max_model_len} (prompt plus answer); shorten it or serve the model with a larger "
+                    "--max-model-len")
+        return prepared
+
+    async def _prepare_one(self, item: PromptLike, raw: bool, system: str) -> Prepared:
+        if isinstance(item, str) and raw:
+            tokens = await self._tokenize({"prompt": item})
+            return Prepared(item, tokens)
+        messages = conversation_of(item, system)
+        try:
+            tokens = await self._tokenize({"messages": messages, "add_generation_prompt": True})
+        except RequestError as exc:
+            if "chat template" not in str(exc):
+                raise
+            text = "\n\n".join(m["content"] for m in messages)  # a base model: the contents as plain text
+            return Prepared(text, await self._tokenize({"prompt": text}))
+        detokenized = await self._call("/detokenize", {"model": self.config.model, "tokens": tokens})
+        return Prepared(detokenized["prompt"], tokens)
+
+    async def _tokenize(self, body: dict[str, Any]) -> list[int]:
+        answer = await self._call("/tokenize", {"model": self.config.model, **body})
+        return list(answer["tokens"])
+
+    async def _call(self, path: str, body: dict[str, Any]) -> Any:
+        response = await _post(self._loop.client, path, body, url=self.url, on_failure=self._failed)
+        if response.status_code != 200:
+            raise RequestError(f"the server refused the prompt: {_error_text(response)}")
+        return response.json()
+
+    def fit(self, params: Any, prompt_tokens: int) -> Any:
+        room = self.max_model_len - prompt_tokens
+        if params.max_tokens is None or params.max_tokens > room:
+            params = params.clone()
+            params.values["max_tokens"] = room
+        return params
+
+    def add(self, requests: list[tuple[RequestHandle, Prepared, Any]]) -> None:
+        for handle, prompt, params in requests:
+            body = {"model": self.config.model, "prompt": prompt.token_ids, "stream": True,
+                    "return_token_ids": True, "request_id": f"{self._prefix}-{handle.request_id}",
+                    **params.body(self._structured_key)}
+            with self._live_lock:
+                self._live[handle.request_id] = self._loop.spawn(self._stream(handle, body))
+
+    async def _stream(self, handle: RequestHandle, body: dict[str, Any]) -> None:
+        httpx = self._loop._httpx
+        try:
+            async with self._loop.client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    handle._finish(error=RequestError(f"the server refused the request: {_error_text(response)}"))
+                    return
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    chunk = json.loads(payload)
+                    if "error" in chunk:
+                        error = chunk["error"]
+                        message = error.get("message", error) if isinstance(error, dict) else error
+                        handle._finish(error=RequestError(f"the server stopped the request: {message}"))
+                        return
+                    for choice in chunk.get("choices", ()):
+                        handle._push(int(choice.get("index", 0)), choice.get("text") or "",
+                                     list(choice.get("token_ids") or ()), choice.get("finish_reason"))
+            handle._finish(then=self._on_finished)
+        except asyncio.CancelledError:  # aborted here: closing the stream made the server abort it
+            handle._finish(aborted=True, then=self._on_finished)
+        except httpx.HTTPError as exc:
+            reason = self._failed(exc)
+            handle._finish(error=ServerError(f"the server at {self.url} went away mid-answer ({reason}); what "
+                                             "arrived is kept. Start it again, or %vllm_load another engine"))
+        except Exception as exc:  # noqa: BLE001 - a malformed answer must not kill the loop
+            handle._finish(error=ServerError(f"unexpected answer from the server at {self.url}: {exc}"))
+        finally:
+            with self._live_lock:
+                self._live.pop(handle.request_id, None)
+
+    def abort(self, request_ids: list[str]) -> None:
+        with self._live_lock:
+            futures = [self._live[r] for r in request_ids if r in self._live]
+        for future in futures:
+            future.cancel()  # the task gets CancelledError, its stream closes, the server aborts
+        for future in futures:  # returns once the streams are closed
+            try:
+                self._loop.run(_settled(future), timeout=5)
+            except Exception:  # noqa: BLE001 - a stream that takes longer to close still closes
+                pass
+
+    def abort_all(self) -> int:
+        with self._live_lock:
+            ids = list(self._live)
+        self.abort(ids)
+        return len(ids)
+
+    @property
+    def live_count(self) -> int:
+        return len(self._live)
+
+    # ----- health and memory -----------------------------------------------------------------------
+    def _failed(self, exc: BaseException) -> str:
+        self._failure = _network_reason(exc)
+        return self._failure
+
+    def death(self) -> str | None:
+        """None while the server serves; after a network failure, asks ``/health`` again (a server
+        that came back is used again)."""
+        if self._failure is None:
+            return None
+        try:
+            response = self._loop.run(self._loop.client.get("/health", timeout=2.0), timeout=5)
+        except Exception:  # noqa: BLE001 - still unreachable
+            return f"the server at {self.url} does not answer ({self._failure})"
+        if response.status_code == 200:
+            self._failure = None
+            return None
+        return f"the server at {self.url} is unhealthy (HTTP {response.status_code})"
+
+    def died_message(self, reason: str) -> str:
+        return f"{reason}; start it again, or run %vllm_load --remote URL (or %vllm_load MODEL)"
+
+    def memory(self) -> tuple[int | None, str]:
+        return None, "on the server"
+
+    def derived_args(self) -> dict[str, Any]:
+        return {"max_model_len": self.max_model_len}
+
+    def shutdown(self) -> UnloadReport:
+        """Disconnect: running requests are aborted; the server keeps running."""
+        try:
+            self.abort_all()
+        finally:
+            self._loop.close()
+        return UnloadReport(self.config.model, 0, 0, None, None)
+
+
+# ----- HTTP helpers -----------------------------------------------------------------------------------
+
+async def _post(client: Any, path: str, body: dict[str, Any], *, url: str = "",
+                on_failure: Callable[[BaseException], str] | None = None) -> Any:
+    import httpx
+
+    try:
+        return await client.post(path, json=body)
+    except httpx.HTTPError as exc:
+        reason = on_failure(exc) if on_failure is not None else _network_reason(exc)
+        raise ServerError(f"the server at {url or client.base_url} does not answer ({reason})") from None
+
+
+async def _get_json(client: Any, path: str, url: str, api_key: str | None) -> Any:
+    import httpx
+
+    try:
+        response = await client.get(path)
+    except httpx.HTTPError as exc:
+        reason = _network_reason(exc)
+        hint = " (%vllm_serve starts one in this kernel)" if "refused" in reason else ""
+        raise ServerError(f"could not reach a vLLM server at {url}: {reason}. Is it running, and is the URL "
+                          f"right?{hint}") from None
+    if response.status_code == 401:
+        if api_key:
+            raise ServerError(f"the server at {url} refused the API key (HTTP 401): pass the key it was started "
+                              "with as --api-key")
+        raise ServerError(f"the server at {url} wants an API key (HTTP 401): pass it as --api-key KEY")
+    if response.status_code == 404:
+        raise ServerError(f"{url} answered 404 for {path}: not an OpenAI-compatible vLLM server at that address")
+    if response.status_code != 200:
+        raise ServerError(f"the server at {url} answered HTTP {response.status_code} for {path}: "
+                          f"{_error_text(response)}")
+    try:
+        return response.json()
+    except ValueError:
+        raise ServerError(f"{url} answered {path} with something that is not JSON: not a vLLM server") from None
+
+
+async def _settled(future: "asyncio.Future[Any]") -> None:
+    try:
+        await asyncio.wrap_future(future)
+    except BaseException:  # noqa: BLE001 - cancelled or failed: settled either way
+        pass
+
+
+def _error_text(response: Any) -> str:
+    """The message of an OpenAI-style error answer, on one line."""
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}: {response.text.strip()[:300]}"
+    error = body.get("error", body) if isinstance(body, dict) else body
+    message = error.get("message", error) if isinstance(error, dict) else error
+    if isinstance(body, dict) and "detail" in body and not isinstance(message, str):
+        message = body["detail"]
+    text = " ".join(str(message).split())
+    return f"HTTP {response.status_code}: {text[:400]}"
+
+
+def _network_reason(exc: BaseException) -> str:
+    import httpx
+
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectError):
+        cause: BaseException | None = exc
+        while cause is not None:  # httpx says "All connection attempts failed" for a refused connection
+            if isinstance(cause, ConnectionRefusedError) or "refused" in str(cause).lower():
+                return "connection refused"
+            cause = cause.__cause__ or cause.__context__
+        return text
+    if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
+        return f"connection closed: {text}"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    return text
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts) if parts else (0,)
