@@ -33,3 +33,34 @@ def test_readme_magic_examples_run(engine, capsys):
 
         unregister(ip, shutdown=False)
         type(ip).clear_instance()
+
+
+def test_readme_serving_examples_run(capsys, monkeypatch):
+    import vllm_magic
+    from vllm_magic.engine.session import EngineSession
+    from vllm_magic.magics import register, unregister
+
+    text = README.read_text()
+    start, end = text.index("<!-- section: serving -->"), text.index("<!-- section: python-api -->")
+    blocks = re.findall(r"```ipython\n(.*?)```", text[start:end], flags=re.S)
+    assert blocks[0].strip() == "%vllm_serve" and blocks[-1].strip() == "%vllm_serve --stop"
+    # A session of the test's own, so that the suite's in-process engine stays loaded beside it.
+    session = EngineSession()
+    monkeypatch.setattr(vllm_magic, "get_session", lambda: session)
+    ip, _ = make_shell()
+    try:
+        register(ip, session=session)
+        for block in blocks:
+            result = ip.run_cell(block)
+            assert result.success, f"README block failed:\n{block}\n{result.error_in_exec or result.error_before_exec}"
+            if block.strip() == "%vllm_serve":
+                server = session.server
+        out = capsys.readouterr().out
+        assert "served at http://127.0.0.1:" in out and "on the vLLM server at" in out
+        assert out.count("Paris") >= 1 and "Paris" in ip.user_ns["_"].text
+        assert session.server is None and not server.processes()
+    finally:
+        if session.server is not None:
+            session.stop_server()
+        unregister(ip, shutdown=False)
+        type(ip).clear_instance()

@@ -177,14 +177,19 @@ def test_a_remote_session_needs_no_vllm_in_its_process(engine, demo_server):
                 if name == "vllm" or name.startswith("vllm."):
                     raise ImportError("vLLM is not installed here")
         sys.meta_path.insert(0, NoVllm())
-        from vllm_magic import get_session
-        session = get_session()
-        session.connect({demo_server.url!r})
-        print(session.generate({QUESTION!r}, temperature=0, max_tokens=16).text)
+        from IPython.core.interactiveshell import InteractiveShell
+        ip = InteractiveShell.instance()
+        ip.run_line_magic("load_ext", "vllm_magic")
+        ip.run_line_magic("vllm_load", "--remote {demo_server.base_url}")  # the sampling panel shows too
+        print(ip.run_cell_magic("vllm", "-t 0 -m 16 --quiet", {QUESTION!r}).text)
+        print(ip.user_ns["llm"].invoke({QUESTION!r}, temperature=0, max_tokens=16))
+        print(sorted(m for m in sys.modules if m == "vllm" or m.startswith("vllm.")))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == engine.generate(QUESTION, temperature=0, max_tokens=16).text
+    expected = engine.generate(QUESTION, temperature=0, max_tokens=16).text
+    lines = out.stdout.strip().splitlines()
+    assert lines[-3:] == [expected, expected, "[]"], out.stdout
 
 
 # ----- errors ---------------------------------------------------------------------------------------

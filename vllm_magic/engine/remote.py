@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import threading
 import time
 import uuid
@@ -178,8 +179,10 @@ class RemoteBackend(Backend):
     def connect(cls, url: str, *, api_key: str | None = None, model: str | None = None,
                 on_finished: Callable[[RequestHandle], None]) -> "RemoteBackend":
         """Attach to the server at ``url``; raises :class:`ServerError` with one clear paragraph when
-        it cannot be reached, wants another key, or does not serve ``model``."""
+        it cannot be reached, wants another key, or does not serve ``model``. ``api_key`` None takes
+        ``$VLLM_API_KEY`` (the variable ``vllm serve`` reads) when it is set."""
         url = normalize_url(url)
+        api_key = api_key or os.environ.get("VLLM_API_KEY") or None  # the variable `vllm serve` reads
         t0 = time.perf_counter()
         loop = _Loop(url, api_key)
         try:
@@ -218,7 +221,8 @@ class RemoteBackend(Backend):
 
     def same_server(self, url: str, api_key: str | None, model: str | None) -> bool:
         """Whether this backend is attached to ``url`` with ``api_key`` and serves ``model`` (None: any)."""
-        return (normalize_url(url) == self.url and (api_key or None) == (self.api_key or None)
+        api_key = api_key or os.environ.get("VLLM_API_KEY") or None
+        return (normalize_url(url) == self.url and api_key == (self.api_key or None)
                 and model in (None, self.config.model))
 
     # ----- requests --------------------------------------------------------------------------------
