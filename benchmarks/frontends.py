@@ -246,6 +246,17 @@ class RecordingShell:
         self.ip = InteractiveShell.instance(config=config)
         self.ip.display_pub = Publisher(shell=self.ip, parent=self.ip)
         self.ip.extension_manager.load_extension("vllm_magic")
+        from vllm_magic import get_session
+
+        self._bound = get_session()
+
+    def bind(self, session: Any) -> None:
+        """Point the shell's magics at ``session`` (after ``--remote``, a session of its own)."""
+        if session is not self._bound:
+            from vllm_magic.magics import register
+
+            register(self.ip, session=session)
+            self._bound = session
 
     def run(self, source: str) -> tuple[float, float, list[float]]:
         """Run a cell; returns (start, end, times of display events) and raises what the cell raised."""
@@ -286,6 +297,7 @@ def _batch_sample(handles: list, start: float, end: float) -> Sample:
 
 def batch_magic(w: Workload) -> Sample:
     cell = "%%vllm\n" + "\n---\n".join(w.prompts)
+    w.shell.bind(w.session)
     with _pinned(w, w.tokens) as handles:
         start, end, _ = w.shell.run(cell)
     if len(handles) != len(w.prompts):
@@ -294,6 +306,7 @@ def batch_magic(w: Workload) -> Sample:
 
 
 def stream_magic(w: Workload) -> Sample:
+    w.shell.bind(w.session)
     with _pinned(w, w.stream_tokens) as handles:
         start, end, events = w.shell.run("%%vllm\n" + w.stream_prompt)
     handle = handles[0]

@@ -23,6 +23,9 @@ GROUP_TITLES = {
     "decode": "decode, single stream",
     "load": "load",
     "memory": "engine memory",
+    "served batch": "batch throughput, served",
+    "served ttft": "time to first text, served",
+    "served decode": "decode, single stream, served",
 }
 
 
@@ -43,7 +46,7 @@ def _fmt(value: float | None, unit: str) -> str:
 def _ratio(row: dict) -> str:
     if row.get("ratio") is None:
         return ""
-    if row["group"] == "ttft":
+    if row["group"].endswith("ttft"):
         return f"{row['ratio']:+.2f} ms"
     return f"{row['ratio']:.3f}"
 

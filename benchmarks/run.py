@@ -91,6 +91,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-switch", action="store_true", help="skip the switch (and switch back)")
     p.add_argument("--no-switch-back", action="store_true", help="switch once, not back")
     p.add_argument("--no-control", action="store_true", help="skip constructing LangChain community's VLLM twice")
+    p.add_argument("--no-served", action="store_true",
+                   help="skip the served engine (%%%%vllm --remote and the openai client against vllm serve)")
     p.add_argument("--control-drop-first", action="store_true",
                    help="drop the control's first engine before building the second (memory-tight machines)")
     p.add_argument("--title", default=None, help="table title")
@@ -243,6 +245,43 @@ def _stream_rows(ttft_measured: dict, decode_measured: dict, pick: Callable[[lis
     return ttft + decode
 
 
+def _served_rows(session: Any, size: dict, pick: Callable[[list[float], bool], float], workload: Workload,
+                 short: Workload, warm: Workload) -> list[Row]:
+    """The same batch and stream against ``vllm serve``: the openai client (this group's baseline),
+    ``%%vllm --remote``, and ``%%vllm`` in process, interleaved in the same runs."""
+    from .served import OPENAI, served_entries, start_served
+
+    _say("served engine: starting vllm serve with the same configuration")
+    served = start_served(session)
+    try:
+        twins = {id(w): (Workload(served.remote, w.prompts, w.tokens, w.stream_prompt, w.stream_tokens), w)
+                 for w in (workload, short, warm)}
+        batch_entries, stream_entries = served_entries(served, twins)
+        _say(f"served batch: {size['prompts']} prompts x {size['tokens']} tokens, {size['repeats']} runs")
+        batch = _measure_group(batch_entries, workload, size["repeats"], warm, served.fresh)
+        _say(f"served first text: {size['ttft_repeats']} runs; decode: {size['stream_repeats']} runs")
+        ttft = _measure_group(stream_entries, short, size["ttft_repeats"], warm, served.fresh)
+        decode = _measure_group(stream_entries, workload, size["stream_repeats"], warm, served.fresh)
+    finally:
+        served.stop()
+    names = [name for name, _, _ in batch_entries]
+    describe = {OPENAI: "the baseline of the served rows: the same server, the same runs"}
+
+    def note(name: str, samples: list[Sample]) -> str:
+        return describe.get(name, "")
+
+    rows = paired_rows("served batch", "tok/s", batch, names, value_of=lambda s: s.value, higher=True, pick=pick,
+                       compare=lambda a, b: a / b, expected_tokens=len(workload.prompts) * workload.tokens,
+                       target=lambda name: None, describe=note)
+    rows += paired_rows("served ttft", "ms", ttft, names, value_of=lambda s: s.value, higher=False, pick=pick,
+                        compare=lambda a, b: a - b, expected_tokens=short.stream_tokens,
+                        target=lambda name: None, describe=note)
+    rows += paired_rows("served decode", "tok/s", decode, names, value_of=lambda s: s.extra["decode"],
+                        higher=True, pick=pick, compare=lambda a, b: a / b, expected_tokens=workload.stream_tokens,
+                        target=lambda name: None, describe=note)
+    return rows
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark and write its files; returns the results (also written as JSON)."""
     args = _parse_args(argv)
@@ -263,6 +302,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     notes = list(args.note)
     rows: list[Row] = []
 
+    if not args.no_served:
+        notes.append("Served rows (`vllm serve` started as %vllm_serve starts it, same engine configuration): "
+                     "their comparison column is against `vllm serve` + the openai client on the same server in "
+                     "the same interleaved runs, not against raw vLLM.")
     if platform != "cuda":
         notes.append(f"{os.cpu_count()} CPU cores shared with other workloads: absolute numbers vary run to run; "
                      "ratios come from interleaved runs in one process.")
@@ -328,6 +371,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             decode = _measure_group(STREAM, workload, size["stream_repeats"], warm, fresh)
             rows += _stream_rows(ttft, decode, pick, short, workload)
             save()
+            if not args.no_served:
+                rows += _served_rows(session, size, pick, workload, short, warm)
+                if not session.loaded:  # it made room for the server on a GPU: back for the reloads
+                    session.load(args.model, **engine_kwargs)
+                save()
         finally:
             for key, value in saved_defaults.items():
                 setattr(session.defaults, key, value)

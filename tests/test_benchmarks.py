@@ -32,6 +32,9 @@ def test_smoke_run_writes_table_json_and_chart(smoke):
     assert "| batch throughput | raw LLM.generate |" in table
     assert "| batch throughput | session.submit" in table
     assert "| time to first text | session streaming" in table
+    for group in ("batch throughput, served", "time to first text, served", "decode, single stream, served"):
+        for name in ("vllm serve + openai client", "%%vllm --remote (vllm serve)", "%%vllm in-process"):
+            assert f"| {group} | {name}" in table
     assert "vLLM" in table and "SmolLM2-135M-Instruct" in table
     saved = json.loads((out / "smoke.json").read_text())
     assert saved["meta"]["prompts"] == 4 and saved["meta"]["tokens"] == 8
