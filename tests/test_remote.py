@@ -157,6 +157,30 @@ def test_langchain_objects_over_a_remote_session_answer(remote):
     assert "Paris" in chat.invoke(QUESTION).content
 
 
+def test_widgets_over_a_remote_session_stream_and_stop_on_the_server(remote, demo_server):
+    from vllm_magic.widgets import Playground, SamplingPanel
+
+    playground = Playground(remote)
+    try:
+        playground.controls.controls["temperature"].value = 0.0
+        playground.controls.controls["max_tokens"].value = 16
+        run = playground.generate(QUESTION)
+        playground.wait(timeout=120)
+        assert "Paris" in run.result.text and "Paris" in playground.answer.value
+        remote.defaults.max_tokens = 4000
+        remote.defaults.temperature = 0.8
+        run = playground.generate("Write a very long story about a dragon.")
+        playground._handle.wait_for_delta(0)
+        panel = SamplingPanel(remote)
+        assert panel.stop() == 1  # the panel's Stop button: every request of the session
+        playground.wait(timeout=120)
+        assert run.result.aborted and run.result.output_tokens < 4000
+        _until(lambda: _running_on(demo_server.url) == 0)
+        panel.close()
+    finally:
+        playground.close()
+
+
 def test_an_aborted_remote_request_is_dropped_by_the_server(remote, demo_server):
     handle = remote.submit("Write a very long story about a dragon.", temperature=0.8, max_tokens=4000,
                            ignore_eos=True)[0]
@@ -223,8 +247,12 @@ def test_non_loopback_host_without_api_key_is_refused_before_anything_starts(she
 
 def test_keyed_server_refuses_keyless_requests_and_stop_leaves_no_process(engine):
     owner = EngineSession()
-    server = owner.serve(port=0, api_key="s3cret")
+    # Server-only flags pass through to vllm serve (it checks the parser's name while starting).
+    server = owner.serve(port=0, api_key="s3cret",
+                         server_kwargs={"enable_auto_tool_choice": True, "tool_call_parser": "hermes"})
     try:
+        assert "--enable-auto-tool-choice" in server.argv
+        assert server.argv[server.argv.index("--tool-call-parser") + 1] == "hermes"
         refused = httpx.post(f"{server.base_url}/completions", json={"model": server.model_name, "prompt": "Hi"})
         assert refused.status_code == 401
         with pytest.raises(ServerError, match="wants an API key"):

@@ -108,13 +108,13 @@ _POLL = 0.05  # seconds between wake-ups while waiting, so Ctrl-C is handled pro
 class RequestHandle:
     """A live request; written by the driver thread, readable from any thread or event loop."""
 
-    def __init__(self, request_id: str, prompt: str, prompt_token_ids: list[int], n: int,
+    def __init__(self, request_id: str, prompt: Any, prompt_token_ids: list[int], n: int,
                  abort: Callable[[str], None], parse: Callable[[str], Any] | None = None,
                  sampling_params: Any = None) -> None:
         self.request_id = request_id
         #: The ``SamplingParams`` the engine runs this request with.
         self.sampling_params = sampling_params
-        self.prompt = prompt
+        self._prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.submitted_at = time.perf_counter()
         self._completions = [Completion(index=i) for i in range(n)]
@@ -184,6 +184,15 @@ class RequestHandle:
                 pass
 
     # ----- read by callers -------------------------------------------------------------------
+    @property
+    def prompt(self) -> str:
+        """The exact text sent, after the chat template. A server renders it while the request
+        runs (``concurrent.futures.Future``): reading it waits for that, a millisecond or two."""
+        text = self._prompt
+        if not isinstance(text, str):
+            text = self._prompt = text.result()
+        return text
+
     @property
     def done(self) -> bool:
         return self._finished_at is not None

@@ -22,9 +22,13 @@ PromptLike = str | Sequence[Message]
 
 @dataclass(frozen=True)
 class Prepared:
-    """One prompt as the engine gets it: the text after the chat template, and its token ids."""
+    """One prompt as the engine gets it: the text after the chat template, and its token ids.
 
-    text: str
+    ``text`` may be a ``concurrent.futures.Future`` of it where a server renders it while the
+    request already runs (it is only shown, never sent).
+    """
+
+    text: Any
     token_ids: list[int]
 
 

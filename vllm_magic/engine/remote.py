@@ -260,8 +260,14 @@ class RemoteBackend(Backend):
                 raise
             text = "\n\n".join(m["content"] for m in messages)  # a base model: the contents as plain text
             return Prepared(text, await self._tokenize({"prompt": text}))
-        detokenized = await self._call("/detokenize", {"model": self.config.model, "tokens": tokens})
-        return Prepared(detokenized["prompt"], tokens)
+        # The text is only shown (--show-prompt, result.prompt): it is fetched while the request runs.
+        return Prepared(self._loop.spawn(self._detokenize(tokens)), tokens)
+
+    async def _detokenize(self, tokens: list[int]) -> str:
+        try:
+            return str((await self._call("/detokenize", {"model": self.config.model, "tokens": tokens}))["prompt"])
+        except Exception:  # noqa: BLE001 - a prompt that cannot be shown must not fail its answer
+            return ""
 
     async def _tokenize(self, body: dict[str, Any]) -> list[int]:
         answer = await self._call("/tokenize", {"model": self.config.model, **body})
@@ -311,8 +317,10 @@ class RemoteBackend(Backend):
                     for choice in chunk.get("choices", ()):
                         handle._push(int(choice.get("index", 0)), choice.get("text") or "",
                                      list(choice.get("token_ids") or ()), choice.get("finish_reason"))
+            await _settled_text(handle)
             handle._finish(then=self._on_finished)
         except asyncio.CancelledError:  # aborted here: closing the stream made the server abort it
+            await _settled_text(handle)
             handle._finish(aborted=True, then=self._on_finished)
         except httpx.HTTPError as exc:
             reason = self._failed(exc)
@@ -419,6 +427,13 @@ async def _get_json(client: Any, path: str, url: str, api_key: str | None) -> An
         return response.json()
     except ValueError:
         raise ServerError(f"{url} answered {path} with something that is not JSON: not a vLLM server") from None
+
+
+async def _settled_text(handle: RequestHandle) -> None:
+    """Wait until the prompt's text the server renders arrived (results carry it)."""
+    text = handle._prompt
+    if not isinstance(text, str):
+        await _settled(text)
 
 
 async def _settled(future: "asyncio.Future[Any]") -> None:

@@ -153,7 +153,7 @@ class ManagedServer:
             if key in server_kwargs:
                 raise ConfigError(f"give --{key.replace('_', '-')} as %vllm_serve's own flag")
         check_host(host, api_key)
-        port = _pick_port(host, port)
+        port = pick_port(host, port)
         if not config.engine_kwargs.get("served_model_name"):  # clients name it as people do, not by its path
             server_kwargs.setdefault("served_model_name", [config.short_name])
         flags = serve_cli_flags({**config.engine_kwargs, **server_kwargs})
@@ -268,12 +268,15 @@ def check_host(host: str, api_key: str | None) -> None:
             "their API key), or leave --host out to serve on 127.0.0.1, this machine only.")
 
 
-def _pick_port(host: str, port: int | None) -> int:
-    if port is not None:
-        if port and not _port_free(host, port):
+def pick_port(host: str, port: int | None) -> int:
+    """``port`` when it is free on ``host`` (0 or None: 8000 when free, else any free port)."""
+    if port:
+        if not _port_free(host, port):
             raise ConfigError(f"port {port} is in use on {host}: pick another with --port, or leave --port out")
-        return port or _free_port(host)
-    return DEFAULT_PORT if _port_free(host, DEFAULT_PORT) else _free_port(host)
+        return port
+    if port is None and _port_free(host, DEFAULT_PORT):
+        return DEFAULT_PORT
+    return _free_port(host)
 
 
 def _bind_host(host: str) -> tuple[int, str]:

@@ -225,9 +225,9 @@ class EngineSession:
         ``handoff`` moves the loaded engine to the server: it is unloaded first (two copies may not
         fit one GPU), the server starts on its configuration, and the session attaches to it.
         """
-        from .server import READY_TIMEOUT, ManagedServer, check_host
+        from .server import READY_TIMEOUT, ManagedServer, check_host, pick_port
 
-        check_host(host, api_key)  # before anything is unloaded
+        check_host(host, api_key)  # mistakes are refused before anything is unloaded
         with self._lock:
             if self.server is not None and self.server.alive:
                 raise ConfigError(f"this kernel already serves {self.server.model_name} at {self.server.base_url}; "
@@ -244,11 +244,11 @@ class EngineSession:
             else:
                 if model is None and local is not None:
                     model, engine_kwargs = local.config.model, {**local.config.requested, **engine_kwargs}
-                quiet_vllm_environment(False)
                 config = self.resolve(model, **engine_kwargs)
                 if local is not None and config.platform == "cuda":
                     raise ConfigError("the engine loaded in this kernel holds the GPU: move it to the server "
                                       "with --handoff, or free it first with %vllm_unload")
+            port = pick_port(host, port)
             if handoff:
                 self.unload()
             try:

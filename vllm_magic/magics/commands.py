@@ -212,7 +212,7 @@ class VllmMagics(Magics, SamplingTraits):
     @argument("model", nargs="?", help="Model to serve; none: the one loaded here, else the demo model.")
     @argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1: this machine "
               "only; another one needs --api-key).")
-    @argument("--port", type=int, help="Port (default 8000 when free, else a free one).")
+    @argument("--port", type=int, help="Port (default 8000 when free, else a free one; 0: any free port).")
     @argument("--api-key", metavar="KEY", help="Require this key from clients (as their API key).")
     @argument("--handoff", action="store_true", help="Move the engine loaded here to the server and use it "
               "from this session (one copy of the model, for one GPU).")
@@ -282,7 +282,8 @@ class VllmMagics(Magics, SamplingTraits):
         except VllmMagicError as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
-            raise UsageError("starting the server interrupted; it was stopped") from None
+            unloaded = "; the engine was unloaded for the handoff (%vllm_load starts it again)" if args.handoff else ""
+            raise UsageError(f"starting the server interrupted; it was stopped{unloaded}") from None
         finally:
             progress.close()
         self._server_log = server.log
@@ -595,7 +596,8 @@ def register(ipython: Any, session: EngineSession | None = None) -> VllmMagics:
 
 
 def unregister(ipython: Any, shutdown: bool = True) -> None:
-    """Remove the magics and (by default) shut the engine down, freeing its memory."""
+    """Remove the magics and (by default) shut the engine and the server of ``%vllm_serve`` down,
+    freeing their memory."""
     for magics in [c for c in ipython.configurables if isinstance(c, VllmMagics)]:
         table = ipython.magics_manager.magics
         for kind in ("line", "cell"):
@@ -604,4 +606,5 @@ def unregister(ipython: Any, shutdown: bool = True) -> None:
                     del table[kind][name]
         magics.close()
         if shutdown:
+            magics.session.stop_server()
             magics.session.unload()

@@ -22,7 +22,8 @@ class VllmResult:
     ``text`` is the answer (``str(result)`` too), ``parsed`` the structured value for ``--json``,
     ``--regex`` and ``--choice`` (None otherwise), ``prompt`` the exact text sent to the model after
     the chat template, ``user_prompt`` the cell's prompt after ``{name}`` interpolation,
-    ``sampling_params`` the ``SamplingParams`` that reached the engine, ``generation`` the full
+    ``sampling_params`` the ``SamplingParams`` that reached the engine (``RemoteParams`` on a
+    ``--remote`` session), ``generation`` the full
     :class:`~vllm_magic.engine.handles.GenerationResult` (token ids, every completion of ``-n``).
 
     Its repr is one compact line: the cell already showed the answer while it streamed.
