@@ -44,6 +44,7 @@ def magic_load_line(model: str | None, engine_kwargs: dict) -> str:
 
 def reload_magic(shell: Any, session: Any, line: str, repeats: int) -> tuple[list[float], bool]:
     """Times (ms) of re-running a ``%vllm_load`` cell; and whether none started an engine."""
+    shell.bind(session)  # the served rows may have left the shell's magics on another session
     created = session.engines_created
     times = []
     for _ in range(repeats):

@@ -263,6 +263,7 @@ def _served_rows(session: Any, size: dict, pick: Callable[[list[float], bool], f
         ttft = _measure_group(stream_entries, short, size["ttft_repeats"], warm, served.fresh)
         decode = _measure_group(stream_entries, workload, size["stream_repeats"], warm, served.fresh)
     finally:
+        workload.shell.bind(session)  # the magics go back to the in-process engine's session
         served.stop()
     names = [name for name, _, _ in batch_entries]
     describe = {OPENAI: "the baseline of the served rows: the same server, the same runs"}

@@ -40,8 +40,10 @@ class Served:
     local: Any  # the in-process session, or None when it had to make room for the server
 
     def stop(self) -> None:
-        self.remote.unload()
-        self.owner.stop_server()
+        try:
+            self.remote.unload()
+        finally:
+            self.owner.stop_server()
 
     def fresh(self) -> None:
         """Empty both engines' prefix caches (no run reuses another's prompt computation)."""

@@ -14,13 +14,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import httpx
 import pytest
 from IPython.core.error import UsageError
 
 from ipython_capture import make_shell
+from test_kernel_interrupts import _until
 from vllm_magic.engine.server import ManagedServer, parse_serve_flags, serve_cli_flags
 from vllm_magic.engine.session import EngineSession
 from vllm_magic.errors import ConfigError, ServerError
@@ -53,14 +53,6 @@ def shell():
     yield ip, publisher
     unregister(ip, shutdown=False)
     type(ip).clear_instance()
-
-
-def _until(condition, timeout: float = 120) -> None:
-    """Wait until ``condition()`` holds (checked ten times a second); fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the awaited state never came"
-        time.sleep(0.1)
 
 
 def _running_on(server_url: str) -> float:
