@@ -317,6 +317,23 @@ def test_a_listener_hears_only_of_results_notified_after_it_was_added():
     assert ("late", "gone") not in heard
 
 
+def test_a_prompt_text_still_being_rendered_never_blocks_the_stream():
+    from concurrent.futures import Future
+
+    from vllm_magic.engine.handles import RequestHandle
+
+    text = Future()  # a server renders the text while the request runs
+    handle = RequestHandle("vm-x", text, [1, 2, 3], 1, abort=lambda _id: None)
+    pusher = threading.Thread(target=handle._push, args=(0, "Hello", [7], None))
+    assert handle.snapshot().prompt == ""  # a running request's snapshot does not wait for the text
+    pusher.start()
+    pusher.join()
+    assert handle.snapshot().text == "Hello"
+    text.set_result("<user>Hi</user>")
+    handle._finish()
+    assert handle.result().prompt == handle.prompt == "<user>Hi</user>"
+
+
 def test_counters_include_a_request_as_soon_as_its_result_is_seen(engine):
     for _ in range(5):
         served = engine.requests_served

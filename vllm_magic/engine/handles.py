@@ -193,6 +193,13 @@ class RequestHandle:
             text = self._prompt = text.result()
         return text
 
+    def _prompt_so_far(self) -> str:
+        """The prompt's text, or "" while a server still renders it for a running request."""
+        text = self._prompt
+        if isinstance(text, str):
+            return text
+        return self.prompt if text.done() or self.done else ""
+
     @property
     def done(self) -> bool:
         return self._finished_at is not None
@@ -270,12 +277,13 @@ class RequestHandle:
 
     def snapshot(self) -> GenerationResult:
         """The result as it stands now (complete once ``done``)."""
+        prompt = self._prompt_so_far()  # never under the lock: the thread that renders it may need the lock
         with self._cond:
             end = self._finished_at or time.perf_counter()
             ttft = None if self._first_token_at is None else self._first_token_at - self.submitted_at
             completions = [Completion(c.index, c.text, list(c.token_ids), c.finish_reason) for c in self._completions]
             result = GenerationResult(
-                request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_token_ids),
+                request_id=self.request_id, prompt=prompt, prompt_token_ids=list(self.prompt_token_ids),
                 completions=completions, ttft=ttft, elapsed=end - self.submitted_at, aborted=self._aborted,
                 error=None if self._error is None else str(self._error))
         if self._parse is not None and self.done and not self._aborted and result.text:
