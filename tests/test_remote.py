@@ -188,14 +188,21 @@ def test_an_aborted_remote_request_is_dropped_by_the_server(remote, demo_server)
 def test_a_remote_session_needs_no_vllm_in_its_process(engine, demo_server):
     code = textwrap.dedent(f"""
         import sys
-        class NoVllm:
+        class NoVllm:  # as if vLLM were not installed
             def find_spec(self, name, path=None, target=None):
                 if name == "vllm" or name.startswith("vllm."):
-                    raise ImportError("vLLM is not installed here")
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
         sys.meta_path.insert(0, NoVllm())
+        from IPython.core.error import UsageError
         from IPython.core.interactiveshell import InteractiveShell
         ip = InteractiveShell.instance()
         ip.run_line_magic("load_ext", "vllm_magic")
+        for magic in ("vllm_serve", "vllm_load"):  # they run vLLM here: one line says what to do
+            try:
+                ip.run_line_magic(magic, "")
+                raise SystemExit(f"%{{magic}} ran without vLLM")
+            except UsageError as error:
+                assert "vLLM is not installed" in str(error) and "--remote" in str(error), error
         ip.run_line_magic("vllm_load", "--remote {demo_server.base_url}")  # the sampling panel shows too
         print(ip.run_cell_magic("vllm", "-t 0 -m 16 --quiet", {QUESTION!r}).text)
         print(ip.user_ns["llm"].invoke({QUESTION!r}, temperature=0, max_tokens=16))

