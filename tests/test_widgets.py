@@ -12,7 +12,7 @@ import time
 import ipywidgets as widgets
 import pytest
 
-import vllm_magic.engine.session as session_module
+import vllm_magic.engine.local as local_module
 from vllm_magic.widgets.playground import _PRE, Playground
 from vllm_magic.widgets import SLIDERS, SamplingPanel, decode_stop, encode_stop, parse_seed
 
@@ -22,16 +22,16 @@ LONG_PROMPT = "Write a very long story about a dragon who learns to cook. Descri
 
 @pytest.fixture
 def built_params(monkeypatch):
-    """Every SamplingParams the session builds, in order."""
+    """Every SamplingParams the in-process engine builds, in order."""
     built = []
-    real = session_module.build_sampling_params
+    real = local_module.build_sampling_params
 
     def spy(*args, **kwargs):
         params = real(*args, **kwargs)
         built.append(params)
         return params
 
-    monkeypatch.setattr(session_module, "build_sampling_params", spy)
+    monkeypatch.setattr(local_module, "build_sampling_params", spy)
     return built
 
 
