@@ -82,6 +82,8 @@ def test_interrupt_during_load_leaves_no_engine_then_loading_works(kernel):
     kernel.interrupt()
     run = kernel.wait(msg_id)
     assert run.error == ("UsageError", "loading interrupted; no engine is loaded (run %vllm_load again)")
+    # The interrupt stopped the start itself: vLLM did not wait out its engine-ready timeout first.
+    assert "Timed out waiting for engine core" not in kernel.ok("%vllm_log -n 5000")
     assert not kernel.engine_pids(), "a half-started engine was left behind"
     assert kernel.ok("print(get_ipython().run_line_magic('vllm_status', '').loaded)").strip() == "False"
     assert "loaded on" in kernel.ok("%vllm_load")

@@ -5,7 +5,8 @@ Everything else in vllm_magic imports these names from here instead of from vLLM
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 from .config import import_vllm
 
@@ -38,6 +39,7 @@ __all__ = [
     "shutdown_engine",
     "tokens_prompt",
     "vllm_version",
+    "interrupts_reach_engine_start",
 ]
 
 
@@ -77,3 +79,38 @@ def shutdown_engine(llm: Any) -> None:
     core = getattr(engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
+
+
+@contextlib.contextmanager
+def interrupts_reach_engine_start() -> Iterator[None]:
+    """While the block runs, an interrupt during vLLM's engine handshake is raised, not swallowed.
+
+    vLLM opens the handshake socket of a starting engine with ``zmq_socket_ctx``, which catches
+    ``KeyboardInterrupt`` and returns as if the handshake were done: the client then waits for a
+    ready message that never comes, ``VLLM_ENGINE_READY_TIMEOUT_S`` (10 minutes) long, with the
+    kernel's interrupt button doing nothing. Here that context manager lets the interrupt through.
+    """
+    import vllm.v1.engine.utils as engine_utils
+
+    original = getattr(engine_utils, "zmq_socket_ctx", None)
+    if original is None:  # another layout: nothing to mend
+        yield
+        return
+
+    @contextlib.contextmanager
+    def interruptible(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        interrupted = False
+        with original(*args, **kwargs) as sock:
+            try:
+                yield sock
+            except KeyboardInterrupt:
+                interrupted = True  # vLLM's context manager swallows it and closes the socket
+                raise
+        if interrupted:
+            raise KeyboardInterrupt
+
+    engine_utils.zmq_socket_ctx = interruptible
+    try:
+        yield
+    finally:
+        engine_utils.zmq_socket_ctx = original

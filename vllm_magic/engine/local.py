@@ -100,7 +100,10 @@ class LocalBackend(Backend):
         try:
             # The engine's processes leave the kernel's process group (an interrupt stops a request,
             # not the engine) and exit when the kernel dies: see engine.processes.
-            with interrupted, log.follow(progress), log.capture(verbose), engine_processes_guarded():
+            from .compat import interrupts_reach_engine_start
+
+            with interrupted, log.follow(progress), log.capture(verbose), engine_processes_guarded(), \
+                    interrupts_reach_engine_start():
                 from vllm import LLM
 
                 llm = LLM(**config.llm_kwargs())
@@ -110,6 +113,7 @@ class LocalBackend(Backend):
                 raise KeyboardInterrupt
         except BaseException as exc:
             # Interrupted or failed half-way: whatever was started is shut down, nothing half-started stays.
+            log.mark(f"the start of {config.model} stopped: {short_reason(exc)}")
             if llm is not None:
                 _shutdown_llm(llm)
                 llm = None
