@@ -113,7 +113,8 @@ class LocalBackend(Backend):
                 raise KeyboardInterrupt
         except BaseException as exc:
             # Interrupted or failed half-way: whatever was started is shut down, nothing half-started stays.
-            log.mark(f"the start of {config.model} stopped: {short_reason(exc)}")
+            if isinstance(exc, KeyboardInterrupt) or interrupted.seen:
+                log.mark(f"the start of {config.model} was interrupted ({short_reason(exc)})")
             if llm is not None:
                 _shutdown_llm(llm)
                 llm = None
