@@ -55,6 +55,8 @@ class Backend(abc.ABC):
     started: float
     #: The vLLM version that runs the engine.
     vllm_version: str
+    #: The server's URL when the engine runs elsewhere (``%vllm_load --remote``), else None.
+    url: str | None = None
 
     @abc.abstractmethod
     def params(self, defaults: Any, overrides: dict[str, Any], structured: dict[str, Any]) -> Any:

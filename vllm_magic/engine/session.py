@@ -232,7 +232,7 @@ class EngineSession:
             if self.server is not None and self.server.alive:
                 raise ConfigError(f"this kernel already serves {self.server.model_name} at {self.server.base_url}; "
                                   "stop it first (%vllm_serve --stop)")
-            local = self._backend if self._backend is not None and self._backend.config.platform != "remote" else None
+            local = self._backend if self._backend is not None and self._backend.url is None else None
             if handoff:
                 if local is None:
                     raise ConfigError("--handoff moves the engine loaded in this kernel to a server: load one "
@@ -272,7 +272,7 @@ class EngineSession:
             server, self.server = self.server, None
             if server is None:
                 return None
-            if getattr(self._backend, "url", None) == server.url:
+            if self._backend is not None and self._backend.url == server.url:
                 self.unload()
             server.stop()
             return server
@@ -399,12 +399,12 @@ class EngineSession:
             submissions=self.submissions, requests_served=self.requests_served, tokens_out=self.tokens_out,
             requests_live=backend.live_count, vllm_version=backend.vllm_version,
             fingerprint=config.fingerprint, log_path=str(self.log.path), dead=dead,
-            server=getattr(backend, "url", None))
+            server=backend.url)
 
     @staticmethod
     def _summary(backend: Backend, already: bool = False) -> str:
         name, platform = backend.config.short_name, backend.config.platform
-        url = getattr(backend, "url", None)
+        url = backend.url
         if url is not None:
             if already:
                 return f"{name} already attached (vLLM server at {url})"

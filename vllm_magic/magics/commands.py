@@ -260,7 +260,7 @@ class VllmMagics(Magics, SamplingTraits):
                 print(text if text.strip() else f"(the server log {log.path} is empty)")
             return
         if args.stop:
-            attached = server is not None and getattr(self.session.backend, "url", None) == server.url
+            attached = server is not None and (self.session.backend.url if self.session.backend is not None else None) == server.url
             stopped = self.session.stop_server()
             if stopped is None:
                 print("no server is running")
@@ -298,7 +298,7 @@ class VllmMagics(Magics, SamplingTraits):
     def vllm_unload(self, line: str = "") -> None:
         """Shut the engine down and free its memory."""
         name = self.session.config.short_name if self.session.loaded else None
-        url = getattr(self.session.backend, "url", None)
+        url = (self.session.backend.url if self.session.backend is not None else None)
         if self.session.unload():
             print(f"detached from the server at {url} (it keeps running)" if url else f"unloaded {name}")
         else:
