@@ -14,5 +14,6 @@ def test_demo_model_command_prints_the_prepared_directory(capsys):
 def test_notebooks_command_copies_every_tutorial(tmp_path, capsys):
     assert main(["notebooks", str(tmp_path / "tutorials")]) == 0
     names = sorted(p.name for p in (tmp_path / "tutorials").iterdir())
-    assert names == ["01-quickstart.ipynb", "02-langchain.ipynb", "03-widgets.ipynb", "04-serving.ipynb"]
-    assert len(capsys.readouterr().out.splitlines()) == 4
+    assert names == ["01-quickstart.ipynb", "02-langchain.ipynb", "03-widgets.ipynb", "04-serving.ipynb",
+                     "05-scaling.ipynb"]
+    assert len(capsys.readouterr().out.splitlines()) == 5

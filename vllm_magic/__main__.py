@@ -1,4 +1,5 @@
-"""Command line: ``python -m vllm_magic demo-model`` prepares the demo model;
+"""Command line: ``python -m vllm_magic demo-model`` prepares the demo model (``--awq``: its AWQ
+checkpoint), ``tiny-model`` the demo model reshaped for tensor parallel;
 ``python -m vllm_magic demo`` runs the quickstart notebook headless and prints what each cell showed.
 """
 
@@ -33,10 +34,23 @@ def _notebooks(args: argparse.Namespace) -> int:
 
 
 def _demo_model(args: argparse.Namespace) -> int:
-    from .demo_model import DemoModelError, prepare_demo_model
+    from .demo_model import prepare_demo_model
+    from .demo_variants import prepare_awq_demo_model
+
+    return _prepare(prepare_awq_demo_model if args.awq else prepare_demo_model, args)
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from .demo_variants import prepare_tiny_model
+
+    return _prepare(prepare_tiny_model, args)
+
+
+def _prepare(prepare, args: argparse.Namespace) -> int:
+    from .demo_model import DemoModelError
 
     try:
-        path = prepare_demo_model(verify=args.verify, quiet=args.quiet)
+        path = prepare(verify=args.verify, quiet=args.quiet)
     except DemoModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -109,9 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_magic", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo-model", help="prepare the embedded demo model and print its directory")
+    p.add_argument("--awq", action="store_true",
+                   help="the demo model as a 4-bit AWQ checkpoint instead (load it with --quantization awq)")
     p.add_argument("--verify", action="store_true", help="re-hash every file and rebuild on a mismatch")
     p.add_argument("--quiet", action="store_true", help="print only the directory")
     p.set_defaults(func=_demo_model)
+    p = sub.add_parser("tiny-model", help="prepare the demo model reshaped for tensor parallel (12 attention "
+                       "heads, 4 KV heads: TP 1, 2 or 4) and print its directory")
+    p.add_argument("--verify", action="store_true", help="re-hash every file and rebuild on a mismatch")
+    p.add_argument("--quiet", action="store_true", help="print only the directory")
+    p.set_defaults(func=_tiny_model)
     p = sub.add_parser("demo", help="run the quickstart notebook headless and print its outputs")
     p.add_argument("--notebook", help="another notebook to run")
     p.set_defaults(func=_demo)

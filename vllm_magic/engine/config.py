@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -18,12 +19,13 @@ import shlex
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import ConfigError
 
 __all__ = ["EngineConfig", "ConfigError", "parse_engine_flags", "resolve_engine_config", "platform_name",
-           "unpinned_cpu_threads", "import_vllm", "short_model_name", "FETCH_ONLY_ARGS"]
+           "cpu_thread_binding", "thread_binding_for_start", "world_size", "import_vllm", "short_model_name",
+           "FETCH_ONLY_ARGS"]
 
 GiB = 1 << 30
 # About 1 GiB of KV cache on CPU: ~23k tokens of the demo model, and it leaves a 24 GiB machine
@@ -37,15 +39,114 @@ CPU_MEMORY_FRACTION = 0.5
 CPU_IN_PROCESS_EXECUTOR = "vllm.v1.executor.uniproc_executor.UniProcExecutor"
 
 
-def unpinned_cpu_threads() -> None:
-    """Leave the placement of a CPU engine's compute threads to the OS (unless the user chose one).
+#: vLLM's variable for where a CPU engine's compute threads run: "nobind", "auto" or one core list
+#: per rank, separated by "|" ("0-3|4-7").
+THREADS_BIND_VARIABLE = "VLLM_CPU_OMP_THREADS_BIND"
 
-    vLLM's CPU backend pins each engine's threads to cores of its own choosing by default: the same
-    first cores of a NUMA node for every engine on the machine. Two kernels with an engine each then
-    share one core while the others idle, and a pinned busy engine starved other processes on its
-    core for minutes on a 2-core machine. ``VLLM_CPU_OMP_THREADS_BIND`` set by the user wins.
+
+def cpu_thread_binding(engine_kwargs: dict[str, Any]) -> str:
+    """Where the compute threads of a CPU engine with these arguments run (a value for
+    ``VLLM_CPU_OMP_THREADS_BIND``). A value the user set wins.
+
+    One rank: ``"nobind"``, the OS places the threads. vLLM's own default pins every engine's
+    threads to the same first cores of a NUMA node: two kernels with an engine each then share one
+    core while the others idle, and a pinned busy engine starved other processes on its core for
+    minutes on a 2-core machine.
+
+    Several ranks (tensor, pipeline or data parallel): each rank gets its own share of the cores
+    this process may use, in order (NUMA nodes first), since ranks that share cores slow each other
+    down and vLLM's "auto" wants one NUMA node per rank. Raises :class:`ConfigError` when there
+    are fewer cores than ranks.
     """
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    user = os.environ.get(THREADS_BIND_VARIABLE)
+    if user:
+        return user
+    ranks = world_size(engine_kwargs)
+    if ranks == 1:
+        return "nobind"
+    cores = _usable_cores()
+    if len(cores) < ranks:
+        parallel = ", ".join(f"{key.replace('_size', '').replace('_', ' ')} {int(engine_kwargs[key])}"
+                             for key in _PARALLEL_SIZES if int(engine_kwargs.get(key) or 1) > 1)
+        raise ConfigError(
+            f"{parallel} needs {ranks} CPU cores (one per rank), and this process may use {len(cores)}: "
+            f"use fewer ranks, or set {THREADS_BIND_VARIABLE} yourself")
+    share, extra = divmod(len(cores), ranks)
+    groups, start = [], 0
+    for rank in range(ranks):
+        end = start + share + (1 if rank < extra else 0)
+        groups.append(_core_ranges(cores[start:end]))
+        start = end
+    return "|".join(groups)
+
+
+_PARALLEL_SIZES = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+
+
+def world_size(engine_kwargs: dict[str, Any]) -> int:
+    """How many ranks (worker processes with a share of the model) an engine with these arguments runs."""
+    size = 1
+    for key in _PARALLEL_SIZES:
+        size *= int(engine_kwargs.get(key) or 1)
+    return size
+
+
+def _usable_cores() -> list[int]:
+    """The cores this process may run on, NUMA node by node (Linux), else all of them."""
+    try:
+        allowed = set(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return list(range(os.cpu_count() or 1))
+    ordered: list[int] = []
+    for node in sorted(Path("/sys/devices/system/node").glob("node[0-9]*"), key=lambda p: int(p.name[4:])):
+        try:
+            ordered += [c for c in _parse_core_list((node / "cpulist").read_text()) if c in allowed]
+        except OSError:
+            continue
+    return ordered + sorted(allowed - set(ordered))
+
+
+def _parse_core_list(text: str) -> list[int]:
+    cores: list[int] = []
+    for part in text.strip().split(","):
+        if "-" in part:
+            low, high = part.split("-")
+            cores += range(int(low), int(high) + 1)
+        elif part:
+            cores.append(int(part))
+    return cores
+
+
+def _core_ranges(cores: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``"0-2,5"``."""
+    parts: list[str] = []
+    run: list[int] = []
+    for core in cores:
+        if run and core != run[-1] + 1:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(core)
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
+
+
+@contextlib.contextmanager
+def thread_binding_for_start(config: "EngineConfig") -> Iterator[None]:
+    """Set the engine's thread binding in the environment while its processes start (they read it
+    there, once); the kernel's own environment is left as it was."""
+    if config.platform != "cpu" or not config.cpu_threads:
+        yield
+        return
+    previous = os.environ.get(THREADS_BIND_VARIABLE)
+    os.environ[THREADS_BIND_VARIABLE] = config.cpu_threads
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(THREADS_BIND_VARIABLE, None)
+        else:
+            os.environ[THREADS_BIND_VARIABLE] = previous
 
 
 @dataclass(frozen=True)
@@ -57,6 +158,18 @@ class EngineConfig:
     platform: str = "cpu"
     #: The engine arguments the user gave (``engine_kwargs`` adds the platform defaults to them).
     requested: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: CPU: where the engine's compute threads run (``VLLM_CPU_OMP_THREADS_BIND``); None elsewhere.
+    cpu_threads: str | None = field(default=None, compare=False)
+
+    @property
+    def parallel_summary(self) -> str:
+        """How the model is split, for the load line ("tensor parallel 2, threads on cores 0 | 1"),
+        or "" for one rank with threads the OS places."""
+        sizes = [f"{key.replace('_size', '').replace('_', ' ')} {int(self.engine_kwargs[key])}"
+                 for key in _PARALLEL_SIZES if int(self.engine_kwargs.get(key) or 1) > 1]
+        if self.cpu_threads and self.cpu_threads != "nobind":
+            sizes.append(f"threads on cores {self.cpu_threads.replace('|', ' | ')}")
+        return ", ".join(sizes)
 
     @property
     def short_name(self) -> str:
@@ -254,8 +367,10 @@ def resolve_engine_config(model: str | None = None, **engine_kwargs: Any) -> Eng
         model = str(path.resolve())
     _check_known(engine_kwargs)
     platform = platform_name()
-    return EngineConfig(model=model, engine_kwargs=_with_platform_defaults(platform, engine_kwargs),
-                        platform=platform, requested=dict(engine_kwargs))
+    threads = cpu_thread_binding(engine_kwargs) if platform == "cpu" else None
+    dtype = _cpu_dtype(model, engine_kwargs) if platform == "cpu" else None
+    return EngineConfig(model=model, engine_kwargs=_with_platform_defaults(platform, engine_kwargs, threads, dtype),
+                        platform=platform, requested=dict(engine_kwargs), cpu_threads=threads)
 
 
 def _check_known(engine_kwargs: dict[str, Any]) -> None:
@@ -272,17 +387,48 @@ def _check_known(engine_kwargs: dict[str, Any]) -> None:
         raise ConfigError(f"unknown engine argument(s): {', '.join(unknown)}")
 
 
-def _with_platform_defaults(platform: str, user: dict[str, Any]) -> dict[str, Any]:
+def _cpu_dtype(model: str, user: dict[str, Any]) -> str:
+    """The compute dtype for a CPU engine: float32 (bfloat16 gave wrong text from the demo model on
+    x86 CPUs), unless the weights are quantized by a method that computes in 16 bits only (AWQ,
+    GPTQ): then the checkpoint's own dtype where the method takes it, else the method's first."""
+    method = user.get("quantization") or _checkpoint_quantization(model)
+    if not method:
+        return "float32"
+    try:
+        from vllm.model_executor.layers.quantization import get_quantization_config
+
+        supported = [str(d).replace("torch.", "") for d in get_quantization_config(method).get_supported_act_dtypes()]
+    except Exception:  # an unknown method: vLLM says so when the engine starts
+        return "float32"
+    if not supported or "float32" in supported:
+        return "float32"
+    own = _checkpoint_config(model).get("torch_dtype") or _checkpoint_config(model).get("dtype")
+    return own if own in supported else supported[0]
+
+
+def _checkpoint_config(model: str) -> dict[str, Any]:
+    """A local model directory's config.json (empty for hub ids and unreadable files)."""
+    try:
+        return json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _checkpoint_quantization(model: str) -> str | None:
+    return (_checkpoint_config(model).get("quantization_config") or {}).get("quant_method")
+
+
+def _with_platform_defaults(platform: str, user: dict[str, Any], threads: str | None = None,
+                            dtype: str | None = None) -> dict[str, Any]:
     if platform != "cpu":
         return dict(user)  # GPU and others: vLLM's own defaults are right
     defaults: dict[str, Any] = {
-        # bfloat16 gave wrong text from the demo model on x86 CPUs; float32 is correct.
-        "dtype": "float32",
+        "dtype": dtype or "float32",
         # Eager mode loads in ~20 s instead of ~60 s for ~6% less throughput: right for notebooks.
         "enforce_eager": True,
         "gpu_memory_utilization": CPU_MEMORY_FRACTION,
     }
-    if _one_cpu_process_fits(user):
+    if _one_cpu_process_fits(user, threads):
         # vLLM's CPU default runs the model in a worker process beside the engine core. In the
         # engine core's own process an engine starts ~5 s sooner (one import of vLLM and torch
         # instead of two) and no core is lost to the engine core polling its worker.
@@ -298,12 +444,7 @@ def _with_platform_defaults(platform: str, user: dict[str, Any]) -> dict[str, An
     return {**defaults, **user}
 
 
-def _one_cpu_process_fits(user: dict[str, Any]) -> bool:
-    """Whether a CPU engine can run its model inside the engine core process: one worker, no
+def _one_cpu_process_fits(user: dict[str, Any], threads: str | None) -> bool:
+    """Whether a CPU engine can run its model inside the engine core process: one rank, no
     executor chosen by the user, and no thread binding (vLLM applies that in a worker process)."""
-    if "distributed_executor_backend" in user:
-        return False
-    if any(int(user.get(key) or 1) > 1 for key in ("tensor_parallel_size", "pipeline_parallel_size",
-                                                       "data_parallel_size")):
-        return False
-    return os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind") == "nobind"
+    return "distributed_executor_backend" not in user and world_size(user) == 1 and threads in (None, "nobind")

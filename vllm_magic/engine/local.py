@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ..errors import ConfigError, EngineStartError
 from .backend import Backend, UnloadReport
-from .config import EngineConfig, unpinned_cpu_threads
+from .config import EngineConfig, thread_binding_for_start
 from .driver import EngineDriver
 from .handles import RequestHandle
 from .log import EngineLog
@@ -54,6 +54,7 @@ class LocalBackend(Backend):
         model_config = llm.llm_engine.model_config
         self.max_model_len = int(model_config.max_model_len)
         self.dtype = str(model_config.dtype).replace("torch.", "")
+        self.quantization = getattr(model_config, "quantization", None)
         cache = llm.llm_engine.vllm_config.cache_config
         blocks = getattr(cache, "num_gpu_blocks", None)
         self.kv_cache_tokens = int(blocks * cache.block_size) if blocks else None
@@ -92,8 +93,6 @@ class LocalBackend(Backend):
         log.mark(f"loading {config.model} {json.dumps(config.engine_kwargs, default=str)}")
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         memory_before = device_memory_used(config.platform)
-        if config.platform == "cpu":
-            unpinned_cpu_threads()
         t0 = time.perf_counter()
         interrupted = _InterruptRecorder()
         llm = None
@@ -103,7 +102,7 @@ class LocalBackend(Backend):
             from .compat import interrupts_reach_engine_start
 
             with interrupted, log.follow(progress), log.capture(verbose), engine_processes_guarded(), \
-                    interrupts_reach_engine_start():
+                    interrupts_reach_engine_start(), thread_binding_for_start(config):
                 from vllm import LLM
 
                 llm = LLM(**config.llm_kwargs())

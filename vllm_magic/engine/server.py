@@ -27,7 +27,7 @@ from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError, ServerError
-from .config import EngineConfig, import_vllm, unpinned_cpu_threads
+from .config import THREADS_BIND_VARIABLE, EngineConfig, import_vllm
 from .log import EngineLog
 from .processes import at_exit
 
@@ -161,9 +161,8 @@ class ManagedServer:
         env = dict(os.environ)
         if api_key:
             env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` shows it to everyone
-        if config.platform == "cpu":
-            unpinned_cpu_threads()
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", os.environ["VLLM_CPU_OMP_THREADS_BIND"])
+        if config.cpu_threads:
+            env[THREADS_BIND_VARIABLE] = config.cpu_threads
         from ..demo_model import cache_dir
 
         log = EngineLog(cache_dir() / "logs" / f"server-{os.getpid()}-{port}.log")

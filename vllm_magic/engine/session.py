@@ -414,7 +414,10 @@ class EngineSession:
             given = "".join(f", {k}={v}" for k, v in sorted(backend.config.requested.items()))
             return f"{name} already loaded ({platform}, {backend.dtype}{given})"
         kv = f", KV cache {backend.kv_cache_tokens:,} tokens" if backend.kv_cache_tokens else ""
-        return f"{name} loaded on {platform} ({backend.dtype}{kv}) in {backend.load_seconds:.1f} s"
+        quantized = backend.config.engine_kwargs.get("quantization") or backend.quantization
+        split = backend.config.parallel_summary
+        shape = "".join(f", {part}" for part in (quantized, split) if part)
+        return f"{name} loaded on {platform} ({backend.dtype}{shape}{kv}) in {backend.load_seconds:.1f} s"
 
 
 def _weakly(method: Callable[[Any], None]) -> Callable[[Any], None]:
