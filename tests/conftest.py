@@ -24,6 +24,20 @@ def engine():
     session.unload()
 
 
+@pytest.fixture
+def ip(engine):
+    """A fresh IPython shell with the extension loaded over the shared demo engine (modules that
+    need another shell define their own ``ip``)."""
+    from ipython_capture import make_shell
+    from vllm_magic.magics import unregister
+
+    shell, _publisher = make_shell()
+    shell.run_line_magic("load_ext", "vllm_magic")
+    yield shell
+    unregister(shell, shutdown=False)  # the engine is shared with other test modules
+    type(shell).clear_instance()
+
+
 @pytest.fixture(autouse=True)
 def _demo_engine_stays(request):
     # Before the test rather than after: a module fixture may have unloaded it in its own teardown.

@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
-from ipython_capture import make_shell
 from vllm_magic.langchain import VLLM
 
 FRANCE = "What is the capital of France?"
-
-
-@pytest.fixture
-def ip(engine):
-    ip, _publisher = make_shell()
-    ip.run_line_magic("load_ext", "vllm_magic")
-    yield ip
-    from vllm_magic.magics import unregister
-
-    unregister(ip, shutdown=False)  # the engine is shared with other test modules
-    type(ip).clear_instance()
 
 
 def test_vllm_load_publishes_llm_over_the_live_engine(ip, engine):

@@ -14,7 +14,6 @@ from IPython.core.error import UsageError
 from vllm_magic.demo_variants import prepare_awq_demo_model, prepare_tiny_model
 from vllm_magic.engine import config as engine_config
 from vllm_magic.engine.session import EngineSession
-from ipython_capture import make_shell
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three fruits.",
            "Explain gravity in one sentence."]
@@ -28,17 +27,6 @@ def _engine_children() -> set[int]:
 def _greedy_ids(session: EngineSession) -> list[list[int]]:
     handles = session.submit(PROMPTS, temperature=0, max_tokens=40)
     return [handle.result().token_ids for handle in handles]
-
-
-@pytest.fixture
-def ip(engine):
-    shell, _publisher = make_shell()
-    shell.run_line_magic("load_ext", "vllm_magic")
-    yield shell
-    from vllm_magic.magics import unregister
-
-    unregister(shell, shutdown=False)  # the engine is shared with other test modules
-    type(shell).clear_instance()
 
 
 @pytest.fixture
