@@ -36,8 +36,9 @@ def session():
     own.unload()
 
 
-def test_tp2_then_tp1_then_awq_give_the_same_greedy_ids_and_paris_and_leave_no_old_process(session):
+def test_tp2_then_tp1_then_awq_give_the_demo_models_greedy_ids_and_paris_and_leave_no_old_process(engine, session):
     tiny, awq = str(prepare_tiny_model(quiet=True)), str(prepare_awq_demo_model(quiet=True))
+    demo_ids = _greedy_ids(engine)  # the suite's demo engine: the tiny model's added heads are zero
     before = _engine_children()
 
     info = session.load(tiny, tensor_parallel_size=2)
@@ -53,6 +54,7 @@ def test_tp2_then_tp1_then_awq_give_the_same_greedy_ids_and_paris_and_leave_no_o
     tp1 = _engine_children() - before
     ids_tp1 = _greedy_ids(session)
     assert ids_tp1 == ids_tp2
+    assert ids_tp1 == demo_ids
     assert all(len(ids) > 5 for ids in ids_tp1)
 
     info = session.load(awq, quantization="awq")
@@ -63,17 +65,6 @@ def test_tp2_then_tp1_then_awq_give_the_same_greedy_ids_and_paris_and_leave_no_o
 
     session.unload()
     assert not _engine_children() - before, "a process of the AWQ engine survived the unload"
-
-
-def test_tiny_model_answers_as_the_demo_model_does(engine):
-    tiny = str(prepare_tiny_model(quiet=True))
-    demo_ids = _greedy_ids(engine)
-    own = EngineSession()
-    try:
-        own.load(tiny)
-        assert _greedy_ids(own) == demo_ids  # the added heads are zero: the same model
-    finally:
-        own.unload()
 
 
 def test_a_tensor_parallel_size_beyond_the_cores_is_one_line_and_keeps_the_engine(engine, ip, monkeypatch):
