@@ -66,10 +66,9 @@ def cpu_thread_binding(engine_kwargs: dict[str, Any]) -> str:
         return "nobind"
     cores = _usable_cores()
     if len(cores) < ranks:
-        parallel = ", ".join(f"{key.replace('_size', '').replace('_', ' ')} {int(engine_kwargs[key])}"
-                             for key in _PARALLEL_SIZES if int(engine_kwargs.get(key) or 1) > 1)
         raise ConfigError(
-            f"{parallel} needs {ranks} CPU cores (one per rank), and this process may use {len(cores)}: "
+            f"{', '.join(_parallel_sizes(engine_kwargs))} needs {ranks} CPU cores (one per rank), and this "
+            f"process may use {len(cores)}: "
             f"use fewer ranks, or set {THREADS_BIND_VARIABLE} yourself")
     share, extra = divmod(len(cores), ranks)
     groups, start = [], 0
@@ -81,6 +80,12 @@ def cpu_thread_binding(engine_kwargs: dict[str, Any]) -> str:
 
 
 _PARALLEL_SIZES = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+
+
+def _parallel_sizes(engine_kwargs: dict[str, Any]) -> list[str]:
+    """The parallel sizes above 1, as people say them: ``["tensor parallel 2"]``."""
+    return [f"{key.replace('_size', '').replace('_', ' ')} {int(engine_kwargs[key])}"
+            for key in _PARALLEL_SIZES if int(engine_kwargs.get(key) or 1) > 1]
 
 
 def world_size(engine_kwargs: dict[str, Any]) -> int:
@@ -165,8 +170,7 @@ class EngineConfig:
     def parallel_summary(self) -> str:
         """How the model is split, for the load line ("tensor parallel 2, threads on cores 0 | 1"),
         or "" for one rank with threads the OS places."""
-        sizes = [f"{key.replace('_size', '').replace('_', ' ')} {int(self.engine_kwargs[key])}"
-                 for key in _PARALLEL_SIZES if int(self.engine_kwargs.get(key) or 1) > 1]
+        sizes = _parallel_sizes(self.engine_kwargs)
         if self.cpu_threads and self.cpu_threads != "nobind":
             sizes.append(f"threads on cores {self.cpu_threads.replace('|', ' | ')}")
         return ", ".join(sizes)
@@ -391,7 +395,8 @@ def _cpu_dtype(model: str, user: dict[str, Any]) -> str:
     """The compute dtype for a CPU engine: float32 (bfloat16 gave wrong text from the demo model on
     x86 CPUs), unless the weights are quantized by a method that computes in 16 bits only (AWQ,
     GPTQ): then the checkpoint's own dtype where the method takes it, else the method's first."""
-    method = user.get("quantization") or _checkpoint_quantization(model)
+    checkpoint = _checkpoint_config(model)
+    method = user.get("quantization") or (checkpoint.get("quantization_config") or {}).get("quant_method")
     if not method:
         return "float32"
     try:
@@ -402,7 +407,7 @@ def _cpu_dtype(model: str, user: dict[str, Any]) -> str:
         return "float32"
     if not supported or "float32" in supported:
         return "float32"
-    own = _checkpoint_config(model).get("torch_dtype") or _checkpoint_config(model).get("dtype")
+    own = checkpoint.get("torch_dtype") or checkpoint.get("dtype")
     return own if own in supported else supported[0]
 
 
@@ -412,10 +417,6 @@ def _checkpoint_config(model: str) -> dict[str, Any]:
         return json.loads((Path(model) / "config.json").read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _checkpoint_quantization(model: str) -> str | None:
-    return (_checkpoint_config(model).get("quantization_config") or {}).get("quant_method")
 
 
 def _with_platform_defaults(platform: str, user: dict[str, Any], threads: str | None = None,
