@@ -1,7 +1,7 @@
 """A notebook's day on a GPU, five times over: load -> stream -> switch model -> unload.
 
-    python -m benchmarks.gpu_scenario --model-a DIR --model-b DIR [--engine-args JSON] [--rounds 5]
-        [--label NAME] [--json PATH]
+    python -m benchmarks.gpu_scenario --model-a DIR --model-b DIR [--engine-args JSON]
+        [--engine-args-b JSON] [--rounds 5] [--label NAME] [--json PATH]
 
 Free device memory (NVML, all GPUs summed) is read before and after every step. After every unload
 free memory must be back within 0.5 GiB of what it was before the first load, and during every
@@ -63,7 +63,8 @@ def stream(session: Any, tokens: int) -> dict[str, Any]:
     return {"deltas": deltas, "tokens": result.output_tokens, "tok_s": round(result.tokens_per_second or 0, 1)}
 
 
-def scenario(model_a: str, model_b: str, engine_kwargs: dict, rounds: int, tokens: int) -> dict[str, Any]:
+def scenario(model_a: str, model_b: str, engine_kwargs: dict, rounds: int, tokens: int,
+             extra_b: dict | None = None) -> dict[str, Any]:
     from vllm_magic import get_session
 
     session = get_session()
@@ -83,7 +84,7 @@ def scenario(model_a: str, model_b: str, engine_kwargs: dict, rounds: int, token
                **stream(session, tokens))
         with HighFree() as during:
             t0 = time.perf_counter()
-            session.load(model_b, **engine_kwargs)
+            session.load(model_b, **{**engine_kwargs, **(extra_b or {})})
             seconds = time.perf_counter() - t0
         returned = during.high >= start_free - TOLERANCE_GIB
         if not returned:
@@ -127,12 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-a", required=True)
     p.add_argument("--model-b", required=True)
     p.add_argument("--engine-args", default="{}")
+    p.add_argument("--engine-args-b", default="{}", help="more engine arguments for model B (dummy weights)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--label", default="GPU scenario")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    report = scenario(args.model_a, args.model_b, json.loads(args.engine_args), args.rounds, args.tokens)
+    report = scenario(args.model_a, args.model_b, json.loads(args.engine_args), args.rounds, args.tokens,
+                      json.loads(args.engine_args_b))
     report["markdown"] = to_markdown(report, args.label)
     print(report["markdown"])
     if args.json:

@@ -4,7 +4,7 @@ switching back to a kept engine by waking it. Runs on an NVIDIA GPU only (the ``
 from __future__ import annotations
 
 import pytest
-from IPython.testing.globalipapp import get_ipython
+from ipython_capture import make_shell
 
 from vllm_magic.engine.local import device_memory_used
 from vllm_magic.magics.commands import VllmMagics
@@ -43,7 +43,7 @@ def test_level_2_discards_the_weights_and_a_request_wakes_and_reloads_them(engin
 
 
 def test_sleep_and_wake_magics_report_in_one_line_and_status_shows_the_sleep(engine, capsys):
-    magics = VllmMagics(shell=get_ipython(), session=engine)
+    magics = VllmMagics(shell=make_shell()[0], session=engine)
     magics.vllm_sleep("1")
     out = capsys.readouterr().out
     assert "asleep (level 1: weights in host RAM, KV cache discarded" in out and "GiB of GPU memory freed" in out

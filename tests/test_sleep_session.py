@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 from IPython.core.error import UsageError
-from IPython.testing.globalipapp import get_ipython
+from ipython_capture import make_shell
 
 from vllm_magic.engine.backend import Backend, SleepReport, UnloadReport
 from vllm_magic.engine.config import EngineConfig
@@ -213,20 +213,34 @@ def test_status_lists_the_sleeping_engines_and_what_they_hold(session):
 
 @pytest.fixture
 def magics(engine):
-    return VllmMagics(shell=get_ipython(), session=engine)
+    shell, _ = make_shell()
+    return VllmMagics(shell=shell, session=engine)
+
+
+def on_gpu(engine) -> bool:
+    # On an NVIDIA GPU the engine sleeps instead (tests/test_sleep_gpu.py checks it there).
+    return engine.status().platform == "cuda"
 
 
 def test_sleep_on_cpu_is_refused_in_one_line_and_the_engine_keeps_serving(engine, magics):
-    with pytest.raises(UsageError, match=r"^sleep mode needs an NVIDIA GPU \(vLLM's sleep mode\), and this "
-                                         r"engine runs on cpu$"):
+    if on_gpu(engine):
         magics.vllm_sleep("")
-    with pytest.raises(SleepError):
-        engine.sleep(2)
-    assert engine.asleep is None
+        assert engine.asleep is not None
+    else:
+        with pytest.raises(UsageError, match=r"^sleep mode needs an NVIDIA GPU \(vLLM's sleep mode\), and this "
+                                             r"engine runs on cpu$"):
+            magics.vllm_sleep("")
+        with pytest.raises(SleepError):
+            engine.sleep(2)
+        assert engine.asleep is None
     assert engine.generate("Say hi.", max_tokens=2, temperature=0).output_tokens == 2
+    assert engine.asleep is None
 
 
 def test_keep_on_cpu_is_refused_before_anything_changes(engine, magics):
+    if on_gpu(engine):  # there --keep can keep it: nothing to refuse
+        assert engine.backend.sleep_refusal(1) is None
+        return
     created, model = engine.engines_created, engine.config.model
     with pytest.raises(UsageError, match="^--keep puts the loaded engine to sleep: sleep mode needs an NVIDIA GPU"):
         magics.vllm_load("--keep --max-model-len 512 --no-controls")
@@ -244,6 +258,6 @@ def test_sleep_level_other_than_1_or_2_is_a_usage_error(engine, magics):
 
 
 def test_sleep_with_no_engine_loaded_says_to_load_one():
-    magics = VllmMagics(shell=get_ipython(), session=EngineSession())
+    magics = VllmMagics(shell=make_shell()[0], session=EngineSession())
     with pytest.raises(UsageError, match="^no model is loaded"):
         magics.vllm_sleep("")

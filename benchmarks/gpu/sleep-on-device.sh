@@ -19,12 +19,13 @@ DEMO=$VLLM_MAGIC_CACHE/SmolLM2-135M-Instruct
 DUMMY='"load_format": "dummy", "dtype": "bfloat16"'
 case "$PART" in
   tests)
-    timeout "${TESTS_S:-330}" python3 -m pytest -p no:cacheprovider -q -rs --timeout 300 tests/test_sleep_gpu.py \
-      tests/test_sleep_session.py tests/test_smoke.py tests/test_session.py tests/test_magics.py 2>&1 \
+    timeout "${TESTS_S:-330}" python3 -m pytest -p no:cacheprovider -q -rs --timeout 300 ${TEST_FILES:-tests/test_sleep_gpu.py \
+      tests/test_sleep_session.py tests/test_smoke.py tests/test_session.py tests/test_magics.py} 2>&1 \
       | tee "$OUT/tests.log" | tail -n 40 ;;
   scenario)
     timeout "${SCENARIO_S:-200}" python3 -m benchmarks.gpu_scenario --model-a "$DEMO" \
       --model-b "$HOME/models/demo-shape" --engine-args '{"enforce_eager": true, "max_model_len": 4096}' \
+      --engine-args-b '{"load_format": "dummy"}' \
       --label "demo model <-> demo shape (dummy), eager mode" --json "$OUT/scenario-eager.json" 2>&1 \
       | tee "$OUT/scenario-eager.log" | tail -n 14 ;;
   sleep)
@@ -33,6 +34,7 @@ case "$PART" in
       --json "$OUT/sleep-8b.json" 2>&1 | tee "$OUT/sleep-8b.log" | grep '^{' ;
     timeout "${SCENARIO_S:-240}" python3 -m benchmarks.gpu_scenario --model-a "$DEMO" \
       --model-b "$HOME/models/demo-shape" --engine-args '{"max_model_len": 4096}' \
+      --engine-args-b '{"load_format": "dummy"}' \
       --label "demo model <-> demo shape (dummy), vLLM's default mode" --json "$OUT/scenario-default.json" 2>&1 \
       | tee "$OUT/scenario-default.log" | tail -n 14 ;;
 esac
