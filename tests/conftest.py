@@ -15,6 +15,29 @@ import pytest
 from vllm_magic import get_session
 
 
+def _nvidia_gpus() -> int:
+    """How many NVIDIA GPUs NVML sees (0 without a driver): no CUDA context is created."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return 0
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests marked gpu run on an NVIDIA GPU only: the one reason a test here may be skipped.
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_items and _nvidia_gpus() == 0:
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def engine():
     """The kernel-wide session with the demo model loaded."""

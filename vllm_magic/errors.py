@@ -10,7 +10,7 @@ object is constructed under a ``ValidationError``.
 from __future__ import annotations
 
 __all__ = ["VllmMagicError", "ConfigError", "NoEngineError", "EngineStartError", "EngineDiedError",
-           "PromptTooLongError", "RequestError", "ServerError"]
+           "PromptTooLongError", "RequestError", "ServerError", "SleepError"]
 
 
 class VllmMagicError(Exception):
@@ -47,3 +47,7 @@ class RequestError(VllmMagicError):
 
 class ServerError(VllmMagicError, RuntimeError):
     """A vLLM server could not be reached or started, refused the connection, or went away."""
+
+
+class SleepError(VllmMagicError, RuntimeError):
+    """The engine cannot sleep or wake as asked (no GPU, no sleep mode, weights that cannot be reloaded)."""

@@ -14,11 +14,12 @@ import abc
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..errors import SleepError
 from .config import EngineConfig
 from .handles import RequestHandle
 from .prompts import Prepared, PromptLike
 
-__all__ = ["Backend", "UnloadReport"]
+__all__ = ["Backend", "UnloadReport", "SleepReport"]
 
 
 @dataclass
@@ -41,6 +42,33 @@ class UnloadReport:
         return self.device_memory_after_unload <= self.device_memory_before_load + self.SLACK
 
 
+@dataclass
+class SleepReport:
+    """One sleep of an engine: its level, how long it took and what it gave back."""
+
+    model: str
+    level: int
+    seconds: float
+    #: Device memory in use before and after (all GPUs, NVML), or None where it cannot be read.
+    device_memory_before: int | None
+    device_memory_after: int | None
+    #: ``time.monotonic()`` when it fell asleep.
+    since: float = 0.0
+
+    @property
+    def freed_bytes(self) -> int | None:
+        if self.device_memory_before is None or self.device_memory_after is None:
+            return None
+        return max(0, self.device_memory_before - self.device_memory_after)
+
+    @property
+    def holds(self) -> str:
+        """What the sleeping engine still holds, in words."""
+        if self.level == 1:
+            return "weights in host RAM, KV cache discarded"
+        return "nothing of the model: weights and KV cache discarded (waking reloads the weights)"
+
+
 class Backend(abc.ABC):
     """One running engine, as the session drives it."""
 
@@ -59,6 +87,8 @@ class Backend(abc.ABC):
     url: str | None = None
     #: How the weights are quantized (``"awq"``, ...), or None.
     quantization: str | None = None
+    #: The sleep it is in (``%vllm_sleep``), or None while it is awake.
+    asleep: SleepReport | None = None
 
     @abc.abstractmethod
     def params(self, defaults: Any, overrides: dict[str, Any], structured: dict[str, Any]) -> Any:
@@ -113,6 +143,23 @@ class Backend(abc.ABC):
     def call(self, fn: Callable[[Any], Any]) -> Any:
         """Run ``fn`` with the raw engine object between steps (only where there is one)."""
         raise NotImplementedError(f"{type(self).__name__} has no engine object in this process")
+
+    def sleep_refusal(self, level: int) -> str | None:
+        """Why this engine cannot sleep at ``level``, or None when it can."""
+        return ("sleep mode needs an engine in this kernel on an NVIDIA GPU (vLLM's sleep mode); "
+                "a vLLM server elsewhere sleeps through its own /sleep endpoint")
+
+    def sleep(self, level: int = 1) -> SleepReport:
+        """Free the engine's device memory (level 1: weights to host RAM; level 2: weights discarded);
+        requests still running are aborted. Raises :class:`SleepError` where it cannot."""
+        raise SleepError(self.sleep_refusal(level) or "this engine cannot sleep")
+
+    def wake(self) -> float:
+        """Take the device memory back (reloading the weights after level 2); returns the seconds it
+        took (0.0 when it was awake)."""
+        if self.asleep is None:
+            return 0.0
+        raise SleepError("this engine cannot wake")  # pragma: no cover - only engines that slept wake
 
     @abc.abstractmethod
     def shutdown(self) -> UnloadReport:

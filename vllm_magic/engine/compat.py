@@ -40,6 +40,9 @@ __all__ = [
     "tokens_prompt",
     "vllm_version",
     "interrupts_reach_engine_start",
+    "sleep_engine",
+    "wake_engine",
+    "reload_weights",
 ]
 
 
@@ -79,6 +82,31 @@ def shutdown_engine(llm: Any) -> None:
     core = getattr(engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
+
+
+def sleep_engine(llm: Any, level: int) -> None:
+    """Put an ``LLM`` started with ``enable_sleep_mode=True`` to sleep (1: weights to host RAM, KV
+    cache discarded; 2: both discarded). vLLM 0.26 added a ``mode`` for requests still running;
+    the caller aborts those first, so the default of every version does."""
+    llm.sleep(level=level)
+
+
+def wake_engine(llm: Any, tags: list[str] | None = None) -> None:
+    """Give a sleeping ``LLM`` back its device memory (``tags``: only ``"weights"`` or
+    ``"kv_cache"``; None: all of it)."""
+    if tags is None:
+        llm.wake_up()
+    else:
+        llm.wake_up(tags=tags)
+
+
+def reload_weights(llm: Any) -> None:
+    """Load the weights again from where they came from (after a level-2 sleep discarded them).
+
+    The GPU worker's ``reload_weights`` exists from vLLM 0.11 on; it needs a loader that can read
+    the weights again, so it refuses ``load_format="dummy"``.
+    """
+    llm.collective_rpc("reload_weights")
 
 
 @contextlib.contextmanager

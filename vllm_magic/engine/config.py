@@ -3,7 +3,7 @@
 * ``parse_engine_flags`` reads ``vllm serve``-style flags with vLLM's own argument parser, so every
   engine flag vLLM knows works with the same spelling, and keeps only the ones the user gave.
 * ``resolve_engine_config`` adds the platform defaults (CPU: float32, eager mode, a bounded KV
-  cache, the model run inside the engine process; GPU: vLLM's own defaults), fills in the demo model when no model is named, checks what can
+  cache, the model run inside the engine process; NVIDIA GPU: vLLM's own defaults plus sleep mode), fills in the demo model when no model is named, checks what can
   be checked without starting anything, and computes a stable fingerprint for idempotent loads.
 """
 
@@ -421,8 +421,16 @@ def _checkpoint_config(model: str) -> dict[str, Any]:
 
 def _with_platform_defaults(platform: str, user: dict[str, Any], threads: str | None = None,
                             dtype: str | None = None) -> dict[str, Any]:
+    if platform == "cuda":
+        # vLLM's own defaults, plus sleep mode (%vllm_sleep, %vllm_load --keep): it allocates the
+        # weights and KV cache through vLLM's CuMem pool so that they can be freed and taken back;
+        # its cost at load and decode is in docs/benchmarks.md. PyTorch's expandable segments
+        # cannot share that pool: with them, sleep mode stays off unless asked for.
+        if "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower().replace(" ", ""):
+            return dict(user)
+        return {"enable_sleep_mode": True, **user}
     if platform != "cpu":
-        return dict(user)  # GPU and others: vLLM's own defaults are right
+        return dict(user)  # other accelerators: vLLM's own defaults are right
     defaults: dict[str, Any] = {
         "dtype": dtype or "float32",
         # Eager mode loads in ~20 s instead of ~60 s for ~6% less throughput: right for notebooks.

@@ -18,8 +18,8 @@ import time
 import weakref
 from typing import Any, Callable
 
-from ..errors import ConfigError, EngineStartError
-from .backend import Backend, UnloadReport
+from ..errors import ConfigError, EngineStartError, SleepError
+from .backend import Backend, SleepReport, UnloadReport
 from .config import EngineConfig, thread_binding_for_start
 from .driver import EngineDriver
 from .handles import RequestHandle
@@ -197,9 +197,78 @@ class LocalBackend(Backend):
                 pass
         return total, "RSS of engine processes"
 
+    # ----- sleep mode ------------------------------------------------------------------------------
+    @property
+    def sleep_mode(self) -> bool:
+        """Whether the engine was started with vLLM's sleep mode (the session's default on CUDA)."""
+        return bool(self.config.engine_kwargs.get("enable_sleep_mode"))
+
+    def sleep_refusal(self, level: int) -> str | None:
+        if level not in (1, 2):
+            return f"the sleep level is 1 (weights to host RAM) or 2 (weights discarded), not {level}"
+        if self.config.platform != "cuda":
+            return f"sleep mode needs an NVIDIA GPU (vLLM's sleep mode), and this engine runs on {self.config.platform}"
+        if not self.sleep_mode:
+            return ("this engine was loaded without sleep mode (--no-enable-sleep-mode): load it with "
+                    "--enable-sleep-mode to put it to sleep, or %vllm_unload to free its memory")
+        if level == 2 and not self.weights_reloadable:
+            return ("level 2 discards the weights, and dummy weights (--load-format dummy) cannot be loaded "
+                    "again: use level 1")
+        return None
+
+    @property
+    def weights_reloadable(self) -> bool:
+        """Whether the weights can be read again after a level-2 sleep (not for dummy weights)."""
+        return self.config.engine_kwargs.get("load_format") != "dummy"
+
+    def weight_bytes(self) -> int | None:
+        """About how many bytes the weights take (what a level-1 sleep copies to host RAM), or None."""
+        return estimate_weight_bytes(self.config.model, self.config.engine_kwargs.get("load_format"), self.dtype)
+
+    def sleep(self, level: int = 1) -> SleepReport:
+        reason = self.sleep_refusal(level)
+        if reason is not None:
+            raise SleepError(reason)
+        if self.asleep is not None:
+            if self.asleep.level >= level:
+                return self.asleep
+            self.wake()  # level 1 -> 2: vLLM sleeps from awake only
+        from .compat import sleep_engine
+
+        self.driver.abort_all()
+        before = device_memory_used(self.config.platform)
+        t0 = time.perf_counter()
+        self.call(lambda llm: sleep_engine(llm, level))
+        seconds = time.perf_counter() - t0
+        self.asleep = SleepReport(self.config.model, level, seconds, before,
+                                  device_memory_used(self.config.platform), time.monotonic())
+        return self.asleep
+
+    def wake(self) -> float:
+        report = self.asleep
+        if report is None:
+            return 0.0
+        from .compat import reload_weights, wake_engine
+
+        t0 = time.perf_counter()
+        if report.level == 2:
+            def wake_and_reload(llm: Any) -> None:
+                # Weights first and loaded before the KV cache comes back: the peak stays that of the
+                # running engine (vLLM's recipe for level 2).
+                wake_engine(llm, ["weights"])
+                reload_weights(llm)
+                wake_engine(llm, ["kv_cache"])
+            self.call(wake_and_reload)
+        else:
+            self.call(lambda llm: wake_engine(llm))
+        self.asleep = None
+        return time.perf_counter() - t0
+
     # ----- stopping --------------------------------------------------------------------------------
-    def shutdown(self) -> UnloadReport:
-        """Stop the driver and the engine, end its processes and wait for device memory to return."""
+    def shutdown(self, baseline: Any = "own") -> UnloadReport:
+        """Stop the driver and the engine, end its processes and wait for device memory to return
+        to ``baseline`` (bytes in use; by default what was in use before this engine loaded; None:
+        do not wait, another engine's shutdown waits for both)."""
         _RUNNING.discard(self)
         self._exits.close()
         self._finalizer()  # stops the driver and the engine core; a second call does nothing
@@ -208,8 +277,11 @@ class LocalBackend(Backend):
         gc.collect()
         _empty_device_cache()
         killed = end_processes(self.children, ask=False, grace=15.0)  # shutdown already asked them
-        after = _wait_for_device_memory(self.config.platform, self.memory_before_load)
-        return UnloadReport(self.config.model, len(self.children), killed, self.memory_before_load, after)
+        if baseline == "own":
+            baseline = self.memory_before_load
+        after = (_wait_for_device_memory(self.config.platform, baseline) if baseline is not None
+                 else device_memory_used(self.config.platform))
+        return UnloadReport(self.config.model, len(self.children), killed, baseline, after)
 
 
 # ----- helpers ------------------------------------------------------------------------------------
@@ -367,6 +439,35 @@ def device_memory_used(platform: str) -> int | None:
             pynvml.nvmlShutdown()
     except Exception:
         return None
+
+
+def estimate_weight_bytes(model: str, load_format: str | None, dtype: str) -> int | None:
+    """About how many bytes a model's weights take on the device: the size of its weight files, or
+    for dummy weights a count of a Llama-like model's parameters from ``config.json``; None when
+    neither can be read."""
+    from pathlib import Path
+
+    path = Path(model)
+    if not path.is_dir():
+        return None
+    if load_format != "dummy":
+        size = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+                   for f in path.glob(pattern))
+        if size:
+            return size
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+        hidden, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+        heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads", heads)
+        head_dim = cfg.get("head_dim") or hidden // heads
+        mlp = cfg.get("intermediate_size", 4 * hidden)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    params = layers * (attention + 3 * hidden * mlp) + vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
+    width = 4 if "32" in dtype else 2
+    return params * width
 
 
 def _wait_for_device_memory(platform: str, baseline: int | None, timeout: float = 15.0) -> int | None:

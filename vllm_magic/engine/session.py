@@ -2,7 +2,9 @@
 
 ``get_session()`` returns the process-wide :class:`EngineSession`. ``load()`` is idempotent by one
 rule (:meth:`EngineConfig.serves`): a request the live engine serves returns at once; another one
-shuts the old engine down, checks that its memory came back, then starts the new one. ``submit()``
+shuts the old engine down, checks that its memory came back, then starts the new one. On a GPU,
+``load(..., keep=True)`` puts the old engine to sleep instead (vLLM's sleep mode), and a later load
+that one of the sleeping engines serves wakes it in seconds: one engine is awake at a time. ``submit()``
 is the only way to generate: it takes many prompts or conversations at once, builds the sampling
 parameters from the session's defaults plus the call's overrides, and returns
 :class:`~vllm_magic.engine.handles.RequestHandle` objects to iterate, await or abort from any thread
@@ -19,9 +21,10 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from ..errors import ConfigError, EngineDiedError, EngineStartError, NoEngineError, PromptTooLongError, ServerError
-from .backend import Backend, UnloadReport
-from .config import EngineConfig, import_vllm, resolve_engine_config
+from ..errors import (ConfigError, EngineDiedError, EngineStartError, NoEngineError, PromptTooLongError, ServerError,
+                      SleepError)
+from .backend import Backend, SleepReport, UnloadReport
+from .config import EngineConfig, import_vllm, resolve_engine_config, short_model_name
 from .handles import GenerationResult, RequestHandle
 from .listeners import Listeners
 from .log import EngineLog, quiet_vllm_environment
@@ -30,8 +33,13 @@ from .sampling import SamplingDefaults
 
 __all__ = [
     "EngineSession", "get_session", "LoadInfo", "SessionStatus", "UnloadReport", "NoEngineError",
-    "EngineStartError", "PromptTooLongError", "ConfigError", "EngineDiedError",
+    "EngineStartError", "PromptTooLongError", "ConfigError", "EngineDiedError", "SleepError", "SleepReport",
+    "KeptEngine",
 ]
+
+GiB = 1 << 30
+#: Host RAM a level-1 sleep leaves free beside the weights it copies there.
+HOST_RAM_MARGIN = 4 * GiB
 
 
 @dataclass
@@ -42,6 +50,28 @@ class LoadInfo:
     already_loaded: bool
     seconds: float
     summary: str
+    #: What happened to the engine that was loaded before (``keep=True``), in one line, or None.
+    kept: str | None = None
+    #: Whether the engine was a sleeping one, woken instead of started.
+    woken: bool = False
+
+
+@dataclass
+class KeptEngine:
+    """A sleeping engine the session keeps for a later ``load()`` (``%vllm_status`` lists them)."""
+
+    model: str
+    level: int
+    since: float
+    holds: str
+    host_bytes: int | None
+    engine_args: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        host = "" if self.host_bytes is None else f", {self.host_bytes / GiB:.1f} GiB of host RAM"
+        args = ", ".join(f"{k}={v}" for k, v in sorted(self.engine_args.items()) if k != "enable_sleep_mode")
+        return (f"`{short_model_name(self.model)}` asleep (level {self.level}, {time.monotonic() - self.since:.0f} s): "
+                f"{self.holds}{host}" + (f"; {args}" if args else ""))
 
 
 @dataclass
@@ -70,8 +100,17 @@ class SessionStatus:
     dead: str | None = None
     #: The URL of the vLLM server the session is attached to (``%vllm_load --remote``), or None.
     server: str | None = None
+    #: The sleep the loaded engine is in (``%vllm_sleep``), or None while it is awake.
+    asleep: SleepReport | None = None
+    #: Sleeping engines kept for switching back (``%vllm_load --keep``), most recent first.
+    kept: list[KeptEngine] = field(default_factory=list)
 
     def _repr_markdown_(self) -> str:
+        kept = "".join(f"\n- {k.describe()}" for k in self.kept)
+        kept = f"\n\nSleeping engines (`%vllm_load` of one wakes it; `%vllm_unload` frees all):{kept}" if kept else ""
+        return self._main_markdown() + kept
+
+    def _main_markdown(self) -> str:
         if not self.loaded:
             return "**vllm-magic**: no engine loaded. Run `%vllm_load` (demo model) or `%vllm_load MODEL`."
         if self.dead and self.server:
@@ -81,8 +120,14 @@ class SessionStatus:
             return (f"**vllm-magic**: the engine of `{self.model}` is dead ({self.dead}). "
                     "Run `%vllm_load` to start it again; `%vllm_log` shows why it died.")
         mem = "n/a" if self.memory_bytes is None else f"{self.memory_bytes / 2**30:.2f} GiB ({self.memory_kind})"
+        state = "awake"
+        if self.asleep is not None:
+            freed = self.asleep.freed_bytes
+            state = (f"asleep (level {self.asleep.level}): {self.asleep.holds}"
+                     + ("" if freed is None else f"; {freed / GiB:.2f} GiB of GPU memory freed")
+                     + "; %vllm_wake or the next request wakes it")
         rows = [
-            ("model", f"`{self.model}`"), ("platform", self.platform),
+            ("model", f"`{self.model}`"), ("state", state), ("platform", self.platform),
             *([("server", self.server)] if self.server else []), ("vLLM", self.vllm_version),
             ("dtype", self.dtype), ("max model len", self.max_model_len),
             ("KV cache", f"{self.kv_cache_tokens} tokens" if self.kv_cache_tokens else "n/a"),
@@ -98,17 +143,24 @@ class SessionStatus:
             return "SessionStatus(loaded=False)"
         if self.dead:
             return f"SessionStatus(model={self.model!r}, dead={self.dead!r})"
+        if self.asleep is not None:
+            return f"SessionStatus(model={self.model!r}, asleep=level {self.asleep.level}, kept={len(self.kept)})"
         return (f"SessionStatus(model={self.model!r}, platform={self.platform!r}, requests_served="
                 f"{self.requests_served}, tokens_out={self.tokens_out})")
 
 
 class EngineSession:
-    """Owns at most one engine (a :class:`Backend`) and serves every front-end from it."""
+    """Owns at most one awake engine (a :class:`Backend`) and serves every front-end from it; on a
+    GPU it may also keep sleeping engines to switch back to (``load(..., keep=True)``)."""
+
+    #: How many sleeping engines ``load(..., keep=True)`` keeps; the oldest beyond it is unloaded.
+    max_kept = 2
 
     def __init__(self, log: EngineLog | None = None) -> None:
         self.defaults = SamplingDefaults()
         self._log = log
         self._backend: Backend | None = None
+        self._kept: list[Backend] = []  # sleeping engines, most recent first
         self._lock = threading.RLock()  # serializes load/unload; submit only reads _backend
         self._ids = itertools.count(1)
         self._counter_lock = threading.Lock()
@@ -164,30 +216,159 @@ class EngineSession:
                 and backend.config.serves(wanted, backend.derived_args))
 
     def load(self, model: str | None = None, *, verbose: bool = False,
-             progress: Callable[[str, float], None] | None = None, **engine_kwargs: Any) -> LoadInfo:
+             progress: Callable[[str, float], None] | None = None, keep: bool = False,
+             **engine_kwargs: Any) -> LoadInfo:
         """Load ``model`` (None: the demo model) with vLLM engine arguments, or keep the live engine
         when it serves that request.
 
+        A sleeping engine that serves the request (kept by ``keep=True``, or put to sleep with
+        :meth:`sleep`) is woken instead of started. ``keep=True`` puts the engine loaded now to
+        sleep instead of shutting it down (GPU only: :class:`SleepError` elsewhere, nothing
+        changed); see :meth:`_keep` for what happens when host RAM is short.
+
         Raises :class:`ConfigError` (old engine kept) for a configuration that is invalid before
-        anything starts, and :class:`EngineStartError` (session left empty) when vLLM fails to start.
-        ``progress(stage, elapsed)`` is called about twice a second while a new engine starts.
+        anything starts, and :class:`EngineStartError` (session left empty, sleeping engines kept)
+        when vLLM fails to start. ``progress(stage, elapsed)`` is called about twice a second while
+        a new engine starts.
         """
         start = time.perf_counter()
         quiet_vllm_environment(verbose)  # before any vLLM import and any engine's children start
         import_vllm(verbose)
-        from .local import LocalBackend
         config = resolve_engine_config(model, **engine_kwargs)
         with self._lock:
             if self.serves(config):
-                return LoadInfo(self._backend.config, True, time.perf_counter() - start,
-                                self._summary(self._backend, already=True))
-            if self._backend is not None:
-                LocalBackend.validate(config, self.log)  # refuse a bad configuration while the old engine runs
-                self.unload()
-            self._backend = LocalBackend.start(config, self.log, verbose=verbose, progress=progress,
-                                               on_finished=_weakly(self._finished))
+                backend = self._backend
+                woke = backend.asleep is not None
+                seconds = self._wake(backend) if woke else 0.0
+                summary = (self._woken_summary(backend, seconds) if woke
+                           else self._summary(backend, already=True))
+                return LoadInfo(backend.config, True, time.perf_counter() - start, summary, woken=woke)
+            sleeping = self._kept_serving(config)
+            current = self._backend
+            if current is not None and keep:
+                reason = current.sleep_refusal(1)
+                if reason is not None:
+                    raise SleepError(f"--keep puts the loaded engine to sleep: {reason}; leave --keep out to "
+                                     "replace it")
+            if sleeping is None and current is not None:
+                self._validate(config)  # refuse a bad configuration while the old engine runs
+            kept_line = None
+            if current is not None:
+                if keep:
+                    kept_line = self._keep(current)
+                else:
+                    self._unload_current()
+            if sleeping is not None:
+                self._kept.remove(sleeping)
+                self._backend = sleeping
+                seconds = self._wake(sleeping)
+                return LoadInfo(sleeping.config, False, time.perf_counter() - start,
+                                self._woken_summary(sleeping, seconds), kept=kept_line, woken=True)
+            self._backend = self._start(config, verbose, progress)
             self.engines_created += 1
-            return LoadInfo(config, False, time.perf_counter() - start, self._summary(self._backend))
+            return LoadInfo(config, False, time.perf_counter() - start, self._summary(self._backend),
+                            kept=kept_line)
+
+    def _validate(self, config: EngineConfig) -> None:
+        from .local import LocalBackend
+
+        LocalBackend.validate(config, self.log)
+
+    def _start(self, config: EngineConfig, verbose: bool, progress: Callable[[str, float], None] | None) -> Backend:
+        """A new in-process engine for ``config`` (the one place engines are started)."""
+        from .local import LocalBackend
+
+        return LocalBackend.start(config, self.log, verbose=verbose, progress=progress,
+                                  on_finished=_weakly(self._finished))
+
+    def _kept_serving(self, config: EngineConfig) -> Backend | None:
+        for backend in self._kept:
+            if backend.death() is None and backend.config.serves(config, backend.derived_args):
+                return backend
+        return None
+
+    def _keep(self, backend: Backend) -> str:
+        """Put ``backend`` to sleep and keep it; returns what was done, in one line.
+
+        Level 1 (weights to host RAM) when they fit in the host RAM available with a margin
+        (:data:`HOST_RAM_MARGIN`); else level 2 (weights discarded, reloaded on waking) where the
+        weights can be read again; else the engine is unloaded. Beyond :attr:`max_kept` sleeping
+        engines, the oldest is unloaded.
+        """
+        import psutil
+
+        self._backend = None
+        name = backend.config.short_name
+        level = 1
+        weights = getattr(backend, "weight_bytes", lambda: None)()
+        available = psutil.virtual_memory().available
+        if backend.asleep is None and weights is not None and weights + HOST_RAM_MARGIN > available:
+            if backend.sleep_refusal(2) is not None:
+                self._shut(backend)
+                return (f"unloaded {name}: its weights ({weights / GiB:.1f} GiB) do not fit the host RAM "
+                        f"available ({available / GiB:.1f} GiB) and cannot be reloaded")
+            level = 2
+        try:
+            report = backend.sleep(max(level, backend.asleep.level if backend.asleep else 0))
+        except Exception as exc:  # the engine could not sleep: it is unloaded instead
+            self._shut(backend)
+            return f"unloaded {name}: it could not sleep ({exc})"
+        self._kept.insert(0, backend)
+        self.log.mark(f"{backend.config.model} kept asleep at level {report.level}")
+        line = f"{name} kept asleep (level {report.level}: {report.holds})"
+        if level == 2 and weights is not None:
+            line += f"; level 2 because its weights ({weights / GiB:.1f} GiB) do not fit the host RAM available"
+        while len(self._kept) > self.max_kept:
+            oldest = self._kept.pop()
+            self._shut(oldest)
+            line += f"; unloaded {oldest.config.short_name} (at most {self.max_kept} sleeping engines)"
+        return line
+
+    def _wake(self, backend: Backend) -> float:
+        seconds = backend.wake()
+        self.log.mark(f"{backend.config.model} woken in {seconds:.2f} s")
+        return seconds
+
+    def sleep(self, level: int = 1) -> SleepReport:
+        """Put the loaded engine to sleep (GPU only): level 1 moves its weights to host RAM and
+        discards the KV cache; level 2 discards the weights too (waking reloads them). Requests
+        still running are aborted. The next request, :meth:`wake` or a ``load()`` it serves wakes
+        it. Raises :class:`SleepError` where the engine cannot sleep (CPU, a server elsewhere, an
+        engine loaded without sleep mode), :class:`NoEngineError` when nothing is loaded."""
+        with self._lock:
+            backend = self._require()
+            reason = backend.sleep_refusal(level)
+            if reason is not None:
+                raise SleepError(reason)
+            report = backend.sleep(level)
+            self.log.mark(f"{backend.config.model} asleep at level {report.level} in {report.seconds:.2f} s")
+            return report
+
+    def wake(self) -> float:
+        """Wake the loaded engine when it sleeps; returns the seconds it took (0.0 when awake)."""
+        with self._lock:
+            backend = self._require()
+            return self._wake(backend) if backend.asleep is not None else 0.0
+
+    @property
+    def asleep(self) -> SleepReport | None:
+        """The sleep the loaded engine is in, or None (awake, or nothing loaded)."""
+        backend = self._backend
+        return None if backend is None else backend.asleep
+
+    @property
+    def kept(self) -> list[KeptEngine]:
+        """The sleeping engines kept for switching back, most recent first."""
+        return [self._kept_view(b) for b in list(self._kept)]
+
+    @staticmethod
+    def _kept_view(backend: Backend) -> KeptEngine:
+        report = backend.asleep
+        host = None
+        if report is not None and report.level == 1:
+            host = _host_memory(getattr(backend, "children", ()))
+        return KeptEngine(backend.config.model, report.level if report else 0, report.since if report else 0.0,
+                          report.holds if report else "", host, dict(backend.config.requested))
 
     def connect(self, url: str, *, api_key: str | None = None, model: str | None = None) -> LoadInfo:
         """Use the vLLM server at ``url`` (any OpenAI-compatible vLLM server) instead of an engine in
@@ -278,20 +459,43 @@ class EngineSession:
             return server
 
     def unload(self) -> bool:
-        """Shut the engine down and wait until its processes (and GPU memory) are gone.
+        """Shut the engine down, and every sleeping engine kept, and wait until their processes
+        (and GPU memory) are gone.
 
         Returns False when nothing was loaded. Safe to call twice.
         """
         with self._lock:
-            backend, self._backend = self._backend, None
-            if backend is None:
+            kept, self._kept = self._kept, []
+            if self._backend is None and not kept:
                 return False
-            self.log.mark(f"unloading {backend.config.model}")
-            report = backend.shutdown()
-            if report.processes_killed:
-                self.log.mark(f"killed {report.processes_killed} engine process(es) that outlived shutdown")
-            self.last_unload = report
+            # Every engine stops before the wait for memory: each one's baseline counted the others.
+            baselines = [b.memory_before_load for b in [*kept, self._backend]
+                         if b is not None and getattr(b, "memory_before_load", None) is not None]
+            for backend in kept:
+                self._shut(backend, baseline=None)
+            if self._backend is not None:
+                self._unload_current(baseline=min(baselines) if baselines else "own")
             return True
+
+    @property
+    def sleeping_count(self) -> int:
+        """How many sleeping engines are kept beside the loaded one."""
+        return len(self._kept)
+
+    def _unload_current(self, baseline: Any = "own") -> None:
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            self.last_unload = self._shut(backend, baseline)
+
+    def _shut(self, backend: Backend, baseline: Any = "own") -> UnloadReport:
+        self.log.mark(f"unloading {backend.config.model}")
+        if baseline == "own" or not hasattr(backend, "memory_before_load"):  # a server elsewhere: nothing to wait for
+            report = backend.shutdown()
+        else:
+            report = backend.shutdown(baseline=baseline)  # type: ignore[call-arg]
+        if report.processes_killed:
+            self.log.mark(f"killed {report.processes_killed} engine process(es) that outlived shutdown")
+        return report
 
     # ----- requests ------------------------------------------------------------------------------
     def submit(self, prompts: PromptLike | Sequence[PromptLike], sampling: Any = None, *,
@@ -325,6 +529,10 @@ class EngineSession:
             handle = RequestHandle(f"vm-{next(self._ids)}", prompt.text, prompt.token_ids, params.n,
                                    self._abort_one, parse, sampling_params=params)
             requests.append((handle, prompt, params))
+        if backend.asleep is not None:  # a request to a sleeping engine wakes it: nobody asks to be told to
+            with self._lock:
+                if backend.asleep is not None and self._backend is backend:
+                    self._wake(backend)
         backend.add(requests)
         with self._counter_lock:
             self.submissions += 1
@@ -385,9 +593,10 @@ class EngineSession:
     def status(self) -> SessionStatus:
         """Model, engine args, platform, memory, uptime and request counters."""
         backend = self._backend
+        kept = self.kept
         if backend is None:
             return SessionStatus(loaded=False, submissions=self.submissions, requests_served=self.requests_served,
-                                 tokens_out=self.tokens_out)
+                                 tokens_out=self.tokens_out, kept=kept)
         dead = backend.death()
         memory, kind = (None, "") if dead else backend.memory()
         config = backend.config
@@ -399,7 +608,11 @@ class EngineSession:
             submissions=self.submissions, requests_served=self.requests_served, tokens_out=self.tokens_out,
             requests_live=backend.live_count, vllm_version=backend.vllm_version,
             fingerprint=config.fingerprint, log_path=str(self.log.path), dead=dead,
-            server=backend.url)
+            server=backend.url, asleep=backend.asleep, kept=kept)
+
+    @staticmethod
+    def _woken_summary(backend: Backend, seconds: float) -> str:
+        return f"{backend.config.short_name} woken from sleep in {seconds:.1f} s ({backend.config.platform}, {backend.dtype})"
 
     @staticmethod
     def _summary(backend: Backend, already: bool = False) -> str:
@@ -418,6 +631,19 @@ class EngineSession:
         split = backend.config.parallel_summary
         shape = "".join(f", {part}" for part in (quantized, split) if part)
         return f"{name} loaded on {platform} ({backend.dtype}{shape}{kv}) in {backend.load_seconds:.1f} s"
+
+
+def _host_memory(pids: Any) -> int | None:
+    """Resident host memory of processes (a level-1 sleeping engine's weights live there), or None."""
+    import psutil
+
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            pass
+    return total or None
 
 
 def _weakly(method: Callable[[Any], None]) -> Callable[[Any], None]:

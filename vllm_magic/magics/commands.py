@@ -20,7 +20,7 @@ from ..engine.config import parse_engine_flags
 from ..engine.server import parse_serve_flags
 from ..engine.sampling import DEFAULTS_FIELDS, SAMPLING_FIELDS, SamplingTraits, option_help, option_type
 from ..engine.session import EngineSession, get_session
-from ..errors import ConfigError, EngineDiedError, VllmMagicError
+from ..errors import ConfigError, EngineDiedError, NoEngineError, SleepError, VllmMagicError
 from .cells import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch
 from .display import FORMATS, AnswerStream, LoadProgress, stream_answers, supports_updates
 from .results import VllmResult
@@ -28,7 +28,8 @@ from .results import VllmResult
 __all__ = ["VllmMagics", "register", "unregister", "sampling_args"]
 
 # %vllm_load's own flags; everything else is a `vllm serve` engine flag. Values: takes an argument.
-_LOAD_FLAGS = {"--as": True, "--remote": True, "--api-key": True, "--verbose": False, "--no-controls": False}
+_LOAD_FLAGS = {"--as": True, "--remote": True, "--api-key": True, "--verbose": False, "--no-controls": False,
+               "--keep": False}
 # %vllm_serve's own flags; everything else is a `vllm serve` flag (engine or server).
 _SERVE_FLAGS = {"--host": True, "--port": True, "--api-key": True, "--timeout": True, "--lines": True,
                 "--handoff": False, "--status": False, "--logs": False, "--stop": False}
@@ -115,6 +116,8 @@ class VllmMagics(Magics, SamplingTraits):
     @argument("--remote", metavar="URL", help="Use the vLLM server at URL instead of an engine in this kernel "
               "(MODEL or --model: which of its models; default: the first).")
     @argument("--api-key", metavar="KEY", help="The API key of the --remote server.")
+    @argument("--keep", action="store_true", help="Put the engine loaded now to sleep instead of unloading it "
+              "(GPU): a later %%vllm_load of it wakes it in seconds. %%vllm_status lists sleeping engines.")
     @argument("engine_flags", nargs="*", metavar="ENGINE FLAGS",
               help="Any `vllm serve` engine flag, same spelling: --max-model-len 2048, --dtype float16, "
                    "--tensor-parallel-size 2, --quantization awq, --enforce-eager, ... "
@@ -128,6 +131,12 @@ class VllmMagics(Magics, SamplingTraits):
         kept when it runs the model with every flag given (flags left out keep its values); another
         model or another value shuts it down first.
 
+        With ``--keep`` (NVIDIA GPU) the engine loaded now goes to sleep instead of being shut
+        down: its weights wait in host RAM and a later ``%vllm_load`` of it wakes it in seconds.
+        One engine is awake at a time; at most two sleep (the oldest beyond is unloaded); when host
+        RAM cannot hold the weights, the engine sleeps at level 2 (weights reloaded on waking) or
+        is unloaded, and the load says so. ``%vllm_unload`` frees them all.
+
         With ``--remote URL`` the session uses a vLLM server elsewhere (``vllm serve`` on a GPU box,
         a multi-node deployment, ``%vllm_serve``) instead: every cell, widget and LangChain object
         works the same.
@@ -137,11 +146,14 @@ class VllmMagics(Magics, SamplingTraits):
             %vllm_load
             %vllm_load HuggingFaceTB/SmolLM2-360M-Instruct --max-model-len 4096
             %vllm_load Qwen/Qwen2.5-7B-Instruct-AWQ --quantization awq --gpu-memory-utilization 0.8
+            %vllm_load Qwen/Qwen2.5-7B-Instruct --keep
             %vllm_load --remote http://gpu-box:8000 --api-key $KEY
         """
         ours, model, engine_argv = _split_args(line, _LOAD_FLAGS, "%vllm_load")
         args = _parse(self.vllm_load, ours)
         if args.remote:
+            if args.keep:
+                raise UsageError("--keep keeps an engine of this kernel asleep; it does not go with --remote")
             self._attach(args, model, engine_argv)
             return
         if args.api_key:
@@ -153,7 +165,8 @@ class VllmMagics(Magics, SamplingTraits):
         model = model or engine_kwargs.pop("model", None)
         progress = LoadProgress(supports_updates(self.shell))
         try:
-            info = self.session.load(model, verbose=args.verbose, progress=progress, **engine_kwargs)
+            info = self.session.load(model, verbose=args.verbose, progress=progress, keep=args.keep,
+                                     **engine_kwargs)
         except VllmMagicError as exc:  # a bad configuration, vLLM's start failing, the demo model missing
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
@@ -163,7 +176,9 @@ class VllmMagics(Magics, SamplingTraits):
         self._loaded(info, args)
 
     def _loaded(self, info: Any, args: Any) -> None:
-        print(("✓ " if not info.already_loaded else "") + info.summary)
+        if getattr(info, "kept", None):
+            print(info.kept)
+        print(("✓ " if not info.already_loaded or getattr(info, "woken", False) else "") + info.summary)
         self.langchain_name = args.as_name
         self._publish_langchain(args.as_name)
         if self.show_controls and not args.no_controls:
@@ -296,13 +311,59 @@ class VllmMagics(Magics, SamplingTraits):
 
     @line_magic
     def vllm_unload(self, line: str = "") -> None:
-        """Shut the engine down and free its memory."""
+        """Shut the engine down and free its memory (sleeping engines kept by --keep too)."""
         name = self.session.config.short_name if self.session.loaded else None
         url = (self.session.backend.url if self.session.backend is not None else None)
+        sleeping = [k.model for k in self.session.kept]
         if self.session.unload():
-            print(f"detached from the server at {url} (it keeps running)" if url else f"unloaded {name}")
+            done = [f"detached from the server at {url} (it keeps running)" if url else f"unloaded {name}"] \
+                if name else []
+            if sleeping:
+                from ..engine.config import short_model_name
+
+                done.append(f"unloaded {len(sleeping)} sleeping engine(s): "
+                            + ", ".join(short_model_name(m) for m in sleeping))
+            print("; ".join(done))
         else:
             print("no model is loaded")
+
+    @magic_arguments()
+    @argument("level", nargs="?", type=int, default=1, choices=(1, 2),
+              help="1 (default): weights to host RAM, KV cache discarded, waking takes about a second; "
+                   "2: weights discarded too, waking reloads them.")
+    @line_magic
+    def vllm_sleep(self, line: str = "") -> None:
+        """Put the loaded engine to sleep and free its GPU memory (vLLM's sleep mode; NVIDIA GPU).
+
+        Requests still running are stopped. ``%vllm_wake``, the next request or a ``%vllm_load``
+        of the same model wakes it. ``%vllm_status`` shows what it holds while it sleeps.
+        """
+        args = _parse(self.vllm_sleep, line)
+        try:
+            report = self.session.sleep(args.level)
+        except (SleepError, NoEngineError) as exc:
+            raise UsageError(str(exc)) from None
+        except EngineDiedError as exc:
+            raise UsageError(_died(exc)) from None
+        freed = report.freed_bytes
+        freed_text = "" if freed is None else f", {freed / 2**30:.1f} GiB of GPU memory freed"
+        print(f"✓ {self.session.config.short_name} asleep (level {report.level}: {report.holds}{freed_text}) "
+              f"in {report.seconds:.1f} s; %vllm_wake or the next request wakes it")
+
+    @line_magic
+    def vllm_wake(self, line: str = "") -> None:
+        """Wake the sleeping engine (reloading its weights after a level-2 sleep)."""
+        if line.strip():
+            raise UsageError("%vllm_wake takes no arguments")
+        try:
+            asleep = self.session.asleep
+            seconds = self.session.wake()
+        except (SleepError, NoEngineError) as exc:
+            raise UsageError(str(exc)) from None
+        except EngineDiedError as exc:
+            raise UsageError(_died(exc)) from None
+        name = self.session.config.short_name
+        print(f"✓ {name} awake in {seconds:.1f} s" if asleep is not None else f"{name} is awake")
 
     @line_magic
     def vllm_status(self, line: str = "") -> Any:
@@ -397,6 +458,8 @@ class VllmMagics(Magics, SamplingTraits):
         if args.cont:
             items = [self._conversation_with(prompts[0], args.system)]
         try:
+            if self.session.asleep is not None:  # the request would wake it: say so, it may take seconds
+                print(f"waking {self.session.config.short_name} (asleep, level {self.session.asleep.level})")
             handles = self.session.submit(items, raw=args.raw, system=args.system, **structured,
                                           **_sampling_overrides(args))
         except EngineDiedError as exc:
