@@ -21,6 +21,13 @@ from .handles import RequestHandle
 __all__ = ["EngineDriver"]
 
 
+#: How long an abort waits for the engine to drop its requests. An abort is handled between two
+#: engine steps, at once on an idle machine; on a 2-core machine running several engines a 5 s wait
+#: was sometimes too short, and an interrupted request was still running when the caller returned.
+#: The bound only matters for an engine that stopped stepping altogether.
+ABORT_WAIT = 60.0
+
+
 class EngineDriver:
     """Runs ``add_request``/``step``/``abort_request`` for one engine on a dedicated thread."""
 
@@ -39,8 +46,8 @@ class EngineDriver:
         self._check_alive()
         self._commands.put(("add", items))
 
-    def abort(self, request_ids: list[str], wait: float = 5.0) -> None:
-        """Abort requests and wait (briefly) until the engine has dropped them."""
+    def abort(self, request_ids: list[str], wait: float = ABORT_WAIT) -> None:
+        """Abort requests and wait until the engine has dropped them (at most ``wait`` seconds)."""
         if self.dead is not None or not self._thread.is_alive():
             return
         done = threading.Event()
@@ -48,7 +55,7 @@ class EngineDriver:
         if threading.current_thread() is not self._thread:
             done.wait(wait)
 
-    def abort_all(self, wait: float = 5.0) -> int:
+    def abort_all(self, wait: float = ABORT_WAIT) -> int:
         """Abort every live request; returns how many there were."""
         ids = list(self._live)
         self.abort(ids, wait)
