@@ -15,8 +15,16 @@ from vllm_magic.engine.session import EngineStartError
 
 
 def _engine_children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)
-            if "resource_tracker" not in " ".join(p.cmdline())}
+    """Live child processes except multiprocessing's resource tracker (an exited child that is not
+    reaped yet, a zombie, is not running anything)."""
+    pids = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(proc.cmdline()):
+                pids.add(proc.pid)
+        except psutil.Error:  # exited meanwhile
+            continue
+    return pids
 
 
 def _answers(session) -> str:
