@@ -10,21 +10,9 @@ import textwrap
 import psutil
 import pytest
 
+from child_processes import engine_children
 from vllm_magic.engine.config import ConfigError, parse_engine_flags
 from vllm_magic.engine.session import EngineStartError
-
-
-def _engine_children() -> set[int]:
-    """Live child processes except multiprocessing's resource tracker (an exited child that is not
-    reaped yet, a zombie, is not running anything)."""
-    pids = set()
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(proc.cmdline()):
-                pids.add(proc.pid)
-        except psutil.Error:  # exited meanwhile
-            continue
-    return pids
 
 
 def _answers(session) -> str:
@@ -32,7 +20,7 @@ def _answers(session) -> str:
 
 
 def test_invalid_configurations_are_refused_before_the_engine_is_touched(engine, tmp_path):
-    created, pids = engine.engines_created, _engine_children()
+    created, pids = engine.engines_created, engine_children()
     with pytest.raises(ConfigError, match="no such model directory"):
         engine.load(str(tmp_path / "missing-model"))
     with pytest.raises(ConfigError, match="unknown engine argument"):
@@ -44,25 +32,25 @@ def test_invalid_configurations_are_refused_before_the_engine_is_touched(engine,
     with pytest.raises(ConfigError, match="invalid"):
         parse_engine_flags("--max-model-len lots")
     assert engine.engines_created == created
-    assert _engine_children() == pids, "the running engine was restarted or lost"
+    assert engine_children() == pids, "the running engine was restarted or lost"
     assert "Paris" in _answers(engine)
 
 
 def test_switching_leaves_no_engine_process_behind(engine):
     default = engine.config
-    first = _engine_children()
+    first = engine_children()
     assert first
     info = engine.load(max_model_len=2048)
     assert not info.already_loaded
     assert engine.status().max_model_len == 2048
-    assert not (first & _engine_children()), "processes of the first engine survived the switch"
+    assert not (first & engine_children()), "processes of the first engine survived the switch"
     assert engine.last_unload.processes_killed == 0
-    second = _engine_children()
+    second = engine_children()
     assert "Paris" in _answers(engine)
     engine.unload()  # the default configuration again: a bare load() would keep the running engine
     engine.load()
     assert engine.config.fingerprint == default.fingerprint
-    assert not (second & _engine_children()), "processes of the second engine survived the switch"
+    assert not (second & engine_children()), "processes of the second engine survived the switch"
     assert "Paris" in _answers(engine)
 
 
@@ -70,9 +58,9 @@ def test_a_failed_start_reports_the_cause_and_leaves_the_session_empty(engine, t
     bogus = tmp_path / "not-a-model"
     bogus.mkdir()
     (bogus / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["NoSuchModelForCausalLM"]}))
-    before = _engine_children()
+    before = engine_children()
     engine.unload()
-    assert not engine.loaded and not _engine_children() & before
+    assert not engine.loaded and not engine_children() & before
     try:
         with pytest.raises((EngineStartError, ConfigError)) as excinfo:
             engine.load(str(bogus))
@@ -80,7 +68,7 @@ def test_a_failed_start_reports_the_cause_and_leaves_the_session_empty(engine, t
         assert "NoSuchModelForCausalLM" in message, message  # the cause, in a few lines
         assert len(message.splitlines()) <= 8
         assert not engine.loaded
-        assert not _engine_children() - before, "a failed start left processes behind"
+        assert not engine_children() - before, "a failed start left processes behind"
     finally:
         engine.load()
     assert "Paris" in _answers(engine)
