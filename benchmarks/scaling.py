@@ -80,6 +80,10 @@ def measure(runs: int, tokens: int) -> list[dict]:
     return rows
 
 
+# Recorded with the results: report.py treats result files without it as taken before paired runs.
+PAIRING = "median of per-run ratios; each run measures raw vLLM and session.submit back to back"
+
+
 def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"{meta['machine']}, vLLM {meta['vllm']}; {meta['prompts']} prompts x {meta['tokens']} tokens, "
              f"greedy, {meta['runs']} paired runs; `{meta['command']}`", "",
@@ -101,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = measure(args.runs, args.tokens)
     meta = {"machine": machine_description(), "vllm": vllm_version(), "prompts": len(PROMPTS), "tokens": args.tokens,
-            "runs": args.runs, "command": f"python -m benchmarks.scaling --runs {args.runs} --tokens {args.tokens}"}
+            "runs": args.runs, "pairing": PAIRING,
+            "command": f"python -m benchmarks.scaling --runs {args.runs} --tokens {args.tokens}"}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     table = to_markdown(rows, meta)

@@ -271,3 +271,12 @@ def test_prefix_cache_reset_makes_the_next_run_compute_its_prompt_again(engine):
     assert engine.run_on_engine(cached_tokens) > 0  # the prefix cache is on: a repeat is cheaper
     engine.run_on_engine(fresh_prefix_cache)
     assert engine.run_on_engine(cached_tokens) == 0
+
+
+def test_scaling_results_render_to_their_stored_table():
+    from benchmarks.scaling import to_markdown
+
+    results = Path(__file__).parents[1] / "benchmarks" / "results"
+    data = json.loads((results / "cpu-scaling.json").read_text())
+    assert data["meta"]["pairing"]
+    assert to_markdown(data["rows"], data["meta"]).strip() == (results / "cpu-scaling.md").read_text().strip()
