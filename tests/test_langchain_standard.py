@@ -1,7 +1,8 @@
 """LangChain's own standard test suites for ``ChatVLLM``, against the demo model.
 
-What the model cannot do is declared through the suites' capability flags: no tool calling, no
-image, audio or PDF input, no per-call model override (one engine per kernel).
+Tool calling is on, with ``tool_choice="any"`` forcing calls (decoding held to the tools' schemas,
+which a 135M model needs). What the model cannot do is declared through the suites' capability
+flags: no image, audio or PDF input, no per-call model override (one engine per kernel).
 """
 
 from __future__ import annotations
@@ -31,11 +32,15 @@ class _ChatVLLMCapabilities:
 
     @property
     def has_tool_calling(self) -> bool:
-        return False
+        return True
 
     @property
     def has_tool_choice(self) -> bool:
-        return False
+        return True
+
+    @property
+    def tool_choice_value(self) -> str | None:
+        return "any"
 
     @property
     def has_structured_output(self) -> bool:
