@@ -40,13 +40,15 @@ def test_messages_become_a_conversation():
     ]
 
 
-def test_tool_messages_and_images_are_refused():
-    with pytest.raises(RequestError, match="tool calling"):
-        messages_to_conversation([HumanMessage("1+2?"), ToolMessage("3", tool_call_id="a")])
+def test_tool_turns_become_openai_messages_and_images_are_refused():
+    conversation = messages_to_conversation([
+        HumanMessage("1+2?"), AIMessage("", tool_calls=[{"name": "add", "args": {"a": 1, "b": 2}, "id": "c1"}]),
+        ToolMessage("3", tool_call_id="c1", name="add")])
+    assert conversation[1]["tool_calls"] == [
+        {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]
+    assert conversation[2] == {"role": "tool", "tool_call_id": "c1", "content": "3", "name": "add"}
     with pytest.raises(RequestError, match="image_url"):
         messages_to_conversation([HumanMessage([{"type": "image_url", "image_url": {"url": "data:,"}}])])
-    with pytest.raises(RequestError, match="tool calls"):
-        messages_to_conversation([AIMessage("", tool_calls=[{"name": "f", "args": {}, "id": "1"}])])
 
 
 # ----- generation ---------------------------------------------------------------------------------
@@ -99,10 +101,10 @@ def test_chat_prompt_chain_sends_its_messages_and_returns_the_answer_text(engine
     assert answer == engine.last_result.text
 
 
-def test_tool_message_in_a_call_is_a_usage_error_and_the_model_stays_usable(engine):
+def test_an_image_in_a_call_is_a_request_error_and_the_model_stays_usable(engine):
     chat = ChatVLLM(temperature=0, max_tokens=16)
-    with pytest.raises(RequestError):
-        chat.invoke([HumanMessage("1+2?"), ToolMessage("3", tool_call_id="a")])
+    with pytest.raises(RequestError, match="image_url"):
+        chat.invoke([HumanMessage([{"type": "image_url", "image_url": {"url": "data:,"}}])])
     assert "Paris" in chat.invoke(FRANCE).content
 
 

@@ -1,7 +1,8 @@
 """LangChain's own standard test suites for ``ChatVLLM``, against the demo model.
 
-What the model cannot do is declared through the suites' capability flags: no tool calling, no
-image, audio or PDF input, no per-call model override (one engine per kernel).
+Tool calling is on, with ``tool_choice="any"`` forcing calls (decoding held to the tools' schemas,
+which a 135M model needs). What the model cannot do is declared through the suites' capability
+flags: no image, audio or PDF input, no per-call model override (one engine per kernel).
 """
 
 from __future__ import annotations
@@ -31,11 +32,15 @@ class _ChatVLLMCapabilities:
 
     @property
     def has_tool_calling(self) -> bool:
-        return False
+        return True
 
     @property
     def has_tool_choice(self) -> bool:
-        return False
+        return True
+
+    @property
+    def tool_choice_value(self) -> str | None:
+        return "any"
 
     @property
     def has_structured_output(self) -> bool:
@@ -99,3 +104,14 @@ class TestChatVLLMIntegration(_ChatVLLMCapabilities, ChatModelIntegrationTests):
     def chat_model_params(self) -> dict[str, Any]:
         # Greedy, and room for whole JSON answers from a 135M model (the unit suite sets its own).
         return {**super().chat_model_params, "max_tokens": 256}
+
+    @pytest.mark.xfail(reason="with tool_choice 'auto' the 135M demo model answers in text instead of choosing "
+                              "to call the tool (forced calls are tested by test_tool_calling)", strict=False)
+    def test_agent_loop(self, model: Any) -> None:
+        super().test_agent_loop(model)
+
+    @pytest.mark.xfail(reason="the 135M demo model's forced call repeats the Chinese name in an unending string "
+                              "until max_tokens, leaving an invalid tool call", strict=False)
+    def test_unicode_tool_call_integration(self, model: Any, *, tool_choice: str | None = None,
+                                           force_tool_call: bool = True) -> None:
+        super().test_unicode_tool_call_integration(model, tool_choice=tool_choice, force_tool_call=force_tool_call)

@@ -14,7 +14,7 @@ import abc
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import SleepError
+from ..errors import ConfigError, SleepError
 from .config import EngineConfig
 from .handles import RequestHandle
 from .prompts import Prepared, PromptLike
@@ -100,8 +100,15 @@ class Backend(abc.ABC):
         """A ready vLLM ``SamplingParams``, in this engine's form (streaming deltas)."""
 
     @abc.abstractmethod
-    def prepare(self, items: list[PromptLike], raw: bool, system: str) -> list[Prepared]:
-        """Each prompt's text and token ids (chat template applied unless ``raw``)."""
+    def prepare(self, items: list[PromptLike], raw: bool, system: str,
+                template: dict[str, Any] | None = None) -> list[Prepared]:
+        """Each prompt's text and token ids (chat template applied unless ``raw``); ``template``
+        holds further arguments of the chat template (``tools``, ``enable_thinking``, ...)."""
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer in this process (vLLM's reasoning and tool parsers read it)."""
+        raise ConfigError(f"the {type(self).__name__} has no tokenizer of its model in this process")
 
     @abc.abstractmethod
     def fit(self, params: Any, prompt_tokens: int) -> Any:

@@ -43,6 +43,10 @@ __all__ = [
     "sleep_engine",
     "wake_engine",
     "reload_weights",
+    "reasoning_parser_class",
+    "tool_parser_class",
+    "chat_request",
+    "has_thinking_budget",
 ]
 
 
@@ -142,3 +146,55 @@ def interrupts_reach_engine_start() -> Iterator[None]:
         yield
     finally:
         engine_utils.zmq_socket_ctx = original
+
+
+def reasoning_parser_class(name: str) -> Any:
+    """vLLM's reasoning parser class registered as ``name`` (``--reasoning-parser``).
+
+    Raises ``KeyError`` naming the registered parsers for an unknown name.
+    """
+    from vllm.reasoning import ReasoningParserManager
+
+    try:
+        return ReasoningParserManager.get_reasoning_parser(name)
+    except KeyError:
+        raise KeyError(", ".join(sorted(_registered(ReasoningParserManager, "reasoning_parsers")))) from None
+
+
+def tool_parser_class(name: str) -> Any:
+    """vLLM's tool parser class registered as ``name`` (``--tool-call-parser``); it moved from
+    ``vllm.entrypoints.openai.tool_parsers`` to ``vllm.tool_parsers``."""
+    try:
+        from vllm.tool_parsers import ToolParserManager
+    except ImportError:  # pragma: no cover - the older layout
+        from vllm.entrypoints.openai.tool_parsers import ToolParserManager  # type: ignore[no-redef]
+    try:
+        return ToolParserManager.get_tool_parser(name)
+    except KeyError:
+        raise KeyError(", ".join(sorted(_registered(ToolParserManager, "tool_parsers")))) from None
+
+
+def _registered(manager: Any, attribute: str) -> list[str]:
+    if hasattr(manager, "list_registered"):
+        return list(manager.list_registered())
+    return list(getattr(manager, attribute, {}))  # pragma: no cover - before list_registered
+
+
+def chat_request(tools: list[dict[str, Any]] | None) -> Any:
+    """A ``ChatCompletionRequest`` carrying ``tools``, as vLLM's parsers take one."""
+    try:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    except ImportError:  # pragma: no cover - before the protocol was split up
+        from vllm.entrypoints.openai.protocol import ChatCompletionRequest  # type: ignore[no-redef]
+    return ChatCompletionRequest(messages=[{"role": "user", "content": ""}], model="",
+                                 tools=tools or None, tool_choice="auto" if tools else "none")
+
+
+def has_thinking_budget() -> bool:
+    """Whether this vLLM's ``SamplingParams`` takes ``thinking_token_budget`` (newer than 0.26)."""
+    fields = getattr(SamplingParams, "__struct_fields__", None)  # a msgspec struct
+    if fields is None:
+        import inspect
+
+        fields = inspect.signature(SamplingParams).parameters
+    return "thinking_token_budget" in fields

@@ -32,6 +32,8 @@ class Completion:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    #: The model's thinking, apart from ``text`` (with a reasoning parser; "" otherwise).
+    reasoning: str = ""
 
 
 @dataclass
@@ -60,6 +62,12 @@ class GenerationResult:
     @property
     def token_ids(self) -> list[int]:
         return self.completions[0].token_ids if self.completions else []
+
+    @property
+    def reasoning(self) -> str:
+        """The first completion's thinking, kept apart from :attr:`text` by the session's
+        reasoning parser ("" without one, or when the model did not think)."""
+        return self.completions[0].reasoning if self.completions else ""
 
     @property
     def finish_reason(self) -> str | None:
@@ -110,7 +118,7 @@ class RequestHandle:
 
     def __init__(self, request_id: str, prompt: Any, prompt_token_ids: list[int], n: int,
                  abort: Callable[[str], None], parse: Callable[[str], Any] | None = None,
-                 sampling_params: Any = None) -> None:
+                 sampling_params: Any = None, splitter: Any = None) -> None:
         self.request_id = request_id
         #: The ``SamplingParams`` the engine runs this request with.
         self.sampling_params = sampling_params
@@ -118,7 +126,10 @@ class RequestHandle:
         self.prompt_token_ids = list(prompt_token_ids)
         self.submitted_at = time.perf_counter()
         self._completions = [Completion(index=i) for i in range(n)]
-        self._deltas: list[tuple[int, str]] = []  # (completion index, text) in arrival order
+        # (completion index, text, whether it is reasoning) in arrival order
+        self._deltas: list[tuple[int, str, bool]] = []
+        #: Splits reasoning from the answer (:class:`~vllm_magic.engine.reasoning.ReasoningSplitter`).
+        self._splitter = splitter
         self._first_token_at: float | None = None
         self._finished_at: float | None = None
         self._aborted = False
@@ -142,12 +153,19 @@ class RequestHandle:
             if completion is None:
                 completion = Completion(index=index)
                 self._completions.append(completion)
+            if self._splitter is not None:
+                reasoning, text = self._splitter.feed(index, text, token_ids)
+                if reasoning:
+                    completion.reasoning += reasoning
+                    self._deltas.append((index, reasoning, True))
             completion.text += text
             completion.token_ids.extend(token_ids)
             if finish_reason is not None:
                 completion.finish_reason = finish_reason
+                if self._splitter is not None:  # the parser's split of the whole answer is the final word
+                    completion.reasoning, completion.text = self._splitter.settle(index)
             if text:
-                self._deltas.append((index, text))
+                self._deltas.append((index, text, False))
         self._notify()
 
     def _finish(self, *, aborted: bool = False, error: BaseException | None = None,
@@ -242,7 +260,15 @@ class RequestHandle:
         return self._wait_for(after, timeout)
 
     def iter_deltas(self, timeout: float | None = None) -> Iterator[tuple[int, str]]:
-        """Yield ``(completion_index, text)`` deltas as they arrive, until the request ends."""
+        """Yield ``(completion_index, text)`` deltas of the answers as they arrive, until the
+        request ends (reasoning apart: :meth:`iter_parts`)."""
+        for index, text, reasoning in self.iter_parts(timeout):
+            if not reasoning:
+                yield index, text
+
+    def iter_parts(self, timeout: float | None = None) -> Iterator[tuple[int, str, bool]]:
+        """Yield ``(completion_index, text, is_reasoning)`` deltas as they arrive: the answers and,
+        with a reasoning parser, the thinking before them."""
         cursor = 0
         while True:
             if not self._wait_for(cursor, timeout):
@@ -281,7 +307,8 @@ class RequestHandle:
         with self._cond:
             end = self._finished_at or time.perf_counter()
             ttft = None if self._first_token_at is None else self._first_token_at - self.submitted_at
-            completions = [Completion(c.index, c.text, list(c.token_ids), c.finish_reason) for c in self._completions]
+            completions = [Completion(c.index, c.text, list(c.token_ids), c.finish_reason, c.reasoning)
+                           for c in self._completions]
             result = GenerationResult(
                 request_id=self.request_id, prompt=prompt, prompt_token_ids=list(self.prompt_token_ids),
                 completions=completions, ttft=ttft, elapsed=end - self.submitted_at, aborted=self._aborted,
@@ -313,7 +340,13 @@ class RequestHandle:
                 raise
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        """``async for delta in handle``: text deltas of the first completion."""
+        """``async for delta in handle``: text deltas of the first completion's answer."""
+        async for text, reasoning in self.aiter_parts():
+            if not reasoning:
+                yield text
+
+    async def aiter_parts(self) -> AsyncIterator[tuple[str, bool]]:
+        """``(text, is_reasoning)`` deltas of the first completion, as :meth:`iter_parts`."""
         cursor = 0
         while True:
             await self._async_wait(cursor)
@@ -321,9 +354,9 @@ class RequestHandle:
                 fresh = self._deltas[cursor:]
                 cursor = len(self._deltas)
                 finished = self._finished_at is not None
-            for index, text in fresh:
+            for index, text, reasoning in fresh:
                 if index == 0:
-                    yield text
+                    yield text, reasoning
             if finished and cursor == len(self._deltas):
                 self._raise_error()
                 return

@@ -149,8 +149,13 @@ class LocalBackend(Backend):
         sampling.output_kind = RequestOutputKind.DELTA
         return sampling
 
-    def prepare(self, items: list[PromptLike], raw: bool, system: str) -> list[Prepared]:
-        return self.renderer.prepare(items, raw, system)
+    def prepare(self, items: list[PromptLike], raw: bool, system: str,
+                template: dict[str, Any] | None = None) -> list[Prepared]:
+        return self.renderer.prepare(items, raw, system, template)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.renderer.tokenizer
 
     def fit(self, params: Any, prompt_tokens: int) -> Any:
         return self.renderer.fit(params, prompt_tokens)

@@ -60,9 +60,10 @@ class PromptRenderer:
         self.max_model_len = max_model_len
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
 
-    def prepare(self, items: list[PromptLike], raw: bool, system: str) -> list[Prepared]:
+    def prepare(self, items: list[PromptLike], raw: bool, system: str,
+                template: dict[str, Any] | None = None) -> list[Prepared]:
         """Every prompt's text and token ids; raises :class:`PromptTooLongError` when one cannot
-        leave room for a single answer token."""
+        leave room for a single answer token. ``template``: further chat template arguments."""
         texts: list[str | None] = [None] * len(items)
         special = [True] * len(items)  # whether encoding adds the model's special tokens
         chats: list[tuple[int, list[Message]]] = []
@@ -77,7 +78,7 @@ class PromptRenderer:
             else:  # a base model without a template: the contents as plain text
                 texts[i] = "\n\n".join(m["content"] for m in messages)
         if chats:
-            for (i, _), text in zip(chats, self._render_chats([m for _, m in chats])):
+            for (i, _), text in zip(chats, self._render_chats([m for _, m in chats], template or {})):
                 texts[i] = text
         token_lists: list[list[int]] = [[] for _ in items]
         for flag in (True, False):
@@ -110,13 +111,19 @@ class PromptRenderer:
             return False
         return isinstance(self.tokenizer, PreTrainedTokenizerBase)
 
-    def _render_chats(self, conversations: list[list[Message]]) -> list[str]:
+    def _render_chats(self, conversations: list[list[Message]], template: dict[str, Any]) -> list[str]:
+        if template or any(m.get("tool_calls") for c in conversations for m in c):
+            from .tool_calls import template_messages
+
+            conversations = [template_messages(c) for c in conversations]
+
         def one(messages: list[Message]) -> str:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template)
 
         if len(conversations) > 1 and self._batched():
             try:
-                rendered = self.tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
+                rendered = self.tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True,
+                                                              **template)
             except Exception:  # noqa: BLE001 - one by one below reports the failing conversation's error
                 rendered = None
             if isinstance(rendered, list) and len(rendered) == len(conversations) and all(

@@ -216,8 +216,28 @@ class RemoteBackend(Backend):
         except BaseException:
             loop.close()
             raise
-        return cls(url, api_key, name, int(max_model_len or 0) or 1 << 30, version, on_finished, loop,
-                   time.perf_counter() - t0)
+        backend = cls(url, api_key, name, int(max_model_len or 0) or 1 << 30, version, on_finished, loop,
+                      time.perf_counter() - t0)
+        backend.root = str(entry.get("root") or name)  # where the server loaded the model from
+        return backend
+
+    @property
+    def tokenizer(self) -> Any:
+        """The served model's tokenizer, loaded here from where the server loaded the model (a
+        directory this machine shares, or a Hub id) when vLLM's parsers need it."""
+        tokenizer = self.__dict__.get("_tokenizer")
+        if tokenizer is None:
+            try:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(getattr(self, "root", self.config.model))
+            except Exception as exc:  # noqa: BLE001 - no transformers, no access to the model's files
+                raise RequestError(
+                    f"vLLM's reasoning and tool call parsers read the model's tokenizer, and it could not be "
+                    f"loaded here from {getattr(self, 'root', self.config.model)!r} "
+                    f"({' '.join(str(exc).split())[:160]})") from None
+            self._tokenizer = tokenizer
+        return tokenizer
 
     def same_server(self, url: str, api_key: str | None, model: str | None) -> bool:
         """Whether this backend is attached to ``url`` with ``api_key`` and serves ``model`` (None: any)."""
@@ -235,9 +255,10 @@ class RemoteBackend(Backend):
     def given_params(self, sampling: Any) -> RemoteParams:
         return RemoteParams.from_sampling_params(sampling)
 
-    def prepare(self, items: list[PromptLike], raw: bool, system: str) -> list[Prepared]:
+    def prepare(self, items: list[PromptLike], raw: bool, system: str,
+                template: dict[str, Any] | None = None) -> list[Prepared]:
         async def all_of() -> list[Prepared]:
-            return list(await asyncio.gather(*(self._prepare_one(item, raw, system) for item in items)))
+            return list(await asyncio.gather(*(self._prepare_one(item, raw, system, template) for item in items)))
 
         prepared = self._loop.run(all_of())
         for item in prepared:
@@ -248,13 +269,18 @@ class RemoteBackend(Backend):
                     "--max-model-len")
         return prepared
 
-    async def _prepare_one(self, item: PromptLike, raw: bool, system: str) -> Prepared:
+    async def _prepare_one(self, item: PromptLike, raw: bool, system: str,
+                           template: dict[str, Any] | None = None) -> Prepared:
         if isinstance(item, str) and raw:
             tokens = await self._tokenize({"prompt": item})
             return Prepared(item, tokens)
         messages = conversation_of(item, system)
         try:
-            tokens = await self._tokenize({"messages": messages, "add_generation_prompt": True})
+            template = dict(template or {})
+            extra = {"tools": template.pop("tools")} if template.get("tools") else {}
+            if template:
+                extra["chat_template_kwargs"] = template
+            tokens = await self._tokenize({"messages": messages, "add_generation_prompt": True, **extra})
         except RequestError as exc:
             if "chat template" not in str(exc):
                 raise

@@ -78,6 +78,8 @@ PER_CALL_FIELDS: dict[str, tuple[type, str]] = {
     "n": (int, "Number of answers to sample for each prompt."),
     "ignore_eos": (bool, "Keep generating after the end-of-sequence token (benchmarks)."),
     "logprobs": (int, "Number of log probabilities vLLM returns per output token."),
+    "thinking_token_budget": (int, "Most tokens a reasoning model may think for (vLLM's thinking budget; the "
+                              "engine needs vLLM's reasoning config)."),
 }
 #: Every ``SamplingParams`` option a call may override.
 SAMPLING_FIELDS = _declared(SamplingTraits, sampling=True) + tuple(PER_CALL_FIELDS)

@@ -29,7 +29,9 @@ from .handles import GenerationResult, RequestHandle
 from .listeners import Listeners
 from .log import EngineLog, quiet_vllm_environment
 from .prompts import PromptLike, as_prompt_list
+from .reasoning import Parsers, ReasoningSplitter
 from .sampling import SamplingDefaults
+from .tool_calls import prepare_prompts
 
 __all__ = [
     "EngineSession", "get_session", "LoadInfo", "SessionStatus", "UnloadReport", "NoEngineError",
@@ -173,6 +175,9 @@ class EngineSession:
         self.listeners = Listeners(report=lambda text: self.log.mark(text))
         #: The vLLM server this kernel started (``%vllm_serve``), or None.
         self.server: Any = None
+        #: vLLM's reasoning and tool call parsers for this session's answers (``%vllm_load ...
+        #: --reasoning-parser NAME --tool-call-parser NAME``); they never restart the engine.
+        self.parsers = Parsers()
 
     # ----- lifecycle -----------------------------------------------------------------------------
     @property
@@ -500,8 +505,8 @@ class EngineSession:
     # ----- requests ------------------------------------------------------------------------------
     def submit(self, prompts: PromptLike | Sequence[PromptLike], sampling: Any = None, *,
                raw: bool | None = None, system: str | None = None, json_schema: Any = None,
-               regex: str | None = None, choice: list[str] | None = None,
-               **overrides: Any) -> list[RequestHandle]:
+               regex: str | None = None, choice: list[str] | None = None, tools: list[dict] | None = None,
+               chat_template_kwargs: dict[str, Any] | None = None, **overrides: Any) -> list[RequestHandle]:
         """Submit one or many prompts together; returns one handle per prompt.
 
         ``prompts`` is a string, a conversation (a list of ``{"role", "content"}`` dicts), or a list
@@ -510,6 +515,9 @@ class EngineSession:
         ``overrides`` are sampling options (``temperature=0``, ``max_tokens=5``, ``n=2``, ...) over
         the session's defaults; ``json_schema``, ``regex`` or ``choice`` constrain the answer.
         ``sampling`` is a ready ``SamplingParams`` used as given, instead of defaults and overrides.
+        ``tools`` (OpenAI tool dicts) and ``chat_template_kwargs`` (``enable_thinking``, ...) go to
+        the chat template (:mod:`.tool_calls` says how tools reach a template that ignores them).
+        With a reasoning parser (:attr:`parsers`), each answer's thinking is kept apart.
         """
         backend = self._require()
         items = as_prompt_list(prompts)
@@ -524,10 +532,11 @@ class EngineSession:
             sampling = backend.given_params(sampling)
         parse = json.loads if json_schema is not None else None
         requests = []
-        for prompt in backend.prepare(items, raw, system):
+        for prompt in prepare_prompts(backend, items, raw, system, tools, chat_template_kwargs):
             params = backend.fit(sampling, len(prompt.token_ids))
+            splitter = ReasoningSplitter(self.parsers.reasoning, backend.tokenizer) if self.parsers.reasoning else None
             handle = RequestHandle(f"vm-{next(self._ids)}", prompt.text, prompt.token_ids, params.n,
-                                   self._abort_one, parse, sampling_params=params)
+                                   self._abort_one, parse, sampling_params=params, splitter=splitter)
             requests.append((handle, prompt, params))
         if backend.asleep is not None:  # a request to a sleeping engine wakes it: nobody asks to be told to
             with self._lock:

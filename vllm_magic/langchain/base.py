@@ -25,7 +25,7 @@ from ..engine.session import EngineSession, get_session
 from ..errors import NoEngineError, RequestError
 
 __all__ = ["EngineBase", "SamplingFields", "engine_request", "without_needless_fetch_args", "call_overrides",
-           "usage_counts", "CALL_OPTIONS", "wait_all", "await_all", "deltas", "adeltas"]
+           "usage_counts", "CALL_OPTIONS", "wait_all", "await_all", "parts", "aparts"]
 
 #: Names under which the demo model can be asked for (besides ``None``).
 DEMO_MODEL_ALIASES = frozenset({DEMO_MODEL_NAME, f"HuggingFaceTB/{DEMO_MODEL_NAME}"})
@@ -183,37 +183,46 @@ class EngineBase(SamplingFields):  # type: ignore[misc, valid-type]
         """One streamed chunk; the last one (empty) reports the finished request."""
         raise NotImplementedError
 
-    def _stream_handle(self, handle: RequestHandle, run_manager: Any) -> Iterator[Any]:
+    def _delta_chunks(self, text: str, reasoning: bool, handle: RequestHandle, reader: Any) -> list[Any]:
+        """The chunks of one delta (``reasoning``: of the model's thinking); ``reader`` is what
+        the subclass passed to :meth:`_stream_handle`. By default: the answer's text, one chunk."""
+        return [] if reasoning else [self._chunk(text, handle, last=False)]
+
+    def _last_chunks(self, handle: RequestHandle, reader: Any) -> list[Any]:
+        """The chunks after the last delta: the (empty) one that reports the finished request."""
+        return [self._chunk("", handle, last=True)]
+
+    def _stream_handle(self, handle: RequestHandle, run_manager: Any, reader: Any = None) -> Iterator[Any]:
         """Chunks of ``handle`` as they arrive, reported to ``run_manager`` before each is yielded."""
         try:
             # Each delta goes out as soon as it arrives; usage and finish reason follow on a final
             # empty chunk (holding a delta back to mark it last would cost one decode step).
-            for text in deltas(handle, self.timeout):
-                chunk = self._chunk(text, handle, last=False)
-                if run_manager:
-                    run_manager.on_llm_new_token(text, chunk=chunk)
-                yield chunk
+            for text, reasoning in parts(handle, self.timeout):
+                for chunk in self._delta_chunks(text, reasoning, handle, reader):
+                    if run_manager:
+                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
             handle.result()
-            chunk = self._chunk("", handle, last=True)
-            if run_manager:
-                run_manager.on_llm_new_token("", chunk=chunk)
-            yield chunk
+            for chunk in self._last_chunks(handle, reader):
+                if run_manager:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
         finally:
             handle.abort()  # a consumer that stops early frees the engine (no-op once finished)
 
-    async def _astream_handle(self, handle: RequestHandle, run_manager: Any) -> AsyncIterator[Any]:
+    async def _astream_handle(self, handle: RequestHandle, run_manager: Any, reader: Any = None) -> AsyncIterator[Any]:
         """The async :meth:`_stream_handle`."""
         try:
-            async for text in adeltas(handle, self.timeout):
-                chunk = self._chunk(text, handle, last=False)
-                if run_manager:
-                    await run_manager.on_llm_new_token(text, chunk=chunk)
-                yield chunk
+            async for text, reasoning in aparts(handle, self.timeout):
+                for chunk in self._delta_chunks(text, reasoning, handle, reader):
+                    if run_manager:
+                        await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
             await handle
-            chunk = self._chunk("", handle, last=True)
-            if run_manager:
-                await run_manager.on_llm_new_token("", chunk=chunk)
-            yield chunk
+            for chunk in self._last_chunks(handle, reader):
+                if run_manager:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
         finally:
             handle.abort()
 
@@ -319,15 +328,16 @@ async def await_all(handles: list[RequestHandle], timeout: float | None) -> list
         raise
 
 
-def deltas(handle: RequestHandle, timeout: float | None) -> Iterator[str]:
-    """Text deltas of the first answer; ``timeout`` bounds the wait for each one."""
-    for index, text in handle.iter_deltas(timeout=timeout):
+def parts(handle: RequestHandle, timeout: float | None) -> Iterator[tuple[str, bool]]:
+    """``(text, is_reasoning)`` deltas of the first answer; ``timeout`` bounds the wait for each one."""
+    for index, text, reasoning in handle.iter_parts(timeout=timeout):
         if index == 0:
-            yield text
+            yield text, reasoning
 
 
-async def adeltas(handle: RequestHandle, timeout: float | None) -> AsyncIterator[str]:
-    iterator = handle.__aiter__()
+async def aparts(handle: RequestHandle, timeout: float | None) -> AsyncIterator[tuple[str, bool]]:
+    """The async :func:`parts`."""
+    iterator = handle.aiter_parts()
     while True:
         try:
             text = await asyncio.wait_for(iterator.__anext__(), timeout)

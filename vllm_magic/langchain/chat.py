@@ -2,8 +2,11 @@
 
 Messages become the conversation the session renders with the model's chat template; answers
 stream as ``AIMessageChunk``s; ``with_structured_output`` constrains decoding with vLLM's
-structured outputs (a JSON schema), so the answer always parses. The model has no tool calling:
-tool messages and non-text content are refused with a clear error.
+structured outputs (a JSON schema), so the answer always parses. ``bind_tools`` binds tools
+(:mod:`.tools`); tool calls come back in ``AIMessage.tool_calls``, and AI messages with calls and
+``ToolMessage``s go back to the model through its chat template. With a reasoning parser on the
+session, the model's thinking is in ``additional_kwargs["reasoning_content"]``. Non-text content
+(images, audio) is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from typing import Any, AsyncIterator, Iterator, Literal, Sequence
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, ToolMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
 from langchain_core.runnables.config import get_config_list
@@ -30,6 +34,7 @@ from pydantic import BaseModel
 from ..engine.handles import GenerationResult, RequestHandle
 from ..errors import RequestError
 from .base import EngineBase, await_all, wait_all
+from .tools import StreamReader, ToolRequest, openai_tools
 
 __all__ = ["ChatVLLM", "messages_to_conversation", "usage_metadata"]
 
@@ -80,12 +85,20 @@ class ChatVLLM(EngineBase, BaseChatModel):
 
     # ----- shared by the sync and async paths ----------------------------------------------------
     def _submit_messages(self, messages: list[BaseMessage], stop: list[str] | None,
-                         kwargs: dict[str, Any]) -> RequestHandle:
+                         kwargs: dict[str, Any]) -> tuple[RequestHandle, ToolRequest | None]:
+        """Submit one conversation (or take its prefetched request); also returns the call's tools."""
         conversation = messages_to_conversation(messages)
+        kwargs, tools = self._tool_request(kwargs)
         prefetched = _PREFETCHED.get()
         if prefetched and prefetched.get(self._key(conversation)):
-            return prefetched[self._key(conversation)].pop(0)
-        return self._submit([conversation], stop, _without_raw(kwargs))[0]
+            return prefetched[self._key(conversation)].pop(0), tools
+        return self._submit([conversation], stop, kwargs, **(tools.submit_options() if tools else {}))[0], tools
+
+    def _tool_request(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], ToolRequest | None]:
+        """The call's arguments without ``raw`` (a conversation always goes through the chat
+        template) and without its tools, and the tools as a :class:`ToolRequest`."""
+        kwargs = _without_raw(kwargs)
+        return kwargs, ToolRequest.from_call(kwargs, self._live_session())
 
     def _key(self, conversation: list[dict[str, str]]) -> str:
         # The object is part of the key: a model called from a callback must not take this batch's requests.
@@ -95,7 +108,8 @@ class ChatVLLM(EngineBase, BaseChatModel):
                   kwargs: dict[str, Any]) -> dict[str, list[RequestHandle]]:
         """Submit every conversation of a batch at once, so the engine schedules them together."""
         conversations = [messages_to_conversation(m) for m in messages]
-        handles = self._submit(conversations, stop, _without_raw(kwargs))
+        kwargs, tools = self._tool_request(kwargs)
+        handles = self._submit(conversations, stop, kwargs, **(tools.submit_options() if tools else {}))
         prefetched: dict[str, list[RequestHandle]] = {}
         for conversation, handle in zip(conversations, handles):
             prefetched.setdefault(self._key(conversation), []).append(handle)
@@ -175,14 +189,16 @@ class ChatVLLM(EngineBase, BaseChatModel):
                 return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
         return [g[0].message for g in (await self.agenerate(**call)).generations]
 
-    def _chat_result(self, result: GenerationResult) -> ChatResult:
+    def _chat_result(self, result: GenerationResult, tools: ToolRequest | None) -> ChatResult:
         usage = usage_metadata(result)
-        generations = [
-            ChatGeneration(
-                message=AIMessage(content=c.text, usage_metadata=usage if c.index == 0 else None,
-                                  response_metadata={"model_name": self.model_name, "finish_reason": c.finish_reason}),
-                generation_info={"finish_reason": c.finish_reason})
-            for c in result.completions]
+        generations = []
+        for c in result.completions:
+            content, calls, invalid = tools.read(c.text) if tools is not None else (c.text, [], [])
+            message = AIMessage(content=content, tool_calls=calls, invalid_tool_calls=invalid,
+                                additional_kwargs={"reasoning_content": c.reasoning} if c.reasoning else {},
+                                usage_metadata=usage if c.index == 0 else None,
+                                response_metadata={"model_name": self.model_name, "finish_reason": c.finish_reason})
+            generations.append(ChatGeneration(message=message, generation_info={"finish_reason": c.finish_reason}))
         return ChatResult(generations=generations, llm_output={
             "model_name": self.model_name, "token_usage": {
                 "prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"],
@@ -199,25 +215,71 @@ class ChatVLLM(EngineBase, BaseChatModel):
                                                     "finish_reason": result.finish_reason})
         return ChatGenerationChunk(message=message, generation_info={"finish_reason": result.finish_reason})
 
+    def _delta_chunks(self, text: str, reasoning: bool, handle: RequestHandle,
+                      reader: StreamReader | None) -> list[ChatGenerationChunk]:
+        if reasoning:  # the model's thinking, streamed as it arrives
+            return [ChatGenerationChunk(message=AIMessageChunk(content="", additional_kwargs={"reasoning_content": text}))]
+        if reader is None:
+            return [self._chunk(text, handle, last=False)]
+        content, calls = reader.feed(text)
+        return [ChatGenerationChunk(message=AIMessageChunk(content=content, tool_call_chunks=calls))] \
+            if content or calls else []
+
+    def _last_chunks(self, handle: RequestHandle, reader: StreamReader | None) -> list[ChatGenerationChunk]:
+        chunks = []
+        if reader is not None:
+            content, calls = reader.finish()
+            if content or calls:
+                chunks.append(ChatGenerationChunk(message=AIMessageChunk(content=content, tool_call_chunks=calls)))
+        return chunks + [self._chunk("", handle, last=True)]
+
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        handle = self._submit_messages(messages, stop, kwargs)
-        return self._chat_result(wait_all([handle], self.timeout)[0])
+        handle, tools = self._submit_messages(messages, stop, kwargs)
+        return self._chat_result(wait_all([handle], self.timeout)[0], tools)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        yield from self._stream_handle(self._submit_messages(messages, stop, kwargs), run_manager)
+        handle, tools = self._submit_messages(messages, stop, kwargs)
+        yield from self._stream_handle(handle, run_manager, tools.stream_reader() if tools else None)
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        handle = self._submit_messages(messages, stop, kwargs)
-        return self._chat_result((await await_all([handle], self.timeout))[0])
+        handle, tools = self._submit_messages(messages, stop, kwargs)
+        return self._chat_result((await await_all([handle], self.timeout))[0], tools)
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        async for chunk in self._astream_handle(self._submit_messages(messages, stop, kwargs), run_manager):
+        handle, tools = self._submit_messages(messages, stop, kwargs)
+        async for chunk in self._astream_handle(handle, run_manager, tools.stream_reader() if tools else None):
             yield chunk
+
+    # ----- tools ----------------------------------------------------------------------------------
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None,
+                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+        """A runnable whose calls offer ``tools`` (LangChain tools, pydantic classes, functions or
+        OpenAI tool dicts) to the model.
+
+        The tools reach the model through its chat template (``tools=``). A template that ignores
+        them (the demo model's) gets them in the system message instead, as JSON, with the
+        instruction to answer ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (the Hermes
+        format); earlier calls and ``ToolMessage`` results are written the same way.
+
+        ``tool_choice``:
+
+        * ``"any"``, ``"required"`` or ``True``: the model must call a tool; a tool's name (or
+          ``{"type": "function", "function": {"name": ...}}``): it must call that one. Decoding is
+          constrained to the tools' JSON schemas with vLLM's structured outputs, as vLLM's own
+          server does, so the call always parses and its arguments follow the schema (even from a
+          135M model). With one tool, "any" names it.
+        * ``"auto"`` (or None): the model decides. Its calls are read by vLLM's tool parser of the
+          session: load with ``%vllm_load MODEL --tool-call-parser NAME`` (``hermes`` reads the
+          format above; ``session.parsers`` from Python). Without a parser the answer stays text.
+          With a parser, a streamed answer arrives whole at its end (the parser reads complete text).
+        * ``"none"``: the tools are shown, no call is made or read.
+        """
+        return self.bind(tools=openai_tools(tools), tool_choice=tool_choice, **kwargs)
 
     # ----- structured output --------------------------------------------------------------------
     def with_structured_output(
@@ -228,9 +290,10 @@ class ChatVLLM(EngineBase, BaseChatModel):
         """A runnable whose answers follow ``schema`` (a pydantic class, a TypedDict, or a JSON schema).
 
         Decoding is constrained by vLLM's structured outputs, so the answer always parses (unless it
-        is cut off by ``max_tokens``). A pydantic class gives instances, anything else dicts. Every
-        ``method`` uses the schema the same way (there is no tool calling); ``json_mode`` without a
-        schema asks for any JSON object. ``strict`` is accepted for compatibility: the output is
+        is cut off by ``max_tokens``). A pydantic class gives instances, anything else dicts.
+        ``json_schema`` and ``json_mode`` constrain the answer's text (``json_mode`` without a schema
+        asks for any JSON object); ``function_calling`` binds the schema as a tool and forces a call
+        to it (``bind_tools(..., tool_choice=name)``), reading the call's arguments. ``strict`` is accepted for compatibility: the output is
         always held to the schema. ``include_raw=True`` returns ``{"raw", "parsed", "parsing_error"}``.
         """
         if kwargs:
@@ -240,18 +303,30 @@ class ChatVLLM(EngineBase, BaseChatModel):
         if schema is None and method != "json_mode":
             raise ValueError(f"schema must be given for method={method!r}")
         json_schema = structured_output_schema(schema)
-        bound = self.bind(json_schema=json_schema, ls_structured_output_format={
-            "kwargs": {"method": method, "strict": strict},
-            "schema": schema if schema is not None else json_schema})
+        output_format = {"kwargs": {"method": method, "strict": strict},
+                         "schema": schema if schema is not None else json_schema}
+        if method == "function_calling":
+            tool = openai_tools([schema])[0]
+            name = tool["function"]["name"]
+            bound = self.bind_tools([tool], tool_choice=name, ls_structured_output_format=output_format)
+            if isinstance(schema, type) and is_basemodel_subclass(schema):
+                parser: Runnable = PydanticToolsParser(tools=[schema], first_tool_only=True)
+            else:
+                parser = JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            return _with_raw(bound, parser) if include_raw else bound | parser
+        bound = self.bind(json_schema=json_schema, ls_structured_output_format=output_format)
         if isinstance(schema, type) and is_basemodel_subclass(schema):
             parser: Runnable = PydanticOutputParser(pydantic_object=schema)
         else:
             parser = JsonOutputParser()
-        if not include_raw:
-            return bound | parser
-        parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
-        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
-        return RunnableMap(raw=bound) | parse.with_fallbacks([fallback], exception_key="parsing_error")
+        return _with_raw(bound, parser) if include_raw else bound | parser
+
+
+def _with_raw(bound: Runnable, parser: Runnable) -> Runnable:
+    """``{"raw", "parsed", "parsing_error"}``: the message, its parsed value, and why parsing failed."""
+    parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+    fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+    return RunnableMap(raw=bound) | parse.with_fallbacks([fallback], exception_key="parsing_error")
 
 
 def structured_output_schema(schema: dict[str, Any] | type | None) -> dict[str, Any]:
@@ -280,19 +355,27 @@ def _abort_unused(prefetched: dict[str, list[RequestHandle]]) -> None:
 def messages_to_conversation(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
     """LangChain messages -> the ``{"role", "content"}`` dicts the session's chat template takes.
 
-    System, human and AI messages (and ``ChatMessage`` with one of those roles) are supported; the
-    sender ``name`` is not part of the template and is dropped. Tool messages and non-text content
-    raise :class:`~vllm_magic.errors.RequestError`: the engine's model has no tool calling or image input here.
+    System, human, AI and tool messages (and ``ChatMessage`` with one of those roles) are
+    supported; an AI message's ``tool_calls`` and a ``ToolMessage`` become OpenAI's ``tool_calls``
+    and ``{"role": "tool", "tool_call_id"}`` message. The sender ``name`` is not part of the
+    template and is dropped. Non-text content raises :class:`~vllm_magic.errors.RequestError`.
     """
-    conversation = []
+    conversation: list[dict[str, Any]] = []
     for message in messages:
         role = message.role if isinstance(message, ChatMessage) else message.type
+        if isinstance(message, ToolMessage):
+            conversation.append({"role": "tool", "tool_call_id": message.tool_call_id, "content": _text_of(message),
+                                 **({"name": message.name} if message.name else {})})
+            continue
         if role not in _ROLES:
-            raise RequestError(f"ChatVLLM does not support {type(message).__name__} ({role!r} messages): "
-                             "it has no tool calling; use system, human and AI messages")
+            raise RequestError(f"ChatVLLM does not support {type(message).__name__} ({role!r} messages); "
+                               "use system, human, AI and tool messages")
+        turn: dict[str, Any] = {"role": _ROLES[role], "content": _text_of(message)}
         if isinstance(message, AIMessage) and message.tool_calls:
-            raise RequestError("ChatVLLM does not support tool calls in AI messages: it has no tool calling")
-        conversation.append({"role": _ROLES[role], "content": _text_of(message)})
+            turn["tool_calls"] = [{"id": c.get("id") or f"call_{i}", "type": "function", "function": {
+                "name": c["name"], "arguments": json.dumps(c["args"], ensure_ascii=False)}}
+                for i, c in enumerate(message.tool_calls)]
+        conversation.append(turn)
     if not conversation:
         raise RequestError("ChatVLLM needs at least one message")
     return conversation
@@ -310,6 +393,8 @@ def _text_of(message: BaseMessage) -> str:
             parts.append(block.get("text", ""))
         elif isinstance(block, dict) and block.get("type") in ("thinking", "reasoning"):
             continue  # another model's reasoning is not part of this conversation
+        elif isinstance(block, dict) and block.get("type") in ("tool_use", "tool_call", "function_call"):
+            continue  # the message's tool_calls carry the calls
         else:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
             raise RequestError(f"ChatVLLM supports text content only, not {kind!r} blocks")

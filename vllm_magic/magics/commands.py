@@ -17,6 +17,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Enum, Float, Unicode, link
 
 from ..engine.config import parse_engine_flags
+from ..engine.reasoning import split_parser_flags
 from ..engine.server import parse_serve_flags
 from ..engine.sampling import DEFAULTS_FIELDS, SAMPLING_FIELDS, SamplingTraits, option_help, option_type
 from ..engine.session import EngineSession, get_session
@@ -36,7 +37,7 @@ _SERVE_FLAGS = {"--host": True, "--port": True, "--api-key": True, "--timeout": 
 # Short spellings of the most used sampling flags.
 _SHORT_FLAGS = {"temperature": "-t", "max_tokens": "-m", "n": "-n"}
 # Per-call options without a flag: benchmarks and code set them, a cell has no use for them.
-_NO_FLAG = ("ignore_eos", "logprobs")
+_NO_FLAG = ("ignore_eos", "logprobs", "thinking_token_budget")
 
 
 def _flag_for(name: str) -> Callable:
@@ -148,13 +149,25 @@ class VllmMagics(Magics, SamplingTraits):
             %vllm_load Qwen/Qwen2.5-7B-Instruct-AWQ --quantization awq --gpu-memory-utilization 0.8
             %vllm_load Qwen/Qwen2.5-7B-Instruct --keep
             %vllm_load --remote http://gpu-box:8000 --api-key $KEY
+            %vllm_load Qwen/Qwen3-0.6B --reasoning-parser qwen3 --tool-call-parser hermes
+
+        ``--reasoning-parser NAME`` and ``--tool-call-parser NAME`` (``vllm serve``'s spelling) pick
+        vLLM's parsers for this session's answers: thinking shows apart from the answer, and
+        ``ChatVLLM`` reads tool calls. They are applied here, to the generated text, and are not
+        engine flags: changing them never restarts the engine.
         """
         ours, model, engine_argv = _split_args(line, _LOAD_FLAGS, "%vllm_load")
         args = _parse(self.vllm_load, ours)
+        try:  # the session's parsers are not engine flags: choosing one never restarts the engine
+            parsers, engine_argv = split_parser_flags(engine_argv)
+            parsers.check()
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
         if args.remote:
             if args.keep:
                 raise UsageError("--keep keeps an engine of this kernel asleep; it does not go with --remote")
             self._attach(args, model, engine_argv)
+            self.session.parsers = parsers
             return
         if args.api_key:
             raise UsageError("--api-key goes with --remote URL (or %vllm_serve)")
@@ -173,6 +186,7 @@ class VllmMagics(Magics, SamplingTraits):
             raise UsageError("loading interrupted; no engine is loaded (run %vllm_load again)") from None
         finally:
             progress.close()
+        self.session.parsers = parsers
         self._loaded(info, args)
 
     def _loaded(self, info: Any, args: Any) -> None:
@@ -421,6 +435,12 @@ class VllmMagics(Magics, SamplingTraits):
               help="Answer as JSON of this schema: a dict or pydantic model name, or inline JSON.")
     @argument("--regex", metavar="PATTERN", help="Answer matching this regular expression.")
     @argument("--choice", metavar="A,B,C", help="Answer exactly one of these comma-separated choices.")
+    @argument("--think", dest="think", action="store_true", default=None,
+              help="Let a reasoning model think first (enable_thinking=True for its chat template).")
+    @argument("--no-think", dest="think", action="store_false",
+              help="Ask a reasoning model to answer without thinking (enable_thinking=False).")
+    @argument("--thinking-budget", type=int, metavar="N", help="Most tokens the model may think for "
+              "(vLLM's thinking token budget).")
     @argument("--format", choices=FORMATS, help="Render as markdown (default), text, code or json.")
     @argument("--quiet", action="store_true", help="Hide the stats line.")
     @argument("--show-prompt", action="store_true", help="Show the prompt as sent, after the chat template.")
@@ -457,10 +477,11 @@ class VllmMagics(Magics, SamplingTraits):
         items: list[Any] = prompts
         if args.cont:
             items = [self._conversation_with(prompts[0], args.system)]
+        thinking = self._thinking(args)
         try:
             if self.session.asleep is not None:  # the request would wake it: say so, it may take seconds
                 print(f"waking {self.session.config.short_name} (asleep, level {self.session.asleep.level})")
-            handles = self.session.submit(items, raw=args.raw, system=args.system, **structured,
+            handles = self.session.submit(items, raw=args.raw, system=args.system, **structured, **thinking,
                                           **_sampling_overrides(args))
         except EngineDiedError as exc:
             raise UsageError(_died(exc)) from None
@@ -485,6 +506,27 @@ class VllmMagics(Magics, SamplingTraits):
         if args.choice:
             return {"choice": parse_choices(args.choice)}, str
         return {}, None
+
+    def _thinking(self, args: Any) -> dict[str, Any]:
+        """``submit`` arguments of ``--think``/``--no-think`` and ``--thinking-budget``."""
+        options: dict[str, Any] = {}
+        if args.think is not None:
+            template = getattr(getattr(self.session.backend, "tokenizer", None), "chat_template", None) \
+                if self.session.backend is not None and self.session.backend.url is None else None
+            if isinstance(template, str) and "enable_thinking" not in template:
+                raise UsageError("--think/--no-think switch enable_thinking in the chat template, and this "
+                                 "model's template has no such switch")
+            options["chat_template_kwargs"] = {"enable_thinking": args.think}
+        if args.thinking_budget is not None:
+            from ..engine.compat import has_thinking_budget, vllm_version
+
+            if not has_thinking_budget():
+                raise UsageError(f"--thinking-budget needs vLLM's thinking token budget, which vLLM "
+                                 f"{vllm_version()} does not have")
+            if args.thinking_budget < 0:
+                raise UsageError("--thinking-budget needs a number of tokens, 0 or more")
+            options["thinking_token_budget"] = args.thinking_budget
+        return options
 
     def _conversation_with(self, prompt: str, system: str | None) -> list[dict[str, str]]:
         messages = [dict(m) for m in self.conversation]

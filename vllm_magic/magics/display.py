@@ -8,6 +8,7 @@ frontend that can update outputs (terminal IPython), text is printed as it arriv
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import sys
@@ -72,8 +73,9 @@ class LoadProgress:
 # ----- answers ------------------------------------------------------------------------------------
 
 def answer_bundle(text: str, format: str = "markdown", *, parsed: Any = None, label: str | None = None,
-                  streaming: bool = False) -> dict:
-    """The mime bundle of an answer in one of :data:`FORMATS`."""
+                  streaming: bool = False, reasoning: str = "") -> dict:
+    """The mime bundle of an answer in one of :data:`FORMATS`; the model's ``reasoning`` (with a
+    reasoning parser) goes above it in a collapsed block, apart from the answer."""
     plain = text
     if format == "json":
         value = parsed
@@ -99,6 +101,11 @@ def answer_bundle(text: str, format: str = "markdown", *, parsed: Any = None, la
         plain += " ▌"
         if markdown is not None and format == "markdown":
             markdown += " ▌"
+    if reasoning:
+        plain = f"Thinking: {reasoning.strip()}\n---\n{plain}"
+        if markdown is None:
+            markdown = f"```text\n{text}\n```"
+        markdown = thinking_block(reasoning, streaming and not text) + markdown
     if label:
         plain = f"{label}\n{plain}"
         if markdown is not None:
@@ -107,6 +114,13 @@ def answer_bundle(text: str, format: str = "markdown", *, parsed: Any = None, la
     if markdown is not None:
         bundle["text/markdown"] = markdown
     return bundle
+
+
+def thinking_block(reasoning: str, live: bool = False) -> str:
+    """Markdown (HTML ``<details>``) of the model's thinking, collapsed under a "Thinking" summary."""
+    summary = "Thinking…" if live else "Thinking"
+    body = html.escape(reasoning.strip())
+    return f"<details><summary>💭 {summary}</summary>\n\n<blockquote>{body}</blockquote>\n\n</details>\n\n"
 
 
 _FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
@@ -153,12 +167,13 @@ class AnswerStream:
         self._seen_deltas = deltas
         result = self.handle.snapshot()
         text = _joined(result)
-        if text == self._shown:
+        if text + result.reasoning == self._shown:
             return
-        self._shown = text
+        self._shown = text + result.reasoning
         self.updates += 1
         if self._line is not None:
-            self._line.update(answer_bundle(text, self.format, label=self.label, streaming=True))
+            self._line.update(answer_bundle(text, self.format, label=self.label, streaming=True,
+                                            reasoning=result.reasoning))
         elif self._echo:
             sys.stdout.write(text[self._echoed:])
             sys.stdout.flush()
@@ -176,7 +191,8 @@ class AnswerStream:
                 sys.stdout.write(stats + "\n")
             sys.stdout.flush()
             return
-        display(answer_bundle(text, self.format, parsed=parsed, label=self.label), raw=True)
+        display(answer_bundle(text, self.format, parsed=parsed, label=self.label, reasoning=result.reasoning),
+                raw=True)
         if stats:
             display({"text/plain": stats}, raw=True)
 

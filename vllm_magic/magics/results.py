@@ -20,7 +20,8 @@ class VllmResult:
     """One answer of a ``%%vllm`` cell.
 
     ``text`` is the answer (``str(result)`` too), ``parsed`` the structured value for ``--json``,
-    ``--regex`` and ``--choice`` (None otherwise), ``prompt`` the exact text sent to the model after
+    ``--regex`` and ``--choice`` (None otherwise), ``reasoning`` the model's thinking (with a
+    reasoning parser), ``prompt`` the exact text sent to the model after
     the chat template, ``user_prompt`` the cell's prompt after ``{name}`` interpolation,
     ``sampling_params`` the ``SamplingParams`` that reached the engine (``RemoteParams`` on a
     ``--remote`` session), ``generation`` the full
@@ -36,7 +37,9 @@ class VllmResult:
     messages: list[dict] = field(default_factory=list)
 
     # ----- the answer and its metrics, read from the generation ----------------------------------
-    text = _from_generation("text", "The answer (the first completion's text).")
+    text = _from_generation("text", "The answer (the first completion's text), without the model's thinking.")
+    reasoning = _from_generation("reasoning", "The model's thinking, kept apart from the answer by the session's "
+                                 "reasoning parser (%vllm_load ... --reasoning-parser NAME); \"\" without one.")
     prompt = _from_generation("prompt", "The exact text sent to the model, after the chat template.")
     token_ids = _from_generation("token_ids", "The answer's token ids.")
     finish_reason = _from_generation("finish_reason", "Why the answer ended: ``stop``, ``length`` or ``abort``.")

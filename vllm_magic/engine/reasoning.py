@@ -1,0 +1,131 @@
+"""Reasoning kept apart from the answer, and the session's parser choices.
+
+``%vllm_load MODEL --reasoning-parser NAME --tool-call-parser NAME`` (the ``vllm serve``
+spelling) picks vLLM's parsers for the session: :class:`Parsers`. They are not engine arguments
+here: the split is done on this side, on the generated text and token ids, so choosing or changing
+a parser never restarts an engine, and a ``--remote`` server's answers are split the same way.
+
+:class:`ReasoningSplitter` runs vLLM's reasoning parser over one request's deltas as they arrive
+(``extract_reasoning_streaming``), so thinking streams apart from the answer, and settles each
+finished answer with the parser's whole-text split (``extract_reasoning``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = ["Parsers", "ReasoningSplitter", "PARSER_FLAGS", "split_parser_flags"]
+
+#: ``vllm serve`` flags that name the session's parsers (flag -> Parsers field), and one that
+#: ``vllm serve`` needs beside them and that means nothing here.
+PARSER_FLAGS = {"--reasoning-parser": "reasoning", "--tool-call-parser": "tool_call"}
+_ACCEPTED_FLAGS = ("--enable-auto-tool-choice",)
+
+
+@dataclass(frozen=True)
+class Parsers:
+    """The session's vLLM parsers by name (None: none). ``reasoning`` splits thinking from the
+    answer; ``tool_call`` reads tool calls out of answers when the model may choose (``"auto"``)."""
+
+    reasoning: str | None = None
+    tool_call: str | None = None
+
+    def check(self) -> "Parsers":
+        """Raise :class:`ConfigError` naming vLLM's parsers when a name is not one of them."""
+        from .compat import reasoning_parser_class, tool_parser_class
+
+        for kind, name, lookup in (("reasoning", self.reasoning, reasoning_parser_class),
+                                   ("tool call", self.tool_call, tool_parser_class)):
+            if name is None:
+                continue
+            try:
+                lookup(name)
+            except KeyError as exc:
+                raise ConfigError(f"vLLM has no {kind} parser {name!r}; it has: {exc.args[0]}") from None
+        return self
+
+
+def split_parser_flags(argv: list[str]) -> tuple[Parsers, list[str]]:
+    """``(Parsers, the other flags)`` of a ``vllm serve``-style flag list."""
+    names: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag, _, value = argv[i].partition("=")
+        if flag in PARSER_FLAGS:
+            if not value:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                    raise ConfigError(f"{flag} needs a parser name")
+                value = argv[i + 1]
+                i += 1
+            names[PARSER_FLAGS[flag]] = value
+        elif argv[i] not in _ACCEPTED_FLAGS:
+            rest.append(argv[i])
+        i += 1
+    return Parsers(**names), rest
+
+
+class ReasoningSplitter:
+    """Splits one request's answers into reasoning and content with vLLM's parser ``name``.
+
+    One parser instance per answer (``n`` > 1 has several): vLLM's streaming parsers keep state.
+    """
+
+    def __init__(self, name: str, tokenizer: Any) -> None:
+        from .compat import reasoning_parser_class
+
+        self._cls = reasoning_parser_class(name)
+        self._tokenizer = tokenizer
+        self.name = name
+        self._states: dict[int, _State] = {}
+        self._parser(0)  # a parser that cannot work with this tokenizer says so at submit time
+
+    def _parser(self, index: int) -> "_State":
+        state = self._states.get(index)
+        if state is None:
+            try:
+                parser = self._cls(self._tokenizer)
+            except Exception as exc:  # noqa: BLE001 - vLLM's parsers check the tokenizer's vocabulary
+                raise ConfigError(f"vLLM's reasoning parser {self.name!r} does not work with this model: "
+                                  f"{' '.join(str(exc).split())[:200]}") from None
+            state = self._states[index] = _State(parser)
+        return state
+
+    def feed(self, index: int, text: str, token_ids: list[int]) -> tuple[str, str]:
+        """``(reasoning, content)`` of one delta of answer ``index``."""
+        state = self._parser(index)
+        previous_text, previous_ids = state.text, state.token_ids
+        state.text = previous_text + text
+        state.token_ids = previous_ids + list(token_ids)
+        try:
+            delta = state.parser.extract_reasoning_streaming(
+                previous_text, state.text, text, previous_ids, state.token_ids, list(token_ids))
+        except Exception:  # noqa: BLE001 - a parser failing mid-stream: the answer settles at the end
+            return "", ""
+        if delta is None:
+            return "", ""
+        reasoning = getattr(delta, "reasoning", None)
+        if reasoning is None:
+            reasoning = getattr(delta, "reasoning_content", None)  # vLLM before the rename
+        return reasoning or "", delta.content or ""
+
+    def settle(self, index: int) -> tuple[str, str]:
+        """``(reasoning, content)`` of the whole finished answer ``index``."""
+        state = self._parser(index)
+        parser = state.parser
+        split = getattr(parser, "extract_reasoning", None) or parser.extract_reasoning_content
+        reasoning, content = split(state.text, None)
+        return reasoning or "", content or ""
+
+
+@dataclass
+class _State:
+    parser: Any
+    text: str = ""
+    token_ids: list[int] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.token_ids = []
