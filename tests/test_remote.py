@@ -149,6 +149,32 @@ def test_langchain_objects_over_a_remote_session_answer(remote):
     assert "Paris" in chat.invoke(QUESTION).content
 
 
+def test_forced_tool_calls_and_the_reasoning_split_work_over_a_remote_session(engine, remote):
+    """The parsing runs in the notebook's process: a server's answers are read as the engine's are."""
+    from langchain_core.tools import tool
+
+    from test_reasoning import THINK
+    from vllm_magic.engine.reasoning import Parsers
+    from vllm_magic.langchain import ChatVLLM
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        return f"sunny in {city}"
+
+    question = "What is the weather in Paris?"
+    over_server = ChatVLLM.from_session(remote, temperature=0, max_tokens=64)
+    call = over_server.bind_tools([get_weather], tool_choice="any").invoke(question)
+    local = ChatVLLM.from_session(engine, temperature=0, max_tokens=64).bind_tools([get_weather], tool_choice="any")
+    assert [(c["name"], c["args"]) for c in call.tool_calls] == [(c["name"], c["args"])
+                                                                 for c in local.invoke(question).tool_calls]
+    assert call.tool_calls[0]["name"] == "get_weather" and isinstance(call.tool_calls[0]["args"]["city"], str)
+    remote.parsers = Parsers(reasoning="qwen3")
+    result = remote.submit("What is two plus two? Think first.", temperature=0, max_tokens=80, regex=THINK)[0].result()
+    assert result.reasoning.strip() and result.text.strip()
+    assert "<think>" not in result.text + result.reasoning and "</think>" not in result.text + result.reasoning
+
+
 def test_widgets_over_a_remote_session_stream_and_stop_on_the_server(remote, demo_server):
     from vllm_magic.widgets import Playground, SamplingPanel
 
