@@ -146,3 +146,8 @@ def test_awq_model_is_a_complete_awq_checkpoint():
         names = set(f.keys())
     assert "model.layers.0.mlp.down_proj.qweight" in names and "model.layers.0.mlp.down_proj.weight" not in names
     assert {"model.embed_tokens.weight", "model.norm.weight"} <= names
+
+
+def test_a_model_given_as_a_path_object_resolves_as_its_string():
+    tiny = prepare_tiny_model(quiet=True)
+    assert engine_config.resolve_engine_config(tiny) == engine_config.resolve_engine_config(str(tiny))

@@ -352,7 +352,7 @@ def _looks_like_local_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(model))
 
 
-def resolve_engine_config(model: str | None = None, **engine_kwargs: Any) -> EngineConfig:
+def resolve_engine_config(model: str | os.PathLike | None = None, **engine_kwargs: Any) -> EngineConfig:
     """Resolve a model and engine keyword arguments into an :class:`EngineConfig`.
 
     ``model=None`` means the embedded demo model. Keyword arguments use ``vllm.LLM``'s names
@@ -362,6 +362,8 @@ def resolve_engine_config(model: str | None = None, **engine_kwargs: Any) -> Eng
     """
     engine_kwargs = {k: v for k, v in engine_kwargs.items() if v is not None}
     engine_kwargs.pop("model", None)
+    if isinstance(model, os.PathLike):  # what prepare_demo_model() and friends return
+        model = os.fspath(model)
     if model is None or model == "":
         model = _demo_model()
     elif _looks_like_local_path(model):

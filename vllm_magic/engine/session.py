@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
 import time
 import weakref
@@ -209,7 +210,7 @@ class EngineSession:
             raise NoEngineError(f"the {type(backend).__name__} has no vllm.LLM in this process")
         return backend.llm
 
-    def resolve(self, model: str | None = None, **engine_kwargs: Any) -> EngineConfig:
+    def resolve(self, model: str | os.PathLike | None = None, **engine_kwargs: Any) -> EngineConfig:
         """The configuration ``load(model, **engine_kwargs)`` would run (nothing is started)."""
         import_vllm()
         return resolve_engine_config(model, **engine_kwargs)
@@ -220,7 +221,7 @@ class EngineSession:
         return (backend is not None and backend.death() is None
                 and backend.config.serves(wanted, backend.derived_args))
 
-    def load(self, model: str | None = None, *, verbose: bool = False,
+    def load(self, model: str | os.PathLike | None = None, *, verbose: bool = False,
              progress: Callable[[str, float], None] | None = None, keep: bool = False,
              **engine_kwargs: Any) -> LoadInfo:
         """Load ``model`` (None: the demo model) with vLLM engine arguments, or keep the live engine
