@@ -11,7 +11,7 @@ demo: setup
 
 test: setup
 	@$(PY) -m vllm_magic demo-model --quiet
-	$(PY) -m pytest tests notebooks --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider --durations=15
+	$(PY) -m pytest tests notebooks --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider -rsx --durations=15
 
 bench: setup
 	$(PY) -m benchmarks.run

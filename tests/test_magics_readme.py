@@ -64,34 +64,3 @@ def test_readme_serving_examples_run(capsys, monkeypatch):
             session.stop_server()
         unregister(ip, shutdown=False)
         type(ip).clear_instance()
-
-
-def test_readme_scaling_examples_run(capsys, monkeypatch):
-    import vllm_magic
-    from vllm_magic.engine.session import EngineSession
-    from vllm_magic.magics import register, unregister
-
-    text = README.read_text()
-    start, end = text.index("<!-- section: scaling -->"), text.index("<!-- section: python-api -->")
-    blocks = re.findall(r"```ipython\n(.*?)```", text[start:end], flags=re.S)
-    assert len(blocks) == 4
-    # A session of the test's own, so that the suite's demo engine stays loaded beside it.
-    session = EngineSession()
-    monkeypatch.setattr(vllm_magic, "get_session", lambda: session)
-    ip, _ = make_shell()
-    try:
-        register(ip, session=session)
-        answers = []
-        for block in blocks:
-            result = ip.run_cell(block)
-            assert result.success, f"README block failed:\n{block}\n{result.error_in_exec or result.error_before_exec}"
-            if block.startswith("%%vllm"):
-                answers.append(result.result.text)
-        out = capsys.readouterr().out
-        assert "SmolLM2-135M-Instruct-TP4 loaded on cpu (float32, tensor parallel 2, threads on cores " in out
-        assert "SmolLM2-135M-Instruct-AWQ loaded on cpu (float16, awq" in out
-        assert len(answers) == 2 and all("Paris" in answer for answer in answers)
-    finally:
-        unregister(ip, shutdown=False)
-        type(ip).clear_instance()
-        session.unload()

@@ -1,5 +1,5 @@
-"""Tensor parallel and AWQ on a real CPU engine: TP 2 answers as TP 1 does, AWQ answers, switches
-between them leave nothing of the old engine behind.
+"""Tensor parallel and AWQ on a real CPU engine: the README's examples run as written, TP 2 answers
+as TP 1 does, AWQ answers, switches between them leave nothing of the old engine behind.
 
 These engines run in a session of their own (not the suite's shared demo engine), started and
 stopped here.
@@ -7,14 +7,19 @@ stopped here.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from IPython.core.error import UsageError
 
 from child_processes import engine_children
-from vllm_magic.demo_variants import prepare_awq_demo_model, prepare_tiny_model
+from ipython_capture import make_shell
+from vllm_magic.demo_variants import prepare_tiny_model
 from vllm_magic.engine import config as engine_config
 from vllm_magic.engine.session import EngineSession
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three fruits.",
            "Explain gravity in one sentence."]
 
@@ -25,39 +30,65 @@ def _greedy_ids(session: EngineSession) -> list[list[int]]:
 
 
 @pytest.fixture
-def session():
+def session(monkeypatch):
+    """A session of the test's own, which the magics of its shell use: the demo engine stays loaded."""
+    import vllm_magic
+
     own = EngineSession()
+    monkeypatch.setattr(vllm_magic, "get_session", lambda: own)
     yield own
     own.unload()
 
 
-def test_tp2_then_tp1_then_awq_give_the_demo_models_greedy_ids_and_paris_and_leave_no_old_process(engine, session):
-    tiny, awq = str(prepare_tiny_model(quiet=True)), str(prepare_awq_demo_model(quiet=True))
+def _readme_blocks() -> list[str]:
+    text = README.read_text()
+    start, end = text.index("<!-- section: scaling -->"), text.index("<!-- section: python-api -->")
+    return re.findall(r"```ipython\n(.*?)```", text[start:end], flags=re.S)
+
+
+def test_readme_tour_tp2_then_tp1_then_awq_gives_the_demo_models_ids_and_paris_and_leaves_no_old_process(
+        engine, session, capsys):
+    """The README's examples as written (TP 2, then AWQ), with a switch to TP 1 between them."""
+    from vllm_magic.magics import register, unregister
+
+    blocks = _readme_blocks()
+    assert len(blocks) == 4 and "--tensor-parallel-size 2" in blocks[0] and "--quantization awq" in blocks[2]
     demo_ids = _greedy_ids(engine)  # the suite's demo engine: the tiny model's added heads are zero
     before = engine_children()
+    ip, _ = make_shell()
+    try:
+        register(ip, session=session)
 
-    info = session.load(tiny, tensor_parallel_size=2)
-    assert "tensor parallel 2, threads on cores " in info.summary, info.summary
-    assert session.config.cpu_threads.count("|") == 1
-    tp2 = engine_children() - before
-    assert len(tp2) >= 3, "tensor parallel 2 runs an engine core and two workers"
-    ids_tp2 = _greedy_ids(session)
+        def run(block: str):
+            result = ip.run_cell(block)
+            assert result.success, f"README block failed:\n{block}\n{result.error_in_exec or result.error_before_exec}"
+            return result.result
 
-    info = session.load(tiny, tensor_parallel_size=1)
-    assert not info.already_loaded and "tensor parallel" not in info.summary
-    assert not tp2 & engine_children(), "a process of the TP 2 engine survived the switch"
-    tp1 = engine_children() - before
-    ids_tp1 = _greedy_ids(session)
-    assert ids_tp1 == ids_tp2
-    assert ids_tp1 == demo_ids
-    assert all(len(ids) > 5 for ids in ids_tp1)
+        run(blocks[0])  # prepares both variants, loads the tiny model under tensor parallel 2
+        assert "SmolLM2-135M-Instruct-TP4 loaded on cpu (float32, tensor parallel 2, threads on cores " \
+            in capsys.readouterr().out
+        assert session.config.cpu_threads.count("|") == 1
+        tp2 = engine_children() - before
+        assert len(tp2) >= 3, "tensor parallel 2 runs an engine core and two workers"
+        assert "Paris" in run(blocks[1]).text
+        ids_tp2 = _greedy_ids(session)
 
-    info = session.load(awq, quantization="awq")
-    assert "float16, awq" in info.summary, info.summary
-    assert not tp1 & engine_children(), "a process of the TP 1 engine survived the switch"
-    answer = session.generate("What is the capital of France?", temperature=0, max_tokens=24)
-    assert "Paris" in answer.text
+        info = session.load(ip.user_ns["tiny"], tensor_parallel_size=1)  # a Path, as prepare_tiny_model() gives
+        assert not info.already_loaded and "tensor parallel" not in info.summary
+        assert not tp2 & engine_children(), "a process of the TP 2 engine survived the switch"
+        tp1 = engine_children() - before
+        ids_tp1 = _greedy_ids(session)
+        assert ids_tp1 == ids_tp2
+        assert ids_tp1 == demo_ids
+        assert all(len(ids) > 5 for ids in ids_tp1)
 
+        run(blocks[2])
+        assert "SmolLM2-135M-Instruct-AWQ loaded on cpu (float16, awq" in capsys.readouterr().out
+        assert not tp1 & engine_children(), "a process of the TP 1 engine survived the switch"
+        assert "Paris" in run(blocks[3]).text
+    finally:
+        unregister(ip, shutdown=False)
+        type(ip).clear_instance()
     session.unload()
     assert not engine_children() - before, "a process of the AWQ engine survived the unload"
 
