@@ -99,3 +99,10 @@ def test_choosing_a_parser_keeps_the_live_engine(engine):
         unregister(ip, shutdown=False)
         type(ip).clear_instance()
         engine.parsers = Parsers()
+
+
+def test_a_thinking_budget_on_an_engine_without_reasoning_config_is_one_line(engine, ip):
+    with pytest.raises(UsageError) as caught:
+        ip.run_cell_magic("vllm", "--thinking-budget 10", "What is two plus two?")
+    assert "--reasoning-config" in str(caught.value) and "\n" not in str(caught.value)
+    assert "Paris" in engine.generate("What is the capital of France?", temperature=0, max_tokens=16).text

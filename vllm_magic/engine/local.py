@@ -55,6 +55,10 @@ class LocalBackend(Backend):
         self.max_model_len = int(model_config.max_model_len)
         self.dtype = str(model_config.dtype).replace("torch.", "")
         self.quantization = getattr(model_config, "quantization", None)
+        reasoning = getattr(llm.llm_engine.vllm_config, "reasoning_config", None)
+        #: Whether vLLM holds thinking to a token budget here (``--thinking-budget``): only an engine
+        #: started with vLLM's reasoning config knows where thinking ends (vLLM 0.26 has no budget).
+        self.thinking_budget_ready = bool(reasoning is not None and getattr(reasoning, "enabled", False))
         cache = llm.llm_engine.vllm_config.cache_config
         blocks = getattr(cache, "num_gpu_blocks", None)
         self.kv_cache_tokens = int(blocks * cache.block_size) if blocks else None

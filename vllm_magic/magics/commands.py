@@ -525,6 +525,9 @@ class VllmMagics(Magics, SamplingTraits):
                                  f"{vllm_version()} does not have")
             if args.thinking_budget < 0:
                 raise UsageError("--thinking-budget needs a number of tokens, 0 or more")
+            if not getattr(self.session.backend, "thinking_budget_ready", True):  # a server decides itself
+                raise UsageError("--thinking-budget needs an engine started with vLLM's reasoning config: "
+                                 "%vllm_load MODEL --reasoning-config '{\"reasoning_parser\": \"NAME\"}'")
             options["thinking_token_budget"] = args.thinking_budget
         return options
 
