@@ -230,6 +230,11 @@ def test_a_remote_session_needs_no_vllm_in_its_process(engine, demo_server):
             except UsageError as error:
                 assert "vLLM is not installed" in str(error) and "--remote" in str(error), error
         ip.run_line_magic("vllm_load", "--remote {demo_server.base_url}")  # the sampling panel shows too
+        try:  # vLLM's parsers would run here: one line says so, the attached session stays
+            ip.run_line_magic("vllm_load", "--remote {demo_server.base_url} --reasoning-parser qwen3")
+            raise SystemExit("a reasoning parser was set without vLLM")
+        except UsageError as error:
+            assert "vLLM is not installed here" in str(error), error
         print(ip.run_cell_magic("vllm", "-t 0 -m 16 --quiet", {QUESTION!r}).text)
         print(ip.user_ns["llm"].invoke({QUESTION!r}, temperature=0, max_tokens=16))
         print(sorted(m for m in sys.modules if m == "vllm" or m.startswith("vllm.")))

@@ -35,8 +35,13 @@ class Parsers:
 
     def check(self) -> "Parsers":
         """Raise :class:`ConfigError` naming vLLM's parsers when a name is not one of them."""
-        from .compat import reasoning_parser_class, tool_parser_class
-
+        if self.reasoning is None and self.tool_call is None:
+            return self  # nothing to look up: a session without vLLM here (``--remote``) needs none
+        try:
+            from .compat import reasoning_parser_class, tool_parser_class
+        except ImportError:
+            raise ConfigError("vLLM's reasoning and tool call parsers run in this process, and vLLM is not "
+                              "installed here: pip install vllm, or leave out the parser flags") from None
         for kind, name, lookup in (("reasoning", self.reasoning, reasoning_parser_class),
                                    ("tool call", self.tool_call, tool_parser_class)):
             if name is None:
