@@ -39,7 +39,7 @@ class Parsers:
             return self  # nothing to look up: a session without vLLM here (``--remote``) needs none
         try:
             from .compat import reasoning_parser_class, tool_parser_class
-        except ImportError:
+        except (ImportError, ConfigError):  # compat says "vLLM is not installed" as a ConfigError
             raise ConfigError("vLLM's reasoning and tool call parsers run in this process, and vLLM is not "
                               "installed here: pip install vllm, or leave out the parser flags") from None
         for kind, name, lookup in (("reasoning", self.reasoning, reasoning_parser_class),
