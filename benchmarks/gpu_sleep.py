@@ -24,7 +24,7 @@ PROMPT = "Write a haiku about the sea."
 
 
 def used_gib() -> float:
-    from vllm_magic.engine.local import device_memory_used
+    from vllm_magic.engine.backends.local import device_memory_used
 
     return device_memory_used("cuda") / GiB
 

@@ -11,7 +11,7 @@ import asyncio
 import threading
 import time
 
-from vllm_magic.engine.handles import RequestHandle
+from vllm_magic.engine.requests.handles import RequestHandle
 
 N, STEPS = 256, 128
 

@@ -43,7 +43,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.ji
 def write_model_dirs(dest: str | Path, source: str | Path | None = None) -> dict[str, Path]:
     """Write ``dest/demo-shape`` and ``dest/llama8b-shape`` (config + tokenizer, no weights)."""
     if source is None:
-        from vllm_magic.demo_model import demo_model_dir
+        from vllm_magic.demo.model import demo_model_dir
 
         source = demo_model_dir()
     source, dest = Path(source), Path(dest)

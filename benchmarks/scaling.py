@@ -26,7 +26,7 @@ PROMPTS = [f"Write a short story about a {animal} who learns to {skill}." for an
 
 
 def _configurations() -> list[tuple[str, str | None, dict]]:
-    from vllm_magic.demo_variants import prepare_awq_demo_model, prepare_tiny_model
+    from vllm_magic.demo.variants import prepare_awq_demo_model, prepare_tiny_model
 
     tiny, awq = str(prepare_tiny_model(quiet=True)), str(prepare_awq_demo_model(quiet=True))
     return [("demo model", None, {}), ("tiny model, TP 1", tiny, {"tensor_parallel_size": 1}),

@@ -118,7 +118,7 @@ async def test_awaiting_a_handle_is_not_woken_per_delta():
     import asyncio
     import threading
 
-    from vllm_magic.engine.handles import RequestHandle
+    from vllm_magic.engine.requests.handles import RequestHandle
 
     loop = asyncio.get_running_loop()
     handles = [RequestHandle(f"r{i}", "p", [1], 1, lambda request_id: None) for i in range(8)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vllm_magic.__main__ import main
-from vllm_magic.demo_model import demo_model_dir
+from vllm_magic.demo.model import demo_model_dir
 
 
 def test_demo_model_command_prints_the_prepared_directory(capsys):

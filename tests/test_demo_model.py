@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from vllm_magic import demo_model
-from vllm_magic.demo_model import MANIFEST, DemoModelError, prepare_demo_model
+from vllm_magic.demo.model import MANIFEST, DemoModelError, prepare_demo_model
 
 
 @pytest.fixture(scope="module")

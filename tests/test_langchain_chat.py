@@ -12,7 +12,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from pydantic import BaseModel, Field
 
-from vllm_magic.demo_model import DEMO_MODEL_NAME
+from vllm_magic.demo.model import DEMO_MODEL_NAME
 from vllm_magic.langchain import ChatVLLM
 from vllm_magic.langchain.chat import messages_to_conversation
 

@@ -12,7 +12,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.prompts import PromptTemplate
 
 import vllm_magic.langchain as lc
-from vllm_magic.demo_model import DEMO_MODEL_NAME
+from vllm_magic.demo.model import DEMO_MODEL_NAME
 from vllm_magic.langchain import VLLM
 from vllm_magic.engine.session import EngineSession
 

@@ -11,7 +11,7 @@ import pytest
 from IPython.core.error import UsageError
 
 from vllm_magic.magics.display import answer_bundle
-from vllm_magic.engine.handles import Completion, GenerationResult
+from vllm_magic.engine.requests.handles import Completion, GenerationResult
 from vllm_magic.magics.commands import _LOAD_FLAGS, _SERVE_FLAGS, _split_args
 from vllm_magic.magics.cells import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch
 

@@ -12,7 +12,7 @@ import pytest
 from IPython.core.error import UsageError
 
 from ipython_capture import make_shell
-from vllm_magic.engine.reasoning import Parsers, split_parser_flags
+from vllm_magic.engine.requests.reasoning import Parsers, split_parser_flags
 from vllm_magic.errors import ConfigError
 from vllm_magic.langchain import ChatVLLM
 

@@ -21,7 +21,7 @@ from IPython.core.error import UsageError
 
 from ipython_capture import make_shell
 from test_kernel_interrupts import _until
-from vllm_magic.engine.server import ManagedServer, parse_serve_flags, serve_cli_flags
+from vllm_magic.engine.backends.server import ManagedServer, parse_serve_flags, serve_cli_flags
 from vllm_magic.engine.session import EngineSession
 from vllm_magic.errors import ConfigError, ServerError
 from vllm_magic.magics import register, unregister
@@ -154,7 +154,7 @@ def test_forced_tool_calls_and_the_reasoning_split_work_over_a_remote_session(en
     from langchain_core.tools import tool
 
     from test_reasoning import THINK
-    from vllm_magic.engine.reasoning import Parsers
+    from vllm_magic.engine.requests.reasoning import Parsers
     from vllm_magic.langchain import ChatVLLM
 
     @tool

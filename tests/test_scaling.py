@@ -15,7 +15,7 @@ from IPython.core.error import UsageError
 
 from child_processes import engine_children
 from ipython_capture import make_shell
-from vllm_magic.demo_variants import prepare_tiny_model
+from vllm_magic.demo.variants import prepare_tiny_model
 from vllm_magic.engine import config as engine_config
 from vllm_magic.engine.session import EngineSession
 

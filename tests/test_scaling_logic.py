@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from vllm_magic.demo_variants import AWQ_PACK_ORDER, _pack, awq_quantize, prepare_awq_demo_model, prepare_tiny_model
+from vllm_magic.demo.variants import AWQ_PACK_ORDER, _pack, awq_quantize, prepare_awq_demo_model, prepare_tiny_model
 from vllm_magic.engine import config as engine_config
 from vllm_magic.engine.config import EngineConfig, cpu_thread_binding, thread_binding_for_start
 from vllm_magic.errors import ConfigError

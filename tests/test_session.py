@@ -320,7 +320,7 @@ def test_a_listener_hears_only_of_results_notified_after_it_was_added():
 def test_a_prompt_text_still_being_rendered_never_blocks_the_stream():
     from concurrent.futures import Future
 
-    from vllm_magic.engine.handles import RequestHandle
+    from vllm_magic.engine.requests.handles import RequestHandle
 
     text = Future()  # a server renders the text while the request runs
     handle = RequestHandle("vm-x", text, [1, 2, 3], 1, abort=lambda _id: None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from ipython_capture import make_shell
 
-from vllm_magic.engine.local import device_memory_used
+from vllm_magic.engine.backends.local import device_memory_used
 from vllm_magic.magics.commands import VllmMagics
 
 pytestmark = pytest.mark.gpu

@@ -13,9 +13,9 @@ import pytest
 from IPython.core.error import UsageError
 from ipython_capture import make_shell
 
-from vllm_magic.engine.backend import Backend, SleepReport, UnloadReport
+from vllm_magic.engine.backends.base import Backend, SleepReport, UnloadReport
 from vllm_magic.engine.config import EngineConfig
-from vllm_magic.engine.prompts import Prepared
+from vllm_magic.engine.requests.prompts import Prepared
 from vllm_magic.engine.session import EngineSession
 from vllm_magic.errors import SleepError
 from vllm_magic.magics.commands import VllmMagics

@@ -12,8 +12,8 @@ from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
 
-from vllm_magic.engine.reasoning import Parsers
-from vllm_magic.engine.tool_calls import TemplateTools, fallback_conversation, forced_schema, parse_forced
+from vllm_magic.engine.requests.reasoning import Parsers
+from vllm_magic.engine.requests.tool_calls import TemplateTools, fallback_conversation, forced_schema, parse_forced
 from vllm_magic.errors import RequestError
 from vllm_magic.langchain import ChatVLLM
 from vllm_magic.langchain.tools import openai_tools, tool_choice_name

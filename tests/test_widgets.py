@@ -12,7 +12,7 @@ import time
 import ipywidgets as widgets
 import pytest
 
-import vllm_magic.engine.local as local_module
+import vllm_magic.engine.backends.local as local_module
 from vllm_magic.widgets.playground import _PRE, Playground
 from vllm_magic.widgets import SLIDERS, SamplingPanel, decode_stop, encode_stop, parse_seed
 

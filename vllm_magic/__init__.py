@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .demo_model import DemoModelError, prepare_demo_model
+from .demo.model import DemoModelError, prepare_demo_model
 from .engine import get_session
 from .errors import VllmMagicError
 

@@ -34,20 +34,20 @@ def _notebooks(args: argparse.Namespace) -> int:
 
 
 def _demo_model(args: argparse.Namespace) -> int:
-    from .demo_model import prepare_demo_model
-    from .demo_variants import prepare_awq_demo_model
+    from .demo.model import prepare_demo_model
+    from .demo.variants import prepare_awq_demo_model
 
     return _prepare(prepare_awq_demo_model if args.awq else prepare_demo_model, args)
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from .demo_variants import prepare_tiny_model
+    from .demo.variants import prepare_tiny_model
 
     return _prepare(prepare_tiny_model, args)
 
 
 def _prepare(prepare, args: argparse.Namespace) -> int:
-    from .demo_model import DemoModelError
+    from .demo.model import DemoModelError
 
     try:
         path = prepare(verify=args.verify, quiet=args.quiet)

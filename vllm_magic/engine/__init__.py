@@ -6,8 +6,8 @@ in-process vLLM engine: ``driver``, ``processes``, ``log``), ``config`` (engine 
 tokens, context), ``handles`` (what a request gives back), ``compat`` (vLLM 0.26-0.33).
 """
 
-from .handles import Completion, GenerationResult, RequestHandle
-from .sampling import SamplingDefaults
+from .requests.handles import Completion, GenerationResult, RequestHandle
+from .requests.sampling import SamplingDefaults
 from .session import EngineSession, LoadInfo, SessionStatus, UnloadReport, get_session
 
 __all__ = ["EngineSession", "get_session", "LoadInfo", "SessionStatus", "UnloadReport", "SamplingDefaults",

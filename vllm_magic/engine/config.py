@@ -343,7 +343,7 @@ def parse_engine_flags(argv: str | Sequence[str]) -> dict[str, Any]:
 
 
 def _demo_model() -> str:
-    from ..demo_model import prepare_demo_model
+    from ..demo.model import prepare_demo_model
 
     return str(prepare_demo_model())
 

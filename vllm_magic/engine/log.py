@@ -61,7 +61,7 @@ class EngineLog:
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         if path is None:
-            from ..demo_model import cache_dir
+            from ..demo.model import cache_dir
 
             path = cache_dir() / "logs" / f"engine-{os.getpid()}.log"
         self.path = Path(path)

@@ -7,8 +7,8 @@ shuts the old engine down, checks that its memory came back, then starts the new
 that one of the sleeping engines serves wakes it in seconds: one engine is awake at a time. ``submit()``
 is the only way to generate: it takes many prompts or conversations at once, builds the sampling
 parameters from the session's defaults plus the call's overrides, and returns
-:class:`~vllm_magic.engine.handles.RequestHandle` objects to iterate, await or abort from any thread
-or event loop. What runs the model is a :class:`~vllm_magic.engine.backend.Backend`.
+:class:`~vllm_magic.engine.requests.handles.RequestHandle` objects to iterate, await or abort from any thread
+or event loop. What runs the model is a :class:`~vllm_magic.engine.backends.base.Backend`.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from typing import Any, Callable, Sequence
 
 from ..errors import (ConfigError, EngineDiedError, EngineStartError, NoEngineError, PromptTooLongError, ServerError,
                       SleepError)
-from .backend import Backend, SleepReport, UnloadReport
+from .backends.base import Backend, SleepReport, UnloadReport
 from .config import EngineConfig, import_vllm, resolve_engine_config, short_model_name
-from .handles import GenerationResult, RequestHandle
+from .requests.handles import GenerationResult, RequestHandle
 from .listeners import Listeners
 from .log import EngineLog, quiet_vllm_environment
-from .prompts import PromptLike, as_prompt_list
-from .reasoning import Parsers, ReasoningSplitter
-from .sampling import SamplingDefaults
-from .tool_calls import prepare_prompts
+from .requests.prompts import PromptLike, as_prompt_list
+from .requests.reasoning import Parsers, ReasoningSplitter
+from .requests.sampling import SamplingDefaults
+from .requests.tool_calls import prepare_prompts
 
 __all__ = [
     "EngineSession", "get_session", "LoadInfo", "SessionStatus", "UnloadReport", "NoEngineError",
@@ -276,13 +276,13 @@ class EngineSession:
                             kept=kept_line)
 
     def _validate(self, config: EngineConfig) -> None:
-        from .local import LocalBackend
+        from .backends.local import LocalBackend
 
         LocalBackend.validate(config, self.log)
 
     def _start(self, config: EngineConfig, verbose: bool, progress: Callable[[str, float], None] | None) -> Backend:
         """A new in-process engine for ``config`` (the one place engines are started)."""
-        from .local import LocalBackend
+        from .backends.local import LocalBackend
 
         return LocalBackend.start(config, self.log, verbose=verbose, progress=progress,
                                   on_finished=_weakly(self._finished))
@@ -384,7 +384,7 @@ class EngineSession:
         or does not serve ``model``), :class:`~vllm_magic.errors.ServerError` is raised and the
         engine the session had is kept. Attaching to the server already attached returns at once.
         """
-        from .remote import RemoteBackend
+        from .backends.remote import RemoteBackend
 
         start = time.perf_counter()
         with self._lock:
@@ -404,7 +404,7 @@ class EngineSession:
               timeout: float | None = None, progress: Callable[[str, float], None] | None = None,
               **engine_kwargs: Any) -> Any:
         """Start vLLM's OpenAI-compatible server for a model, owned by this kernel; returns the
-        :class:`~vllm_magic.engine.server.ManagedServer` once it answers.
+        :class:`~vllm_magic.engine.backends.server.ManagedServer` once it answers.
 
         ``model`` None serves the model loaded here (with its engine arguments), else the demo
         model; engine arguments and platform defaults are those of :meth:`load`. ``server_kwargs``
@@ -412,7 +412,7 @@ class EngineSession:
         ``handoff`` moves the loaded engine to the server: it is unloaded first (two copies may not
         fit one GPU), the server starts on its configuration, and the session attaches to it.
         """
-        from .server import READY_TIMEOUT, ManagedServer, check_host, pick_port
+        from .backends.server import READY_TIMEOUT, ManagedServer, check_host, pick_port
 
         check_host(host, api_key)  # mistakes are refused before anything is unloaded
         with self._lock:

@@ -17,10 +17,10 @@ from typing import Any, AsyncIterator, Iterator, Optional
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_validator
 
-from ..demo_model import DEMO_MODEL_NAME
+from ..demo.model import DEMO_MODEL_NAME
 from ..engine.config import EngineConfig, short_model_name
-from ..engine.handles import GenerationResult, RequestHandle
-from ..engine.sampling import SAMPLING_FIELDS, STRUCTURED_FIELDS, check_overrides, option_help, option_type
+from ..engine.requests.handles import GenerationResult, RequestHandle
+from ..engine.requests.sampling import SAMPLING_FIELDS, STRUCTURED_FIELDS, check_overrides, option_help, option_type
 from ..engine.session import EngineSession, get_session
 from ..errors import NoEngineError, RequestError
 
@@ -275,7 +275,7 @@ def _ships_code(model_path: str) -> bool:
 
 
 def _is_demo_dir(path: str) -> bool:
-    from ..demo_model import demo_model_dir
+    from ..demo.model import demo_model_dir
 
     try:
         return os.path.samefile(path, demo_model_dir())

@@ -31,7 +31,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel
 
-from ..engine.handles import GenerationResult, RequestHandle
+from ..engine.requests.handles import GenerationResult, RequestHandle
 from ..errors import RequestError
 from .base import EngineBase, await_all, wait_all
 from .tools import StreamReader, ToolRequest, openai_tools

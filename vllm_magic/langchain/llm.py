@@ -8,7 +8,7 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from ..engine.handles import GenerationResult, RequestHandle
+from ..engine.requests.handles import GenerationResult, RequestHandle
 from .base import EngineBase, await_all, usage_counts, wait_all
 
 __all__ = ["VLLM"]

@@ -3,7 +3,7 @@
 :class:`ToolRequest` is what ``bind_tools`` bound, turned into a request for the session (tools for
 the chat template, a JSON schema that forces a call) and a reader of the answer: whole
 (:meth:`ToolRequest.read`) or streamed (:class:`StreamReader`, ``tool_call_chunks``). The engine
-side (rendering, forced schemas, vLLM's tool parsers) is :mod:`vllm_magic.engine.tool_calls`.
+side (rendering, forced schemas, vLLM's tool parsers) is :mod:`vllm_magic.engine.requests.tool_calls`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from langchain_core.messages.tool import InvalidToolCall, ToolCall, ToolCallChunk
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from ..engine.tool_calls import ToolCallParser, forced_schema, new_call_id, parse_forced, tool_name
+from ..engine.requests.tool_calls import ToolCallParser, forced_schema, new_call_id, parse_forced, tool_name
 from ..errors import RequestError
 
 __all__ = ["ToolRequest", "StreamReader", "openai_tools", "tool_choice_name"]

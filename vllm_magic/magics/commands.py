@@ -17,9 +17,9 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Enum, Float, Unicode, link
 
 from ..engine.config import parse_engine_flags
-from ..engine.reasoning import split_parser_flags
-from ..engine.server import parse_serve_flags
-from ..engine.sampling import DEFAULTS_FIELDS, SAMPLING_FIELDS, SamplingTraits, option_help, option_type
+from ..engine.requests.reasoning import split_parser_flags
+from ..engine.backends.server import parse_serve_flags
+from ..engine.requests.sampling import DEFAULTS_FIELDS, SAMPLING_FIELDS, SamplingTraits, option_help, option_type
 from ..engine.session import EngineSession, get_session
 from ..errors import ConfigError, EngineDiedError, NoEngineError, SleepError, VllmMagicError
 from .cells import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch

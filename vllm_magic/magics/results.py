@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.handles import GenerationResult
+from ..engine.requests.handles import GenerationResult
 
 __all__ = ["VllmResult"]
 
@@ -25,7 +25,7 @@ class VllmResult:
     the chat template, ``user_prompt`` the cell's prompt after ``{name}`` interpolation,
     ``sampling_params`` the ``SamplingParams`` that reached the engine (``RemoteParams`` on a
     ``--remote`` session), ``generation`` the full
-    :class:`~vllm_magic.engine.handles.GenerationResult` (token ids, every completion of ``-n``).
+    :class:`~vllm_magic.engine.requests.handles.GenerationResult` (token ids, every completion of ``-n``).
 
     Its repr is one compact line: the cell already showed the answer while it streamed.
     """

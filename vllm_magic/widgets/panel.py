@@ -3,7 +3,7 @@
 :class:`SamplingPanel` is what ``%vllm_controls`` (and ``%vllm_load``) display: sliders and fields
 for the sampling defaults, a Reset button, a Stop button that aborts every request in flight, and a
 status line with the model and the last request's speed. Every control is linked with
-``traitlets.link`` to the one :class:`~vllm_magic.engine.sampling.SamplingDefaults` of the session, so the
+``traitlets.link`` to the one :class:`~vllm_magic.engine.requests.sampling.SamplingDefaults` of the session, so the
 panel, ``%config``, code and any number of other panels always show and use the same values.
 
 Each control has explicit bounds that vLLM accepts, so nothing a user can set in the panel makes a
@@ -18,7 +18,7 @@ from typing import Any, Callable
 import ipywidgets as widgets
 import traitlets
 
-from ..engine.sampling import SamplingDefaults
+from ..engine.requests.sampling import SamplingDefaults
 
 __all__ = ["SamplingPanel", "SLIDERS", "encode_stop", "decode_stop", "parse_seed", "changed_settings"]
 

@@ -18,15 +18,15 @@ import time
 import weakref
 from typing import Any, Callable
 
-from ..errors import ConfigError, EngineStartError, SleepError
-from .backend import Backend, SleepReport, UnloadReport
-from .config import EngineConfig, thread_binding_for_start
+from ...errors import ConfigError, EngineStartError, SleepError
+from .base import Backend, SleepReport, UnloadReport
+from ..config import EngineConfig, thread_binding_for_start
 from .driver import EngineDriver
-from .handles import RequestHandle
-from .log import EngineLog
+from ..requests.handles import RequestHandle
+from ..log import EngineLog
 from .processes import at_exit, end_processes, engine_processes_guarded
-from .prompts import Prepared, PromptLike, PromptRenderer
-from .sampling import build_sampling_params
+from ..requests.prompts import Prepared, PromptLike, PromptRenderer
+from ..requests.sampling import build_sampling_params
 
 __all__ = ["LocalBackend", "device_memory_used"]
 
@@ -103,7 +103,7 @@ class LocalBackend(Backend):
         try:
             # The engine's processes leave the kernel's process group (an interrupt stops a request,
             # not the engine) and exit when the kernel dies: see engine.processes.
-            from .compat import interrupts_reach_engine_start
+            from ..compat import interrupts_reach_engine_start
 
             with interrupted, log.follow(progress), log.capture(verbose), engine_processes_guarded(), \
                     interrupts_reach_engine_start(), thread_binding_for_start(config):
@@ -139,7 +139,7 @@ class LocalBackend(Backend):
     # ----- requests --------------------------------------------------------------------------------
     @property
     def vllm_version(self) -> str:
-        from .compat import vllm_version
+        from ..compat import vllm_version
 
         return vllm_version()
 
@@ -147,7 +147,7 @@ class LocalBackend(Backend):
         return build_sampling_params(defaults, overrides, **structured)
 
     def given_params(self, sampling: Any) -> Any:
-        from .compat import RequestOutputKind
+        from ..compat import RequestOutputKind
 
         sampling = sampling.clone()
         sampling.output_kind = RequestOutputKind.DELTA
@@ -165,7 +165,7 @@ class LocalBackend(Backend):
         return self.renderer.fit(params, prompt_tokens)
 
     def add(self, requests: list[tuple[RequestHandle, Prepared, Any]]) -> None:
-        from .compat import tokens_prompt
+        from ..compat import tokens_prompt
 
         self.driver.add([(handle, tokens_prompt(prompt.token_ids), params) for handle, prompt, params in requests])
 
@@ -242,7 +242,7 @@ class LocalBackend(Backend):
             if self.asleep.level >= level:
                 return self.asleep
             self.wake()  # level 1 -> 2: vLLM sleeps from awake only
-        from .compat import sleep_engine
+        from ..compat import sleep_engine
 
         self.driver.abort_all()
         before = device_memory_used(self.config.platform)
@@ -257,7 +257,7 @@ class LocalBackend(Backend):
         report = self.asleep
         if report is None:
             return 0.0
-        from .compat import reload_weights, wake_engine
+        from ..compat import reload_weights, wake_engine
 
         t0 = time.perf_counter()
         if report.level == 2:
@@ -392,7 +392,7 @@ class _ExitWatch:
 
 
 def _shutdown_llm(llm: Any) -> None:
-    from .compat import shutdown_engine
+    from ..compat import shutdown_engine
 
     try:
         shutdown_engine(llm)

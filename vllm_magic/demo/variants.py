@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .demo_model import (DEMO_MODEL_NAME, GGUF_SHA256, _manifest_problem, _say, cache_dir, install_prepared,
+from .model import (DEMO_MODEL_NAME, GGUF_SHA256, _manifest_problem, _say, cache_dir, install_prepared,
                          prepare_demo_model)
 
 __all__ = ["prepare_tiny_model", "prepare_awq_demo_model", "TINY_MODEL_NAME", "AWQ_MODEL_NAME", "AWQ_GROUP_SIZE"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..errors import PromptTooLongError, RequestError
+from ...errors import PromptTooLongError, RequestError
 
 __all__ = ["Message", "PromptLike", "Prepared", "PromptRenderer", "as_prompt_list", "conversation_of"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 __all__ = ["Parsers", "ReasoningSplitter", "PARSER_FLAGS", "split_parser_flags"]
 
@@ -38,7 +38,7 @@ class Parsers:
         if self.reasoning is None and self.tool_call is None:
             return self  # nothing to look up: a session without vLLM here (``--remote``) needs none
         try:
-            from .compat import reasoning_parser_class, tool_parser_class
+            from ..compat import reasoning_parser_class, tool_parser_class
         except (ImportError, ConfigError):  # compat says "vLLM is not installed" as a ConfigError
             raise ConfigError("vLLM's reasoning and tool call parsers run in this process, and vLLM is not "
                               "installed here: pip install vllm, or leave out the parser flags") from None
@@ -80,7 +80,7 @@ class ReasoningSplitter:
     """
 
     def __init__(self, name: str, tokenizer: Any) -> None:
-        from .compat import reasoning_parser_class
+        from ..compat import reasoning_parser_class
 
         self._cls = reasoning_parser_class(name)
         self._tokenizer = tokenizer

@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import VllmMagicError
+from ..errors import VllmMagicError
 
 __all__ = ["DemoModelError", "cache_dir", "demo_model_dir", "prepare_demo_model", "DEMO_MODEL_NAME"]
 

@@ -1,6 +1,6 @@
 """The process of a server that ``%vllm_serve`` starts: vLLM's OpenAI-compatible server, bound to its kernel.
 
-``python -m vllm_magic.engine.server_process KERNEL_PID ARGS...`` runs vLLM's API server with ARGS
+``python -m vllm_magic.engine.backends.server_process KERNEL_PID ARGS...`` runs vLLM's API server with ARGS
 (``vllm serve`` flags) in this process, which the kernel started as the leader of a new session: an
 interrupt of the kernel never reaches it, and every process vLLM starts for it (the engine core,
 its workers) is in its process group. A thread watches the kernel: when the kernel is gone, even

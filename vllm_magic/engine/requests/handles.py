@@ -15,7 +15,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator
 
-from ..errors import EngineDiedError
+from ...errors import EngineDiedError
 
 __all__ = ["Completion", "GenerationResult", "RequestHandle", "RequestAborted", "EngineDiedError"]
 
@@ -128,7 +128,7 @@ class RequestHandle:
         self._completions = [Completion(index=i) for i in range(n)]
         # (completion index, text, whether it is reasoning) in arrival order
         self._deltas: list[tuple[int, str, bool]] = []
-        #: Splits reasoning from the answer (:class:`~vllm_magic.engine.reasoning.ReasoningSplitter`).
+        #: Splits reasoning from the answer (:class:`~vllm_magic.engine.requests.reasoning.ReasoningSplitter`).
         self._splitter = splitter
         self._first_token_at: float | None = None
         self._finished_at: float | None = None

@@ -30,7 +30,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import ConfigError, RequestError
+from ...errors import ConfigError, RequestError
 
 __all__ = ["ToolCall", "TemplateTools", "forced_schema", "parse_forced", "template_conversation",
            "fallback_conversation", "tool_name", "new_call_id", "ToolCallParser", "TOOL_PROMPT"]
@@ -242,7 +242,7 @@ class ToolCallParser:
     """
 
     def __init__(self, name: str, tokenizer: Any) -> None:
-        from .compat import tool_parser_class
+        from ..compat import tool_parser_class
 
         cls = tool_parser_class(name)
         try:
@@ -254,7 +254,7 @@ class ToolCallParser:
 
     def extract(self, text: str, tools: list[dict[str, Any]]) -> tuple[str, list[ToolCall]]:
         """``(content, calls)`` of an answer; no calls when the model answered in text."""
-        from .compat import chat_request
+        from ..compat import chat_request
 
         info = self._parser.extract_tool_calls(text, chat_request(tools))
         if not getattr(info, "tools_called", False):

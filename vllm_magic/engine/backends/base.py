@@ -1,8 +1,8 @@
 """The seam between the engine session and what actually runs a model.
 
 An :class:`EngineSession` owns at most one :class:`Backend`: the in-process vLLM engine
-(:class:`~vllm_magic.engine.local.LocalBackend`) or a vLLM server elsewhere
-(:class:`~vllm_magic.engine.remote.RemoteBackend`). The session does everything that is the same
+(:class:`~vllm_magic.engine.backends.local.LocalBackend`) or a vLLM server elsewhere
+(:class:`~vllm_magic.engine.backends.remote.RemoteBackend`). The session does everything that is the same
 for all of them (defaults, the merge of sampling options, request ids, counters, listeners,
 status); a backend only starts, turns options and prompts into what its engine takes, runs
 requests, reports its health and memory, and shuts down.
@@ -14,10 +14,10 @@ import abc
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import ConfigError, SleepError
-from .config import EngineConfig
-from .handles import RequestHandle
-from .prompts import Prepared, PromptLike
+from ...errors import ConfigError, SleepError
+from ..config import EngineConfig
+from ..requests.handles import RequestHandle
+from ..requests.prompts import Prepared, PromptLike
 
 __all__ = ["Backend", "UnloadReport", "SleepReport"]
 

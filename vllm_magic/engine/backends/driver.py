@@ -14,9 +14,9 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from .compat import abort_requests
-from ..errors import EngineDiedError
-from .handles import RequestHandle
+from ..compat import abort_requests
+from ...errors import EngineDiedError
+from ..requests.handles import RequestHandle
 
 __all__ = ["EngineDriver"]
 

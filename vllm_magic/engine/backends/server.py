@@ -26,9 +26,9 @@ from dataclasses import fields as dataclass_fields
 from functools import lru_cache
 from typing import Any, Callable, Sequence
 
-from ..errors import ConfigError, ServerError
-from .config import THREADS_BIND_VARIABLE, EngineConfig, import_vllm
-from .log import EngineLog
+from ...errors import ConfigError, ServerError
+from ..config import THREADS_BIND_VARIABLE, EngineConfig, import_vllm
+from ..log import EngineLog
 from .processes import at_exit
 
 __all__ = ["ManagedServer", "parse_serve_flags", "serve_cli_flags", "LOOPBACK_HOSTS", "DEFAULT_PORT",
@@ -56,7 +56,7 @@ def _serve_parser() -> tuple[argparse.ArgumentParser, dict[str, Any], dict[str, 
     except ImportError:
         from vllm.entrypoints.openai.cli_args import make_arg_parser  # type: ignore[no-redef]
 
-    from .compat import FlexibleArgumentParser
+    from ..compat import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="%vllm_serve", add_help=False, exit_on_error=False))
     actions = {action.dest: action for action in parser._actions if action.option_strings}
@@ -163,14 +163,14 @@ class ManagedServer:
             env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` shows it to everyone
         if config.cpu_threads:
             env[THREADS_BIND_VARIABLE] = config.cpu_threads
-        from ..demo_model import cache_dir
+        from ...demo.model import cache_dir
 
         log = EngineLog(cache_dir() / "logs" / f"server-{os.getpid()}-{port}.log")
         log.path.write_text("")
         log.mark(f"vllm serve {' '.join(shlex.quote(a) for a in argv)}")
         with open(log.path, "ab") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "vllm_magic.engine.server_process", str(os.getpid()), *argv],
+                [sys.executable, "-m", "vllm_magic.engine.backends.server_process", str(os.getpid()), *argv],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True)  # its own group: the kernel's interrupts never reach it
         return cls(config, server_kwargs, host, port, api_key, process, log, argv)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from traitlets import Bool, Float, HasTraits, Int, List, TraitError, TraitType, Unicode, Union, validate
 from traitlets import Any as AnyTrait
 
-from ..errors import RequestError
+from ...errors import RequestError
 
 __all__ = ["SamplingTraits", "SamplingDefaults", "build_sampling_params", "sampling_values", "json_schema_of", "DEFAULTS_FIELDS", "SAMPLING_FIELDS",
            "PER_CALL_FIELDS", "STRUCTURED_FIELDS", "check_overrides", "option_type", "option_help"]
@@ -165,7 +165,7 @@ def build_sampling_params(defaults: SamplingDefaults | None = None, overrides: M
     ``json_schema``, ``regex`` and ``choice`` constrain the output through vLLM's structured
     outputs. A value vLLM refuses raises :class:`~vllm_magic.errors.RequestError` with its reason.
     """
-    from .compat import RequestOutputKind, SamplingParams, structured_outputs_kwargs
+    from ..compat import RequestOutputKind, SamplingParams, structured_outputs_kwargs
 
     values = sampling_values(defaults, overrides)
     json_schema = json_schema_of(json_schema)

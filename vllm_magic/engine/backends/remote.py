@@ -24,12 +24,12 @@ import time
 import uuid
 from typing import Any, Callable, Coroutine
 
-from ..errors import PromptTooLongError, RequestError, ServerError
-from .backend import Backend, UnloadReport
-from .config import EngineConfig
-from .handles import RequestHandle
-from .prompts import Prepared, PromptLike, conversation_of
-from .sampling import SAMPLING_FIELDS, json_schema_of, sampling_values
+from ...errors import PromptTooLongError, RequestError, ServerError
+from .base import Backend, UnloadReport
+from ..config import EngineConfig
+from ..requests.handles import RequestHandle
+from ..requests.prompts import Prepared, PromptLike, conversation_of
+from ..requests.sampling import SAMPLING_FIELDS, json_schema_of, sampling_values
 
 __all__ = ["RemoteBackend", "RemoteParams", "REMOTE_PLATFORM", "normalize_url"]
 
