@@ -19,10 +19,10 @@ def driver(handles, out):
     t = time.perf_counter()
     for step in range(STEPS):
         for h in handles:
-            h._push(0, "x", [1], "length" if step == STEPS - 1 else None)
+            h.push(0, "x", [1], "length" if step == STEPS - 1 else None)
         if step == STEPS - 1:
             for h in handles:
-                h._finish()
+                h.finish()
         time.sleep(0.0005)  # the engine's step: the driver waits on the engine core here
     out.append(time.perf_counter() - t - STEPS * 0.0005)
 

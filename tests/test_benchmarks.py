@@ -131,13 +131,13 @@ async def test_awaiting_a_handle_is_not_woken_per_delta():
         def drive():
             for step in range(10):
                 for h in handles:
-                    h._push(0, "x", [1], None)
+                    h.push(0, "x", [1], None)
         thread = threading.Thread(target=drive)
         thread.start()
         thread.join()
         assert wakeups == []
         for h in handles:
-            h._finish()
+            h.finish()
         results = await asyncio.gather(*tasks)
     finally:
         del loop.call_soon_threadsafe

@@ -324,13 +324,13 @@ def test_a_prompt_text_still_being_rendered_never_blocks_the_stream():
 
     text = Future()  # a server renders the text while the request runs
     handle = RequestHandle("vm-x", text, [1, 2, 3], 1, abort=lambda _id: None)
-    pusher = threading.Thread(target=handle._push, args=(0, "Hello", [7], None))
+    pusher = threading.Thread(target=handle.push, args=(0, "Hello", [7], None))
     assert handle.snapshot().prompt == ""  # a running request's snapshot does not wait for the text
     pusher.start()
     pusher.join()
     assert handle.snapshot().text == "Hello"
     text.set_result("<user>Hi</user>")
-    handle._finish()
+    handle.finish()
     assert handle.result().prompt == handle.prompt == "<user>Hi</user>"
 
 

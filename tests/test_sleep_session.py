@@ -26,6 +26,8 @@ GiB = 1 << 30
 class RecordingBackend(Backend):
     """Stands in for a GPU engine: sleeps, wakes and shuts down in memory, and says so."""
 
+    kind = "local"
+
     def __init__(self, config: EngineConfig, events: list[str], weights: int = GiB, reloadable: bool = True) -> None:
         self.config = config
         self.events = events
@@ -63,24 +65,24 @@ class RecordingBackend(Backend):
         return UnloadReport(self.name, 1, 0, None, None)
 
     # requests: each one finishes at once with the text "ok"
-    def params(self, defaults, overrides, structured):
+    def _params(self, defaults, overrides, structured):
         return _Params()
 
-    def given_params(self, sampling):
+    def _given_params(self, sampling):
         return sampling
 
-    def prepare(self, items, raw, system):
-        return [Prepared(str(item), [1, 2]) for item in items]
+    def render(self, prompts, raw, system, template=None):
+        return [Prepared(str(item), [1, 2]) for item in prompts]
 
-    def fit(self, params, prompt_tokens):
+    def _fit(self, params, prompt_tokens):
         return params
 
     def add(self, requests) -> None:
         assert self.asleep is None, "a request reached a sleeping engine"
-        for handle, _, _ in requests:
+        for handle, _ in requests:
             self.added.append(handle.request_id)
-            handle._push(0, "ok", [7], "stop")
-            handle._finish()
+            handle.push(0, "ok", [7], "stop")
+            handle.finish()
 
     def abort(self, request_ids) -> None:
         pass

@@ -6,9 +6,11 @@ shuts the old engine down, checks that its memory came back, then starts the new
 ``load(..., keep=True)`` puts the old engine to sleep instead (vLLM's sleep mode), and a later load
 that one of the sleeping engines serves wakes it in seconds: one engine is awake at a time. ``submit()``
 is the only way to generate: it takes many prompts or conversations at once, builds the sampling
-parameters from the session's defaults plus the call's overrides, and returns
-:class:`~vllm_magic.engine.requests.handles.RequestHandle` objects to iterate, await or abort from any thread
-or event loop. What runs the model is a :class:`~vllm_magic.engine.backends.base.Backend`.
+parameters from the session's defaults plus the call's overrides, checks what holds for every
+front-end (thinking switch and budget, one answer constraint, the session's parsers), and returns
+:class:`~vllm_magic.engine.requests.handles.RequestHandle` objects to iterate, await or abort from any
+thread or event loop. What runs the model is a :class:`~vllm_magic.engine.backends.base.Backend`;
+front-ends talk to the session only.
 """
 
 from __future__ import annotations
@@ -19,20 +21,19 @@ import os
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from ..errors import (ConfigError, EngineDiedError, EngineStartError, NoEngineError, PromptTooLongError, ServerError,
-                      SleepError)
-from .backends.base import Backend, SleepReport, UnloadReport
-from .config import EngineConfig, import_vllm, resolve_engine_config, short_model_name
-from .requests.handles import GenerationResult, RequestHandle
+from ..errors import (ConfigError, EngineDiedError, EngineStartError, NoEngineError, PromptTooLongError,
+                      RequestError, ServerError, SleepError)
+from .backends.base import Backend, RequestOptions, SleepReport, UnloadReport
+from .config import EngineConfig, import_vllm, resolve_engine_config
 from .listeners import Listeners
 from .log import EngineLog, quiet_vllm_environment
+from .requests.handles import GenerationResult, RequestHandle
 from .requests.prompts import PromptLike, as_prompt_list
 from .requests.reasoning import Parsers, ReasoningSplitter
 from .requests.sampling import SamplingDefaults
-from .requests.tool_calls import prepare_prompts
+from .status import GiB, KeptEngine, LoadInfo, SessionStatus, kept_engine, loaded_line, woken_line
 
 __all__ = [
     "EngineSession", "get_session", "LoadInfo", "SessionStatus", "UnloadReport", "NoEngineError",
@@ -40,116 +41,8 @@ __all__ = [
     "KeptEngine",
 ]
 
-GiB = 1 << 30
 #: Host RAM a level-1 sleep leaves free beside the weights it copies there.
 HOST_RAM_MARGIN = 4 * GiB
-
-
-@dataclass
-class LoadInfo:
-    """What ``load()`` did."""
-
-    config: EngineConfig
-    already_loaded: bool
-    seconds: float
-    summary: str
-    #: What happened to the engine that was loaded before (``keep=True``), in one line, or None.
-    kept: str | None = None
-    #: Whether the engine was a sleeping one, woken instead of started.
-    woken: bool = False
-
-
-@dataclass
-class KeptEngine:
-    """A sleeping engine the session keeps for a later ``load()`` (``%vllm_status`` lists them)."""
-
-    model: str
-    level: int
-    since: float
-    holds: str
-    host_bytes: int | None
-    engine_args: dict[str, Any] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        host = "" if self.host_bytes is None else f", {self.host_bytes / GiB:.1f} GiB of host RAM"
-        args = ", ".join(f"{k}={v}" for k, v in sorted(self.engine_args.items()) if k != "enable_sleep_mode")
-        return (f"`{short_model_name(self.model)}` asleep (level {self.level}, {time.monotonic() - self.since:.0f} s): "
-                f"{self.holds}{host}" + (f"; {args}" if args else ""))
-
-
-@dataclass
-class SessionStatus:
-    """A snapshot of the session, as ``%vllm_status`` shows it."""
-
-    loaded: bool
-    model: str | None = None
-    platform: str | None = None
-    engine_args: dict[str, Any] = field(default_factory=dict)
-    dtype: str | None = None
-    max_model_len: int | None = None
-    kv_cache_tokens: int | None = None
-    memory_bytes: int | None = None
-    memory_kind: str | None = None
-    uptime: float | None = None
-    load_seconds: float | None = None
-    submissions: int = 0
-    requests_served: int = 0
-    tokens_out: int = 0
-    requests_live: int = 0
-    vllm_version: str | None = None
-    fingerprint: str | None = None
-    log_path: str | None = None
-    #: Why the loaded engine cannot serve any more (its process died), or None while it is healthy.
-    dead: str | None = None
-    #: The URL of the vLLM server the session is attached to (``%vllm_load --remote``), or None.
-    server: str | None = None
-    #: The sleep the loaded engine is in (``%vllm_sleep``), or None while it is awake.
-    asleep: SleepReport | None = None
-    #: Sleeping engines kept for switching back (``%vllm_load --keep``), most recent first.
-    kept: list[KeptEngine] = field(default_factory=list)
-
-    def _repr_markdown_(self) -> str:
-        kept = "".join(f"\n- {k.describe()}" for k in self.kept)
-        kept = f"\n\nSleeping engines (`%vllm_load` of one wakes it; `%vllm_unload` frees all):{kept}" if kept else ""
-        return self._main_markdown() + kept
-
-    def _main_markdown(self) -> str:
-        if not self.loaded:
-            return "**vllm-magic**: no engine loaded. Run `%vllm_load` (demo model) or `%vllm_load MODEL`."
-        if self.dead and self.server:
-            return (f"**vllm-magic**: {self.dead}. Start the server again, or attach another with "
-                    "`%vllm_load --remote URL`.")
-        if self.dead:
-            return (f"**vllm-magic**: the engine of `{self.model}` is dead ({self.dead}). "
-                    "Run `%vllm_load` to start it again; `%vllm_log` shows why it died.")
-        mem = "n/a" if self.memory_bytes is None else f"{self.memory_bytes / 2**30:.2f} GiB ({self.memory_kind})"
-        state = "awake"
-        if self.asleep is not None:
-            freed = self.asleep.freed_bytes
-            state = (f"asleep (level {self.asleep.level}): {self.asleep.holds}"
-                     + ("" if freed is None else f"; {freed / GiB:.2f} GiB of GPU memory freed")
-                     + "; %vllm_wake or the next request wakes it")
-        rows = [
-            ("model", f"`{self.model}`"), ("state", state), ("platform", self.platform),
-            *([("server", self.server)] if self.server else []), ("vLLM", self.vllm_version),
-            ("dtype", self.dtype), ("max model len", self.max_model_len),
-            ("KV cache", f"{self.kv_cache_tokens} tokens" if self.kv_cache_tokens else "n/a"),
-            ("memory", mem), ("uptime", f"{self.uptime:.0f} s"), ("load time", f"{self.load_seconds:.1f} s"),
-            ("requests served", self.requests_served), ("tokens out", self.tokens_out),
-            ("requests running", self.requests_live),
-            ("engine args", ", ".join(f"{k}={v}" for k, v in sorted(self.engine_args.items())) or "-"),
-        ]
-        return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-
-    def __repr__(self) -> str:
-        if not self.loaded:
-            return "SessionStatus(loaded=False)"
-        if self.dead:
-            return f"SessionStatus(model={self.model!r}, dead={self.dead!r})"
-        if self.asleep is not None:
-            return f"SessionStatus(model={self.model!r}, asleep=level {self.asleep.level}, kept={len(self.kept)})"
-        return (f"SessionStatus(model={self.model!r}, platform={self.platform!r}, requests_served="
-                f"{self.requests_served}, tokens_out={self.tokens_out})")
 
 
 class EngineSession:
@@ -176,9 +69,7 @@ class EngineSession:
         self.listeners = Listeners(report=lambda text: self.log.mark(text))
         #: The vLLM server this kernel started (``%vllm_serve``), or None.
         self.server: Any = None
-        #: vLLM's reasoning and tool call parsers for this session's answers (``%vllm_load ...
-        #: --reasoning-parser NAME --tool-call-parser NAME``); they never restart the engine.
-        self.parsers = Parsers()
+        self._parsers = Parsers()
 
     # ----- lifecycle -----------------------------------------------------------------------------
     @property
@@ -198,17 +89,38 @@ class EngineSession:
 
     @property
     def backend(self) -> Backend | None:
-        """What runs the model now (None when nothing is loaded)."""
+        """What runs the model now (None when nothing is loaded); for tests and benchmarks:
+        front-ends use the session's own methods."""
         return self._backend
+
+    @property
+    def url(self) -> str | None:
+        """The URL of the vLLM server the session is attached to, or None (an engine in this
+        kernel, or none)."""
+        backend = self._backend
+        return backend.url if backend is not None and backend.kind == "remote" else None
 
     @property
     def llm(self) -> Any:
         """The underlying ``vllm.LLM`` of an in-process engine (its engine is driven by the
         session's thread: don't step it; use :meth:`run_on_engine`)."""
-        backend = self._require()
-        if not hasattr(backend, "llm"):
-            raise NoEngineError(f"the {type(backend).__name__} has no vllm.LLM in this process")
-        return backend.llm
+        return self._require().llm
+
+    @property
+    def tokenizer(self) -> Any:
+        """The loaded model's tokenizer in this process (vLLM's parsers read it)."""
+        return self._require().tokenizer
+
+    @property
+    def parsers(self) -> Parsers:
+        """vLLM's reasoning and tool call parsers for this session's answers (``%vllm_load ...
+        --reasoning-parser NAME --tool-call-parser NAME``); they never restart the engine. Setting
+        names that vLLM does not have raises :class:`ConfigError`, and the parsers stay as they were."""
+        return self._parsers
+
+    @parsers.setter
+    def parsers(self, parsers: Parsers) -> None:
+        self._parsers = parsers.check()
 
     def resolve(self, model: str | os.PathLike | None = None, **engine_kwargs: Any) -> EngineConfig:
         """The configuration ``load(model, **engine_kwargs)`` would run (nothing is started)."""
@@ -246,8 +158,7 @@ class EngineSession:
                 backend = self._backend
                 woke = backend.asleep is not None
                 seconds = self._wake(backend) if woke else 0.0
-                summary = (self._woken_summary(backend, seconds) if woke
-                           else self._summary(backend, already=True))
+                summary = woken_line(backend, seconds) if woke else loaded_line(backend, already=True)
                 return LoadInfo(backend.config, True, time.perf_counter() - start, summary, woken=woke)
             sleeping = self._kept_serving(config)
             current = self._backend
@@ -269,10 +180,10 @@ class EngineSession:
                 self._backend = sleeping
                 seconds = self._wake(sleeping)
                 return LoadInfo(sleeping.config, False, time.perf_counter() - start,
-                                self._woken_summary(sleeping, seconds), kept=kept_line, woken=True)
+                                woken_line(sleeping, seconds), kept=kept_line, woken=True)
             self._backend = self._start(config, verbose, progress)
             self.engines_created += 1
-            return LoadInfo(config, False, time.perf_counter() - start, self._summary(self._backend),
+            return LoadInfo(config, False, time.perf_counter() - start, loaded_line(self._backend),
                             kept=kept_line)
 
     def _validate(self, config: EngineConfig) -> None:
@@ -306,7 +217,7 @@ class EngineSession:
         self._backend = None
         name = backend.config.short_name
         level = 1
-        weights = getattr(backend, "weight_bytes", lambda: None)()
+        weights = backend.weight_bytes()
         available = psutil.virtual_memory().available
         if backend.asleep is None and weights is not None and weights + HOST_RAM_MARGIN > available:
             if backend.sleep_refusal(2) is not None:
@@ -365,16 +276,7 @@ class EngineSession:
     @property
     def kept(self) -> list[KeptEngine]:
         """The sleeping engines kept for switching back, most recent first."""
-        return [self._kept_view(b) for b in list(self._kept)]
-
-    @staticmethod
-    def _kept_view(backend: Backend) -> KeptEngine:
-        report = backend.asleep
-        host = None
-        if report is not None and report.level == 1:
-            host = _host_memory(getattr(backend, "children", ()))
-        return KeptEngine(backend.config.model, report.level if report else 0, report.since if report else 0.0,
-                          report.holds if report else "", host, dict(backend.config.requested))
+        return [kept_engine(b) for b in list(self._kept)]
 
     def connect(self, url: str, *, api_key: str | None = None, model: str | None = None) -> LoadInfo:
         """Use the vLLM server at ``url`` (any OpenAI-compatible vLLM server) instead of an engine in
@@ -389,15 +291,14 @@ class EngineSession:
         start = time.perf_counter()
         with self._lock:
             current = self._backend
-            if isinstance(current, RemoteBackend) and current.same_server(url, api_key, model) \
-                    and current.death() is None:
+            if current is not None and current.attached_to(url, api_key, model) and current.death() is None:
                 return LoadInfo(current.config, True, time.perf_counter() - start,
-                                self._summary(current, already=True))
+                                loaded_line(current, already=True))
             backend = RemoteBackend.connect(url, api_key=api_key, model=model, on_finished=_weakly(self._finished))
             if self._backend is not None:
                 self.unload()
             self._backend = backend
-            return LoadInfo(backend.config, False, time.perf_counter() - start, self._summary(backend))
+            return LoadInfo(backend.config, False, time.perf_counter() - start, loaded_line(backend))
 
     def serve(self, model: str | None = None, *, host: str = "127.0.0.1", port: int | None = None,
               api_key: str | None = None, handoff: bool = False, server_kwargs: dict[str, Any] | None = None,
@@ -419,7 +320,7 @@ class EngineSession:
             if self.server is not None and self.server.alive:
                 raise ConfigError(f"this kernel already serves {self.server.model_name} at {self.server.base_url}; "
                                   "stop it first (%vllm_serve --stop)")
-            local = self._backend if self._backend is not None and self._backend.url is None else None
+            local = self._backend if self._backend is not None and self._backend.kind == "local" else None
             if handoff:
                 if local is None:
                     raise ConfigError("--handoff moves the engine loaded in this kernel to a server: load one "
@@ -459,7 +360,7 @@ class EngineSession:
             server, self.server = self.server, None
             if server is None:
                 return None
-            if self._backend is not None and self._backend.url == server.url:
+            if self.url == server.url:
                 self.unload()
             server.stop()
             return server
@@ -476,17 +377,12 @@ class EngineSession:
                 return False
             # Every engine stops before the wait for memory: each one's baseline counted the others.
             baselines = [b.memory_before_load for b in [*kept, self._backend]
-                         if b is not None and getattr(b, "memory_before_load", None) is not None]
+                         if b is not None and b.memory_before_load is not None]
             for backend in kept:
                 self._shut(backend, baseline=None)
             if self._backend is not None:
                 self._unload_current(baseline=min(baselines) if baselines else "own")
             return True
-
-    @property
-    def sleeping_count(self) -> int:
-        """How many sleeping engines are kept beside the loaded one."""
-        return len(self._kept)
 
     def _unload_current(self, baseline: Any = "own") -> None:
         backend, self._backend = self._backend, None
@@ -495,10 +391,7 @@ class EngineSession:
 
     def _shut(self, backend: Backend, baseline: Any = "own") -> UnloadReport:
         self.log.mark(f"unloading {backend.config.model}")
-        if baseline == "own" or not hasattr(backend, "memory_before_load"):  # a server elsewhere: nothing to wait for
-            report = backend.shutdown()
-        else:
-            report = backend.shutdown(baseline=baseline)  # type: ignore[call-arg]
+        report = backend.shutdown(baseline)
         if report.processes_killed:
             self.log.mark(f"killed {report.processes_killed} engine process(es) that outlived shutdown")
         return report
@@ -522,23 +415,27 @@ class EngineSession:
         """
         backend = self._require()
         items = as_prompt_list(prompts)
-        raw = self.defaults.raw if raw is None else raw
-        system = self.defaults.system_prompt if system is None else system
-        structured = {"json_schema": json_schema, "regex": regex, "choice": choice}
-        if sampling is None:
-            sampling = backend.params(self.defaults, overrides, {k: v for k, v in structured.items() if v is not None})
-        elif overrides or any(v is not None for v in structured.values()):
+        structured = {k: v for k, v in (("json_schema", json_schema), ("regex", regex), ("choice", choice))
+                      if v is not None}
+        if sampling is not None and (overrides or structured):
             raise TypeError("pass either a SamplingParams or sampling options, not both")
-        else:
-            sampling = backend.given_params(sampling)
+        options = RequestOptions(
+            raw=self.defaults.raw if raw is None else raw,
+            system=self.defaults.system_prompt if system is None else system,
+            overrides=overrides, structured=structured, sampling=sampling, tools=tools,
+            template=chat_template_kwargs)
+        self._check(backend, options)
+        ready = backend.prepare_requests(items, options, self.defaults)  # the one crossing before add
         parse = json.loads if json_schema is not None else None
+        reasoning = self._parsers.reasoning
+        tokenizer = backend.tokenizer if reasoning else None
         requests = []
-        for prompt in prepare_prompts(backend, items, raw, system, tools, chat_template_kwargs):
-            params = backend.fit(sampling, len(prompt.token_ids))
-            splitter = ReasoningSplitter(self.parsers.reasoning, backend.tokenizer) if self.parsers.reasoning else None
-            handle = RequestHandle(f"vm-{next(self._ids)}", prompt.text, prompt.token_ids, params.n,
-                                   self._abort_one, parse, sampling_params=params, splitter=splitter)
-            requests.append((handle, prompt, params))
+        for request in ready:
+            splitter = ReasoningSplitter(reasoning, tokenizer) if reasoning else None
+            handle = RequestHandle(f"vm-{next(self._ids)}", request.prompt.text, request.prompt.token_ids,
+                                   request.params.n, self._abort_one, parse, sampling_params=request.params,
+                                   splitter=splitter)
+            requests.append((handle, request))
         if backend.asleep is not None:  # a request to a sleeping engine wakes it: nobody asks to be told to
             with self._lock:
                 if backend.asleep is not None and self._backend is backend:
@@ -546,7 +443,28 @@ class EngineSession:
         backend.add(requests)
         with self._counter_lock:
             self.submissions += 1
-        return [handle for handle, _, _ in requests]
+        return [handle for handle, _ in requests]
+
+    @staticmethod
+    def _check(backend: Backend, options: RequestOptions) -> None:
+        """What no front-end may ask, in one line each: the same for ``%%vllm``, ``VLLM``,
+        ``ChatVLLM`` and Python, before anything reaches the engine."""
+        if len(options.structured) > 1:
+            raise RequestError("constrain the answer with one of json_schema, regex and choice, not "
+                               + " and ".join(options.structured))
+        thinking = (options.template or {}).get("enable_thinking")
+        template = backend.chat_template
+        if thinking is not None and template is not None and "enable_thinking" not in template:
+            raise RequestError("--think/--no-think (enable_thinking) switch thinking in the chat template, and "
+                               "this model's template has no such switch")
+        budget = options.overrides.get("thinking_token_budget")
+        if budget is not None:
+            if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+                raise RequestError(f"the thinking budget (--thinking-budget, thinking_token_budget) is a number "
+                                   f"of tokens, 0 or more, not {budget!r}")
+            refusal = backend.thinking_budget_refusal()
+            if refusal is not None:
+                raise RequestError(f"a thinking budget (--thinking-budget, thinking_token_budget): {refusal}")
 
     def generate(self, prompt: PromptLike, **kwargs: Any) -> GenerationResult:
         """Submit one prompt and wait for its result (Ctrl-C aborts it)."""
@@ -557,7 +475,7 @@ class EngineSession:
         backend = self._require()
         raw = self.defaults.raw if raw is None else raw
         system = self.defaults.system_prompt if system is None else system
-        return backend.prepare([prompt], raw, system)[0].text
+        return backend.render([prompt], raw, system)[0].text
 
     def abort_all(self) -> int:
         """Abort every request in flight (the Stop button); returns how many were stopped."""
@@ -618,43 +536,7 @@ class EngineSession:
             submissions=self.submissions, requests_served=self.requests_served, tokens_out=self.tokens_out,
             requests_live=backend.live_count, vllm_version=backend.vllm_version,
             fingerprint=config.fingerprint, log_path=str(self.log.path), dead=dead,
-            server=backend.url, asleep=backend.asleep, kept=kept)
-
-    @staticmethod
-    def _woken_summary(backend: Backend, seconds: float) -> str:
-        return f"{backend.config.short_name} woken from sleep in {seconds:.1f} s ({backend.config.platform}, {backend.dtype})"
-
-    @staticmethod
-    def _summary(backend: Backend, already: bool = False) -> str:
-        name, platform = backend.config.short_name, backend.config.platform
-        url = backend.url
-        if url is not None:
-            if already:
-                return f"{name} already attached (vLLM server at {url})"
-            return (f"{name} on the vLLM server at {url} (vLLM {backend.vllm_version}, context "
-                    f"{backend.max_model_len:,} tokens), attached in {backend.load_seconds:.1f} s")
-        if already:  # the arguments it was loaded with: a request that leaves them open keeps them
-            given = "".join(f", {k}={v}" for k, v in sorted(backend.config.requested.items()))
-            return f"{name} already loaded ({platform}, {backend.dtype}{given})"
-        kv = f", KV cache {backend.kv_cache_tokens:,} tokens" if backend.kv_cache_tokens else ""
-        quantized = backend.config.engine_kwargs.get("quantization") or backend.quantization
-        split = backend.config.parallel_summary
-        shape = "".join(f", {part}" for part in (quantized, split) if part)
-        return f"{name} loaded on {platform} ({backend.dtype}{shape}{kv}) in {backend.load_seconds:.1f} s"
-
-
-def _host_memory(pids: Any) -> int | None:
-    """Resident host memory of processes (a level-1 sleeping engine's weights live there), or None."""
-    import psutil
-
-    total = 0
-    for pid in pids:
-        try:
-            total += psutil.Process(pid).memory_info().rss
-        except psutil.Error:
-            pass
-    return total or None
-
+            server=self.url, asleep=backend.asleep, kept=kept)
 
 def _weakly(method: Callable[[Any], None]) -> Callable[[Any], None]:
     """A callback that does not keep its object alive (the engine must not pin the session)."""

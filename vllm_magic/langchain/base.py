@@ -31,7 +31,7 @@ __all__ = ["EngineBase", "SamplingFields", "engine_request", "without_needless_f
 DEMO_MODEL_ALIASES = frozenset({DEMO_MODEL_NAME, f"HuggingFaceTB/{DEMO_MODEL_NAME}"})
 
 #: Keyword arguments a call may carry besides the sampling options.
-CALL_OPTIONS = frozenset({"raw", "system", *STRUCTURED_FIELDS})
+CALL_OPTIONS = frozenset({"raw", "system", "chat_template_kwargs", *STRUCTURED_FIELDS})
 
 
 def _sampling_field(name: str) -> tuple[Any, Any]:

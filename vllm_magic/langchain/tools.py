@@ -79,7 +79,7 @@ class ToolRequest:
         parser = None
         name = session.parsers.tool_call
         if choice == "auto" and name:
-            parser = ToolCallParser(name, session.backend.tokenizer)
+            parser = ToolCallParser(name, session.tokenizer)
         return cls(tools, choice, parser)
 
     @property

@@ -1,25 +1,28 @@
-"""The seam between the engine session and what actually runs a model.
+"""The seam between the engine session and what runs a model.
 
-An :class:`EngineSession` owns at most one :class:`Backend`: the in-process vLLM engine
-(:class:`~vllm_magic.engine.backends.local.LocalBackend`) or a vLLM server elsewhere
-(:class:`~vllm_magic.engine.backends.remote.RemoteBackend`). The session does everything that is the same
-for all of them (defaults, the merge of sampling options, request ids, counters, listeners,
-status); a backend only starts, turns options and prompts into what its engine takes, runs
-requests, reports its health and memory, and shuts down.
+An :class:`EngineSession` owns at most one awake :class:`Backend`: the in-process vLLM engine
+(:class:`~vllm_magic.engine.backends.local.LocalBackend`, ``kind == "local"``) or a vLLM server
+elsewhere (:class:`~vllm_magic.engine.backends.remote.RemoteBackend`, ``kind == "remote"``). The
+session does what is the same for every engine (defaults, request ids, checks, counters, listeners,
+status); a backend turns a batch of prompts and options into ready requests in one call
+(:meth:`Backend.prepare_requests`), runs them (:meth:`~Backend.add`, :meth:`~Backend.abort`), reports
+its health and memory, sleeps where it can, and shuts down. Nobody outside a backend reads its
+private members, and nobody tells the kinds apart by anything but :attr:`Backend.kind`.
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal
 
-from ...errors import ConfigError, SleepError
+from ...errors import ConfigError, NoEngineError, SleepError
 from ..config import EngineConfig
 from ..requests.handles import RequestHandle
 from ..requests.prompts import Prepared, PromptLike
+from ..requests.tool_calls import render_with_tools
 
-__all__ = ["Backend", "UnloadReport", "SleepReport"]
+__all__ = ["Backend", "RequestOptions", "ReadyRequest", "UnloadReport", "SleepReport"]
 
 
 @dataclass
@@ -69,9 +72,39 @@ class SleepReport:
         return "nothing of the model: weights and KV cache discarded (waking reloads the weights)"
 
 
+@dataclass(frozen=True)
+class RequestOptions:
+    """What a batch asks for besides its prompts, as every front-end gives it to the session."""
+
+    #: Prompts as plain completion text (no chat template), and the system message of chat prompts.
+    raw: bool = False
+    system: str = ""
+    #: Sampling options over the session's defaults (``temperature=0``, ``max_tokens=5``, ...).
+    overrides: dict[str, Any] = field(default_factory=dict)
+    #: ``json_schema``, ``regex`` or ``choice``: the one constraint on the answer, if any.
+    structured: dict[str, Any] = field(default_factory=dict)
+    #: A ready vLLM ``SamplingParams`` used as given, instead of defaults, overrides and constraint.
+    sampling: Any = None
+    #: OpenAI tool dicts, and further chat template arguments (``enable_thinking``, ...).
+    tools: list[dict[str, Any]] | None = None
+    template: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ReadyRequest:
+    """One prompt as its engine runs it: text and token ids, and sampling parameters in the
+    engine's form, bounded to the room the prompt leaves in the context window."""
+
+    prompt: Prepared
+    params: Any
+
+
 class Backend(abc.ABC):
     """One running engine, as the session drives it."""
 
+    #: ``"local"``: an engine in this process, its processes bound to this kernel;
+    #: ``"remote"``: a vLLM server elsewhere, which keeps running when the session lets it go.
+    kind: ClassVar[Literal["local", "remote"]]
     #: The configuration it runs.
     config: EngineConfig
     #: What the engine runs with: ``dtype``, ``max_model_len``, KV cache size in tokens (or None).
@@ -83,40 +116,67 @@ class Backend(abc.ABC):
     started: float
     #: The vLLM version that runs the engine.
     vllm_version: str
-    #: The server's URL when the engine runs elsewhere (``%vllm_load --remote``), else None.
+    #: The server's URL (``kind == "remote"``), else None: shown in status lines.
     url: str | None = None
     #: How the weights are quantized (``"awq"``, ...), or None.
     quantization: str | None = None
     #: The sleep it is in (``%vllm_sleep``), or None while it is awake.
     asleep: SleepReport | None = None
+    #: Device memory in use before this engine started (what an unload waits to get back), or None.
+    memory_before_load: int | None = None
+
+    # ----- requests ---------------------------------------------------------------------------------
+    def prepare_requests(self, prompts: list[PromptLike], options: RequestOptions,
+                         defaults: Any) -> list[ReadyRequest]:
+        """The batch's ready requests, in one call: sampling parameters built once (from
+        ``defaults`` and ``options``), every prompt rendered (chat template, tools, template
+        arguments) and tokenized, and each request's ``max_tokens`` fitted to its context."""
+        if options.sampling is not None:
+            sampling = self._given_params(options.sampling)
+        else:
+            sampling = self._params(defaults, options.overrides, options.structured)
+        rendered = render_with_tools(self.render, prompts, options.raw, options.system, options.tools,
+                                     options.template, cache_key=self)
+        return [ReadyRequest(prompt, self._fit(sampling, len(prompt.token_ids))) for prompt in rendered]
 
     @abc.abstractmethod
-    def params(self, defaults: Any, overrides: dict[str, Any], structured: dict[str, Any]) -> Any:
-        """One request's sampling parameters, in this engine's form, from the session's defaults,
-        the call's overrides and its ``json_schema``/``regex``/``choice`` constraint."""
+    def render(self, prompts: list[PromptLike], raw: bool, system: str,
+               template: dict[str, Any] | None = None) -> list[Prepared]:
+        """Each prompt's text and token ids (chat template applied unless ``raw``); ``template``
+        holds further arguments of the chat template (``tools``, ``enable_thinking``, ...). Raises
+        :class:`~vllm_magic.errors.PromptTooLongError` for a prompt that leaves no room to answer."""
 
     @abc.abstractmethod
-    def given_params(self, sampling: Any) -> Any:
+    def _params(self, defaults: Any, overrides: dict[str, Any], structured: dict[str, Any]) -> Any:
+        """One batch's sampling parameters, in this engine's form."""
+
+    @abc.abstractmethod
+    def _given_params(self, sampling: Any) -> Any:
         """A ready vLLM ``SamplingParams``, in this engine's form (streaming deltas)."""
 
     @abc.abstractmethod
-    def prepare(self, items: list[PromptLike], raw: bool, system: str,
-                template: dict[str, Any] | None = None) -> list[Prepared]:
-        """Each prompt's text and token ids (chat template applied unless ``raw``); ``template``
-        holds further arguments of the chat template (``tools``, ``enable_thinking``, ...)."""
+    def _fit(self, params: Any, prompt_tokens: int) -> Any:
+        """``params`` bounded to the room the prompt leaves in the context window."""
 
     @property
     def tokenizer(self) -> Any:
         """The model's tokenizer in this process (vLLM's reasoning and tool parsers read it)."""
         raise ConfigError(f"the {type(self).__name__} has no tokenizer of its model in this process")
 
-    @abc.abstractmethod
-    def fit(self, params: Any, prompt_tokens: int) -> Any:
-        """``params`` bounded to the room the prompt leaves in the context window."""
+    @property
+    def chat_template(self) -> str | None:
+        """The model's chat template where this process knows it (None: unknown here)."""
+        return None
+
+    def thinking_budget_refusal(self) -> str | None:
+        """Why requests here cannot carry a thinking token budget, or None when they can (a server
+        elsewhere decides for itself)."""
+        return None
 
     @abc.abstractmethod
-    def add(self, requests: list[tuple[RequestHandle, Prepared, Any]]) -> None:
-        """Start ``(handle, prompt, SamplingParams)`` requests; the engine fills the handles."""
+    def add(self, requests: list[tuple[RequestHandle, ReadyRequest]]) -> None:
+        """Start requests; the engine fills their handles (:meth:`RequestHandle.push`,
+        :meth:`RequestHandle.finish`)."""
 
     @abc.abstractmethod
     def abort(self, request_ids: list[str]) -> None:
@@ -131,6 +191,16 @@ class Backend(abc.ABC):
     def live_count(self) -> int:
         """Requests running now."""
 
+    def call(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(llm)`` with the raw ``vllm.LLM`` between steps (only where there is one)."""
+        raise NoEngineError(f"the {type(self).__name__} has no vllm.LLM in this process")
+
+    @property
+    def llm(self) -> Any:
+        """The raw ``vllm.LLM`` (only where it runs in this process)."""
+        raise NoEngineError(f"the {type(self).__name__} has no vllm.LLM in this process")
+
+    # ----- health and memory ------------------------------------------------------------------------
     @abc.abstractmethod
     def death(self) -> str | None:
         """Why the engine cannot serve any more, or None while it can."""
@@ -143,14 +213,23 @@ class Backend(abc.ABC):
     def memory(self) -> tuple[int | None, str]:
         """``(bytes, what they are)`` the engine holds now."""
 
+    def host_memory(self) -> int | None:
+        """Host RAM its processes hold (a level-1 sleeping engine's weights live there), or None."""
+        return None
+
+    def weight_bytes(self) -> int | None:
+        """About how many bytes its weights take (what a level-1 sleep copies to host RAM), or None."""
+        return None
+
     def derived_args(self) -> dict[str, Any]:
         """Engine arguments the engine derived while starting (for "already loaded" decisions)."""
         return {"max_model_len": self.max_model_len, "dtype": self.dtype}
 
-    def call(self, fn: Callable[[Any], Any]) -> Any:
-        """Run ``fn`` with the raw engine object between steps (only where there is one)."""
-        raise NotImplementedError(f"{type(self).__name__} has no engine object in this process")
+    def attached_to(self, url: str, api_key: str | None, model: str | None) -> bool:
+        """Whether this is the server at ``url`` with ``api_key``, serving ``model`` (None: any)."""
+        return False
 
+    # ----- sleep mode -------------------------------------------------------------------------------
     def sleep_refusal(self, level: int) -> str | None:
         """Why this engine cannot sleep at ``level``, or None when it can."""
         return ("sleep mode needs an engine in this kernel on an NVIDIA GPU (vLLM's sleep mode); "
@@ -168,6 +247,9 @@ class Backend(abc.ABC):
             return 0.0
         raise SleepError("this engine cannot wake")  # pragma: no cover - only engines that slept wake
 
+    # ----- stopping ---------------------------------------------------------------------------------
     @abc.abstractmethod
-    def shutdown(self) -> UnloadReport:
-        """Stop the engine and wait until what it held (processes, memory) is returned."""
+    def shutdown(self, baseline: int | None | Literal["own"] = "own") -> UnloadReport:
+        """Stop the engine (a server elsewhere: let go of it) and wait until what it held
+        (processes, device memory) is returned: to ``baseline`` bytes of device memory in use
+        ("own": what was in use before it started; None: do not wait, another shutdown waits)."""

@@ -126,7 +126,7 @@ class EngineDriver:
                 try:
                     engine.add_request(handle.request_id, prompt, params)
                 except Exception as exc:  # a bad request fails alone; the engine keeps serving
-                    handle._finish(error=ValueError(str(exc)))
+                    handle.finish(error=ValueError(str(exc)))
                     continue
                 self._live[handle.request_id] = handle
         elif kind == "abort":
@@ -156,7 +156,7 @@ class EngineDriver:
         error = EngineDiedError(f"the engine died ({self.dead}); run %vllm_load again")
         if kind == "add":
             for handle, _, _ in payload:
-                handle._finish(error=error)
+                handle.finish(error=error)
         elif kind == "abort":
             payload[1].set()
         elif kind == "call":
@@ -168,19 +168,19 @@ class EngineDriver:
             if handle is None:
                 continue  # a leftover of an aborted request
             for completion in output.outputs:
-                handle._push(completion.index, completion.text, list(completion.token_ids or ()),
+                handle.push(completion.index, completion.text, list(completion.token_ids or ()),
                              completion.finish_reason)
             if output.finished:
                 self._finish(handle)
 
     def _finish(self, handle: RequestHandle, *, aborted: bool = False) -> None:
         self._live.pop(handle.request_id, None)
-        handle._finish(aborted=aborted, then=self._on_finished)
+        handle.finish(aborted=aborted, then=self._on_finished)
 
     def _close_all(self, error: BaseException, aborted: bool = False) -> None:
         for handle in list(self._live.values()):
             self._live.pop(handle.request_id, None)
             if aborted:
-                handle._finish(aborted=True)
+                handle.finish(aborted=True)
             else:
-                handle._finish(error=error)
+                handle.finish(error=error)

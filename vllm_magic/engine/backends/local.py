@@ -19,7 +19,7 @@ import weakref
 from typing import Any, Callable
 
 from ...errors import ConfigError, EngineStartError, SleepError
-from .base import Backend, SleepReport, UnloadReport
+from .base import Backend, ReadyRequest, SleepReport, UnloadReport
 from ..config import EngineConfig, thread_binding_for_start
 from .driver import EngineDriver
 from ..requests.handles import RequestHandle
@@ -43,9 +43,11 @@ _SCRIPT_NEEDS_MAIN_GUARD = (
 class LocalBackend(Backend):
     """A ``vllm.LLM`` in this process, driven by one thread, with its engine processes."""
 
+    kind = "local"
+
     def __init__(self, llm: Any, config: EngineConfig, children: set[int], load_seconds: float,
                  memory_before_load: int | None, on_finished: Callable[[RequestHandle], None]) -> None:
-        self.llm = llm
+        self._llm = llm
         self.config = config
         self.children = children
         self.load_seconds = load_seconds
@@ -58,7 +60,7 @@ class LocalBackend(Backend):
         reasoning = getattr(llm.llm_engine.vllm_config, "reasoning_config", None)
         #: Whether vLLM holds thinking to a token budget here (``--thinking-budget``): only an engine
         #: started with vLLM's reasoning config knows where thinking ends (vLLM 0.26 has no budget).
-        self.thinking_budget_ready = bool(reasoning is not None and getattr(reasoning, "enabled", False))
+        self._reasoning_config = bool(reasoning is not None and getattr(reasoning, "enabled", False))
         cache = llm.llm_engine.vllm_config.cache_config
         blocks = getattr(cache, "num_gpu_blocks", None)
         self.kv_cache_tokens = int(blocks * cache.block_size) if blocks else None
@@ -143,31 +145,46 @@ class LocalBackend(Backend):
 
         return vllm_version()
 
-    def params(self, defaults: Any, overrides: dict[str, Any], structured: dict[str, Any]) -> Any:
+    def _params(self, defaults: Any, overrides: dict[str, Any], structured: dict[str, Any]) -> Any:
         return build_sampling_params(defaults, overrides, **structured)
 
-    def given_params(self, sampling: Any) -> Any:
+    def _given_params(self, sampling: Any) -> Any:
         from ..compat import RequestOutputKind
 
         sampling = sampling.clone()
         sampling.output_kind = RequestOutputKind.DELTA
         return sampling
 
-    def prepare(self, items: list[PromptLike], raw: bool, system: str,
-                template: dict[str, Any] | None = None) -> list[Prepared]:
-        return self.renderer.prepare(items, raw, system, template)
+    def render(self, prompts: list[PromptLike], raw: bool, system: str,
+               template: dict[str, Any] | None = None) -> list[Prepared]:
+        return self.renderer.prepare(prompts, raw, system, template)
+
+    def _fit(self, params: Any, prompt_tokens: int) -> Any:
+        return self.renderer.fit(params, prompt_tokens)
 
     @property
     def tokenizer(self) -> Any:
         return self.renderer.tokenizer
 
-    def fit(self, params: Any, prompt_tokens: int) -> Any:
-        return self.renderer.fit(params, prompt_tokens)
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self.renderer.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
 
-    def add(self, requests: list[tuple[RequestHandle, Prepared, Any]]) -> None:
+    def thinking_budget_refusal(self) -> str | None:
+        from ..compat import has_thinking_budget
+
+        if not has_thinking_budget():
+            return f"vLLM {self.vllm_version} has no thinking token budget"
+        if not self._reasoning_config:  # only vLLM's reasoning config knows where thinking ends
+            return ("it needs an engine started with vLLM's reasoning config: "
+                    "%vllm_load MODEL --reasoning-config '{\"reasoning_parser\": \"NAME\"}'")
+        return None
+
+    def add(self, requests: list[tuple[RequestHandle, ReadyRequest]]) -> None:
         from ..compat import tokens_prompt
 
-        self.driver.add([(handle, tokens_prompt(prompt.token_ids), params) for handle, prompt, params in requests])
+        self.driver.add([(handle, tokens_prompt(ready.prompt.token_ids), ready.params) for handle, ready in requests])
 
     def abort(self, request_ids: list[str]) -> None:
         self.driver.abort(request_ids)
@@ -179,8 +196,13 @@ class LocalBackend(Backend):
     def live_count(self) -> int:
         return self.driver.live_count
 
+    @property
+    def llm(self) -> Any:
+        """The ``vllm.LLM`` (its engine is driven by the driver thread: step it only through :meth:`call`)."""
+        return self._llm
+
     def call(self, fn: Callable[[Any], Any]) -> Any:
-        llm = self.llm
+        llm = self._llm
         return self.driver.call(lambda _engine: fn(llm))
 
     # ----- health and memory -----------------------------------------------------------------------
@@ -196,6 +218,9 @@ class LocalBackend(Backend):
     def memory(self) -> tuple[int | None, str]:
         if self.config.platform == "cuda":
             return device_memory_used("cuda"), "GPU memory in use"
+        return self.host_memory() or 0, "RSS of engine processes"
+
+    def host_memory(self) -> int | None:
         import psutil
 
         total = 0
@@ -204,7 +229,7 @@ class LocalBackend(Backend):
                 total += psutil.Process(pid).memory_info().rss
             except psutil.NoSuchProcess:
                 pass
-        return total, "RSS of engine processes"
+        return total or None
 
     # ----- sleep mode ------------------------------------------------------------------------------
     @property
@@ -231,7 +256,6 @@ class LocalBackend(Backend):
         return self.config.engine_kwargs.get("load_format") != "dummy"
 
     def weight_bytes(self) -> int | None:
-        """About how many bytes the weights take (what a level-1 sleep copies to host RAM), or None."""
         return estimate_weight_bytes(self.config.model, self.config.engine_kwargs.get("load_format"), self.dtype)
 
     def sleep(self, level: int = 1) -> SleepReport:
@@ -281,7 +305,7 @@ class LocalBackend(Backend):
         _RUNNING.discard(self)
         self._exits.close()
         self._finalizer()  # stops the driver and the engine core; a second call does nothing
-        self.llm = None
+        self._llm = None
         self.renderer = None  # type: ignore[assignment]
         gc.collect()
         _empty_device_cache()

@@ -25,7 +25,7 @@ import uuid
 from typing import Any, Callable, Coroutine
 
 from ...errors import PromptTooLongError, RequestError, ServerError
-from .base import Backend, UnloadReport
+from .base import Backend, ReadyRequest, UnloadReport
 from ..config import EngineConfig
 from ..requests.handles import RequestHandle
 from ..requests.prompts import Prepared, PromptLike, conversation_of
@@ -155,6 +155,8 @@ class _Loop:
 class RemoteBackend(Backend):
     """An OpenAI-compatible vLLM server, driven over HTTP."""
 
+    kind = "remote"
+
     def __init__(self, url: str, api_key: str | None, model: str, max_model_len: int, version: str,
                  on_finished: Callable[[RequestHandle], None], loop: _Loop, load_seconds: float) -> None:
         self.url = url
@@ -239,26 +241,25 @@ class RemoteBackend(Backend):
             self._tokenizer = tokenizer
         return tokenizer
 
-    def same_server(self, url: str, api_key: str | None, model: str | None) -> bool:
-        """Whether this backend is attached to ``url`` with ``api_key`` and serves ``model`` (None: any)."""
+    def attached_to(self, url: str, api_key: str | None, model: str | None) -> bool:
         api_key = api_key or os.environ.get("VLLM_API_KEY") or None
         return (normalize_url(url) == self.url and api_key == (self.api_key or None)
                 and model in (None, self.config.model))
 
     # ----- requests --------------------------------------------------------------------------------
-    def params(self, defaults: Any, overrides: dict[str, Any], structured: dict[str, Any]) -> RemoteParams:
+    def _params(self, defaults: Any, overrides: dict[str, Any], structured: dict[str, Any]) -> RemoteParams:
         structured = dict(structured)
         if structured.get("json_schema") is not None:
             structured["json_schema"] = json_schema_of(structured["json_schema"])
         return RemoteParams(sampling_values(defaults, overrides), structured)
 
-    def given_params(self, sampling: Any) -> RemoteParams:
+    def _given_params(self, sampling: Any) -> RemoteParams:
         return RemoteParams.from_sampling_params(sampling)
 
-    def prepare(self, items: list[PromptLike], raw: bool, system: str,
-                template: dict[str, Any] | None = None) -> list[Prepared]:
+    def render(self, prompts: list[PromptLike], raw: bool, system: str,
+               template: dict[str, Any] | None = None) -> list[Prepared]:
         async def all_of() -> list[Prepared]:
-            return list(await asyncio.gather(*(self._prepare_one(item, raw, system, template) for item in items)))
+            return list(await asyncio.gather(*(self._prepare_one(item, raw, system, template) for item in prompts)))
 
         prepared = self._loop.run(all_of())
         for item in prepared:
@@ -305,28 +306,28 @@ class RemoteBackend(Backend):
             raise RequestError(f"the server refused the prompt: {_error_text(response)}")
         return response.json()
 
-    def fit(self, params: Any, prompt_tokens: int) -> Any:
+    def _fit(self, params: Any, prompt_tokens: int) -> Any:
         room = self.max_model_len - prompt_tokens
         if params.max_tokens is None or params.max_tokens > room:
             params = params.clone()
             params.values["max_tokens"] = room
         return params
 
-    def add(self, requests: list[tuple[RequestHandle, Prepared, Any]]) -> None:
-        for handle, prompt, params in requests:
-            body = {"model": self.config.model, "prompt": prompt.token_ids, "stream": True,
+    def add(self, requests: list[tuple[RequestHandle, ReadyRequest]]) -> None:
+        for handle, ready in requests:
+            body = {"model": self.config.model, "prompt": ready.prompt.token_ids, "stream": True,
                     "return_token_ids": True, "request_id": f"{self._prefix}-{handle.request_id}",
-                    **params.body(self._structured_key)}
+                    **ready.params.body(self._structured_key)}
             with self._live_lock:
-                self._live[handle.request_id] = self._loop.spawn(self._stream(handle, body))
+                self._live[handle.request_id] = self._loop.spawn(self._stream(handle, body, ready.prompt.text))
 
-    async def _stream(self, handle: RequestHandle, body: dict[str, Any]) -> None:
+    async def _stream(self, handle: RequestHandle, body: dict[str, Any], prompt_text: Any) -> None:
         httpx = self._loop._httpx
         try:
             async with self._loop.client.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
                     await response.aread()
-                    handle._finish(error=RequestError(f"the server refused the request: {_error_text(response)}"))
+                    handle.finish(error=RequestError(f"the server refused the request: {_error_text(response)}"))
                     return
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
@@ -338,22 +339,22 @@ class RemoteBackend(Backend):
                     if "error" in chunk:
                         error = chunk["error"]
                         message = error.get("message", error) if isinstance(error, dict) else error
-                        handle._finish(error=RequestError(f"the server stopped the request: {message}"))
+                        handle.finish(error=RequestError(f"the server stopped the request: {message}"))
                         return
                     for choice in chunk.get("choices", ()):
-                        handle._push(int(choice.get("index", 0)), choice.get("text") or "",
+                        handle.push(int(choice.get("index", 0)), choice.get("text") or "",
                                      list(choice.get("token_ids") or ()), choice.get("finish_reason"))
-            await _settled_text(handle)
-            handle._finish(then=self._on_finished)
+            await _settled_text(prompt_text)
+            handle.finish(then=self._on_finished)
         except asyncio.CancelledError:  # aborted here: closing the stream made the server abort it
-            await _settled_text(handle)
-            handle._finish(aborted=True, then=self._on_finished)
+            await _settled_text(prompt_text)
+            handle.finish(aborted=True, then=self._on_finished)
         except httpx.HTTPError as exc:
             reason = self._failed(exc)
-            handle._finish(error=ServerError(f"the server at {self.url} went away mid-answer ({reason}); what "
+            handle.finish(error=ServerError(f"the server at {self.url} went away mid-answer ({reason}); what "
                                              "arrived is kept. Start it again, or %vllm_load another engine"))
         except Exception as exc:  # noqa: BLE001 - a malformed answer must not kill the loop
-            handle._finish(error=ServerError(f"unexpected answer from the server at {self.url}: {exc}"))
+            handle.finish(error=ServerError(f"unexpected answer from the server at {self.url}: {exc}"))
         finally:
             with self._live_lock:
                 self._live.pop(handle.request_id, None)
@@ -407,8 +408,8 @@ class RemoteBackend(Backend):
     def derived_args(self) -> dict[str, Any]:
         return {"max_model_len": self.max_model_len}
 
-    def shutdown(self) -> UnloadReport:
-        """Disconnect: running requests are aborted; the server keeps running."""
+    def shutdown(self, baseline: Any = "own") -> UnloadReport:
+        """Disconnect: running requests are aborted; the server keeps running (nothing to wait for)."""
         try:
             self.abort_all()
         finally:
@@ -455,9 +456,8 @@ async def _get_json(client: Any, path: str, url: str, api_key: str | None) -> An
         raise ServerError(f"{url} answered {path} with something that is not JSON: not a vLLM server") from None
 
 
-async def _settled_text(handle: RequestHandle) -> None:
+async def _settled_text(text: Any) -> None:
     """Wait until the prompt's text the server renders arrived (results carry it)."""
-    text = handle._prompt
     if not isinstance(text, str):
         await _settled(text)
 

@@ -17,11 +17,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from ...errors import EngineDiedError
 
-__all__ = ["Completion", "GenerationResult", "RequestHandle", "RequestAborted", "EngineDiedError"]
-
-
-class RequestAborted(RuntimeError):
-    """Raised by ``result(raise_on_abort=True)`` for an aborted request."""
+__all__ = ["Completion", "GenerationResult", "RequestHandle", "EngineDiedError"]
 
 
 @dataclass
@@ -114,7 +110,8 @@ _POLL = 0.05  # seconds between wake-ups while waiting, so Ctrl-C is handled pro
 
 
 class RequestHandle:
-    """A live request; written by the driver thread, readable from any thread or event loop."""
+    """A live request: written by its backend (:meth:`push`, :meth:`finish`), read from any thread
+    or event loop."""
 
     def __init__(self, request_id: str, prompt: Any, prompt_token_ids: list[int], n: int,
                  abort: Callable[[str], None], parse: Callable[[str], Any] | None = None,
@@ -142,8 +139,9 @@ class RequestHandle:
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._async_done_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
 
-    # ----- written by the driver thread ---------------------------------------------------------
-    def _push(self, index: int, text: str, token_ids: list[int], finish_reason: str | None) -> None:
+    # ----- written by the backend (its driver thread, or its HTTP loop) ---------------------------
+    def push(self, index: int, text: str, token_ids: list[int], finish_reason: str | None) -> None:
+        """Add completion ``index``'s next text and token ids (``finish_reason`` when it ended)."""
         with self._cond:
             if self._finished_at is not None:
                 return
@@ -168,9 +166,9 @@ class RequestHandle:
                 self._deltas.append((index, text, False))
         self._notify()
 
-    def _finish(self, *, aborted: bool = False, error: BaseException | None = None,
-                then: Callable[["RequestHandle"], None] | None = None) -> None:
-        """Mark the request finished. ``then(handle)`` runs before any waiter can see it finished
+    def finish(self, *, aborted: bool = False, error: BaseException | None = None,
+               then: Callable[["RequestHandle"], None] | None = None) -> None:
+        """Mark the request finished (aborted, or failed with ``error``); a second call does nothing. ``then(handle)`` runs before any waiter can see it finished
         (the session counts it there, so a caller that got the result sees the counters include it)."""
         with self._cond:
             if self._finished_at is not None:
@@ -288,7 +286,7 @@ class RequestHandle:
             if index == 0:
                 yield text
 
-    def result(self, timeout: float | None = None, *, raise_on_abort: bool = False) -> GenerationResult:
+    def result(self, timeout: float | None = None) -> GenerationResult:
         """Wait for the request to end and return its result."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.done:
@@ -297,8 +295,6 @@ class RequestHandle:
                 raise TimeoutError(f"request {self.request_id} did not finish in {timeout} s")
             self._wait_for(len(self._deltas), left)
         self._raise_error()
-        if raise_on_abort and self._aborted:
-            raise RequestAborted(f"request {self.request_id} was aborted")
         return self.snapshot()
 
     def snapshot(self) -> GenerationResult:

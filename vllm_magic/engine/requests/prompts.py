@@ -9,12 +9,15 @@ to rendering and encoding them one by one.
 
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ...errors import PromptTooLongError, RequestError
 
-__all__ = ["Message", "PromptLike", "Prepared", "PromptRenderer", "as_prompt_list", "conversation_of"]
+__all__ = ["Message", "PromptLike", "Prepared", "PromptRenderer", "as_prompt_list", "conversation_of",
+           "template_messages"]
 
 Message = dict[str, str]
 PromptLike = str | Sequence[Message]
@@ -49,6 +52,28 @@ def conversation_of(item: PromptLike, system: str) -> list[Message]:
     messages = [{"role": "user", "content": item}] if isinstance(item, str) else [dict(m) for m in item]
     if system and not any(m.get("role") == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def template_messages(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as Hugging Face chat templates take them: call arguments as dicts, not JSON text
+    (vLLM's server does the same before it applies a template)."""
+    messages = []
+    for message in conversation:
+        if message.get("tool_calls"):
+            message = dict(message)
+            calls = []
+            for call in message["tool_calls"]:
+                call = copy.deepcopy(call)
+                function = call.get("function", {})
+                if isinstance(function.get("arguments"), str):
+                    try:
+                        function["arguments"] = json.loads(function["arguments"])
+                    except ValueError:
+                        pass
+                calls.append(call)
+            message["tool_calls"] = calls
+        messages.append(message)
     return messages
 
 
@@ -113,8 +138,6 @@ class PromptRenderer:
 
     def _render_chats(self, conversations: list[list[Message]], template: dict[str, Any]) -> list[str]:
         if template or any(m.get("tool_calls") for c in conversations for m in c):
-            from .tool_calls import template_messages
-
             conversations = [template_messages(c) for c in conversations]
 
         def one(messages: list[Message]) -> str:

@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ...errors import ConfigError, RequestError
+from .prompts import conversation_of
 
 __all__ = ["ToolCall", "TemplateTools", "forced_schema", "parse_forced", "template_conversation",
-           "fallback_conversation", "tool_name", "new_call_id", "ToolCallParser", "TOOL_PROMPT"]
+           "fallback_conversation", "render_with_tools", "tool_name", "new_call_id", "ToolCallParser", "TOOL_PROMPT"]
 
 #: What the textual fallback puts into the system message before the tools' JSON.
 TOOL_PROMPT = (
@@ -150,17 +151,18 @@ class TemplateTools:
 _PROBED: "weakref.WeakKeyDictionary[Any, TemplateTools]" = weakref.WeakKeyDictionary()
 
 
-def template_conversation(backend: Any, conversation: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+def template_conversation(cache_key: Any, conversation: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                           render: Callable[[list[dict[str, Any]], list[dict[str, Any]]], str]
                           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """``(messages, tools for the template)`` for one conversation: as given where ``backend``'s
-    template renders tools, calls and results, else with the textual fallback for what it cannot."""
+    """``(messages, tools for the template)`` for one conversation: as given where the model's
+    template renders tools, calls and results, else with the textual fallback for what it cannot.
+    What the template renders is probed once per ``cache_key`` (a backend: one model, one template)."""
     has_tool_turns = any(m.get("tool_calls") or m.get("role") == "tool" for m in conversation)
     if not tools and not has_tool_turns:
         return conversation, None
-    support = _PROBED.get(backend)
+    support = _PROBED.get(cache_key)
     if support is None:
-        support = _PROBED[backend] = TemplateTools.probe(render)
+        support = _PROBED[cache_key] = TemplateTools.probe(render)
     return fallback_conversation(conversation, tools or [], support), (tools or None) if support.tools else None
 
 
@@ -211,28 +213,6 @@ def _merge_user_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
-def template_messages(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as Hugging Face chat templates take them: call arguments as dicts, not JSON text
-    (vLLM's server does the same before it applies a template)."""
-    messages = []
-    for message in conversation:
-        if message.get("tool_calls"):
-            message = dict(message)
-            calls = []
-            for call in message["tool_calls"]:
-                call = copy.deepcopy(call)
-                function = call.get("function", {})
-                if isinstance(function.get("arguments"), str):
-                    try:
-                        function["arguments"] = json.loads(function["arguments"])
-                    except ValueError:
-                        pass
-                calls.append(call)
-            message["tool_calls"] = calls
-        messages.append(message)
-    return messages
-
-
 # ----- "auto": vLLM's tool parser over the answer ----------------------------------------------------
 
 class ToolCallParser:
@@ -270,21 +250,24 @@ class ToolCallParser:
         return info.content or "", calls
 
 
-# ----- the session's entry point -------------------------------------------------------------------
+# ----- rendering a batch ------------------------------------------------------------------------------
 
-def prepare_prompts(backend: Any, items: list[Any], raw: bool, system: str, tools: list[dict[str, Any]] | None,
-                    template_kwargs: dict[str, Any] | None) -> list[Any]:
-    """``backend.prepare`` for prompts that may carry tools, tool turns and template arguments."""
-    from .prompts import conversation_of
+Render = Callable[[list[Any], bool, str, "dict[str, Any] | None"], list[Any]]
 
+
+def render_with_tools(render: Render, items: list[Any], raw: bool, system: str, tools: list[dict[str, Any]] | None,
+                      template_kwargs: dict[str, Any] | None, cache_key: Any) -> list[Any]:
+    """``render(items, raw, system, template)`` (a backend's) for prompts that may carry tools, tool
+    turns and template arguments: conversations are rewritten for what the model's template cannot
+    render (probed once per ``cache_key``), and the tools go to the template where it takes them."""
     has_tool_turns = any(not isinstance(item, str) and any(
         m.get("tool_calls") or m.get("role") == "tool" for m in item) for item in items)
     if not tools and not template_kwargs and not has_tool_turns:
-        return backend.prepare(items, raw, system)
+        return render(items, raw, system, None)
     kwargs = dict(template_kwargs or {})
 
-    def render(messages: list[dict[str, Any]], probe_tools: list[dict[str, Any]]) -> str:
-        text = backend.prepare([messages], False, "", {**kwargs, "tools": probe_tools})[0].text
+    def probe(messages: list[dict[str, Any]], probe_tools: list[dict[str, Any]]) -> str:
+        text = render([messages], False, "", {**kwargs, "tools": probe_tools})[0].text
         return text if isinstance(text, str) else text.result()  # a server renders it in a future
 
     converted: list[Any] = []
@@ -293,7 +276,7 @@ def prepare_prompts(backend: Any, items: list[Any], raw: bool, system: str, tool
         if isinstance(item, str) and raw:
             converted.append(item)
             continue
-        messages, template_tools = template_conversation(backend, conversation_of(item, system), tools, render)
+        messages, template_tools = template_conversation(cache_key, conversation_of(item, system), tools, probe)
         converted.append(messages)
     template = {**kwargs, **({"tools": template_tools} if template_tools else {})}
-    return backend.prepare(converted, raw, system, template or None)
+    return render(converted, raw, system, template or None)
