@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 from ..errors import (ConfigError, EngineDiedError, EngineStartError, NoEngineError, PromptTooLongError, ServerError,
                       SleepError)
 from .backends.base import Backend, SleepReport, UnloadReport
-from .config import EngineConfig, import_vllm, resolve_engine_config, short_model_name
+from .compat import import_vllm
+from .config import EngineConfig, resolve_engine_config, short_model_name
 from .requests.handles import GenerationResult, RequestHandle
 from .listeners import Listeners
 from .log import EngineLog, quiet_vllm_environment
