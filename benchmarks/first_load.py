@@ -9,7 +9,6 @@ the greedy answer's token ids (to compare configurations) and the decode rate.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ def main() -> None:
     engine_args = sys.argv[2] if len(sys.argv) > 2 else "{}"
     for _ in range(runs):
         out = subprocess.run([sys.executable, "-c", "import json, sys; from benchmarks.first_load import one_load; "
-                              f"print(json.dumps(one_load(json.loads(sys.argv[1]))))", engine_args],
+                              "print(json.dumps(one_load(json.loads(sys.argv[1]))))", engine_args],
                              capture_output=True, text=True, check=True)
         print(out.stdout.strip().splitlines()[-1], flush=True)
 

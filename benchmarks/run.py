@@ -289,7 +289,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from vllm_magic import get_session
     from vllm_magic.engine.compat import vllm_version
-    from vllm_magic.engine.config import platform_name
+    from vllm_magic.engine.platform import platform_name
 
     platform = platform_name()
     size = dict(SIZES[args.size or ("gpu" if platform == "cuda" else "cpu")])

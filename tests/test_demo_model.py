@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from vllm_magic import demo_model
+from vllm_magic import paths
+from vllm_magic.demo import model as demo_model
 from vllm_magic.demo.model import MANIFEST, DemoModelError, prepare_demo_model
 
 
@@ -45,9 +46,11 @@ def test_second_preparation_returns_the_same_directory_and_touches_nothing(prepa
 def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("VLLM_MAGIC_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert demo_model.cache_dir() == tmp_path / "xdg" / "vllm-magic"
+    assert paths.cache_dir() == tmp_path / "xdg" / "vllm-magic"
     monkeypatch.setenv("VLLM_MAGIC_CACHE", str(tmp_path / "mine"))
-    assert demo_model.cache_dir() == tmp_path / "mine"
+    assert paths.cache_dir() == tmp_path / "mine"
+    assert demo_model.demo_model_dir() == tmp_path / "mine" / demo_model.DEMO_MODEL_NAME
+    assert paths.logs_dir() == tmp_path / "mine" / "logs" and paths.downloads_dir() == tmp_path / "mine" / "downloads"
 
 
 def _copy_cache(prepared, tmp_path):

@@ -16,7 +16,7 @@ from IPython.core.error import UsageError
 from child_processes import engine_children
 from ipython_capture import make_shell
 from vllm_magic.demo.variants import prepare_tiny_model
-from vllm_magic.engine import config as engine_config
+from vllm_magic.engine import platform as engine_platform
 from vllm_magic.engine.session import EngineSession
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -95,7 +95,7 @@ def test_readme_tour_tp2_then_tp1_then_awq_gives_the_demo_models_ids_and_paris_a
 
 def test_a_tensor_parallel_size_beyond_the_cores_is_one_line_and_keeps_the_engine(engine, ip, monkeypatch):
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    monkeypatch.setattr(engine_config, "_usable_cores", lambda: [0, 1])
+    monkeypatch.setattr(engine_platform, "_usable_cores", lambda: [0, 1])
     tiny = str(prepare_tiny_model(quiet=True))
     created, pids = engine.engines_created, engine_children()
     with pytest.raises(UsageError) as caught:

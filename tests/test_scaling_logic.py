@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from vllm_magic.demo.variants import AWQ_PACK_ORDER, _pack, awq_quantize, prepare_awq_demo_model, prepare_tiny_model
-from vllm_magic.engine import config as engine_config
-from vllm_magic.engine.config import EngineConfig, cpu_thread_binding, thread_binding_for_start
+from vllm_magic.engine import platform as engine_platform
+from vllm_magic.engine.config import EngineConfig, resolve_engine_config
+from vllm_magic.engine.platform import cpu_thread_binding, thread_binding_for_start
 from vllm_magic.errors import ConfigError
 
 
@@ -19,7 +20,7 @@ def cores(monkeypatch):
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
 
     def use(values):
-        monkeypatch.setattr(engine_config, "_usable_cores", lambda: list(values))
+        monkeypatch.setattr(engine_platform, "_usable_cores", lambda: list(values))
 
     return use
 
@@ -60,12 +61,12 @@ def test_the_binding_is_in_the_environment_only_while_the_engine_starts(monkeypa
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     config = EngineConfig("m", {"tensor_parallel_size": 2}, "cpu", cpu_threads="0|1")
     with thread_binding_for_start(config):
-        assert engine_config.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in engine_config.os.environ
+        assert engine_platform.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in engine_platform.os.environ
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     with thread_binding_for_start(config):
         pass
-    assert engine_config.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert engine_platform.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
 
 
 def test_the_load_line_says_how_the_model_is_split():
@@ -77,9 +78,9 @@ def test_the_load_line_says_how_the_model_is_split():
 
 def test_the_cpu_runs_awq_in_16_bits_and_everything_else_in_float32():
     tiny, awq = prepare_tiny_model(quiet=True), prepare_awq_demo_model(quiet=True)
-    assert engine_config._cpu_dtype(str(tiny), {}) == "float32"
-    assert engine_config._cpu_dtype(str(awq), {}) == "float16"  # the checkpoint's own
-    assert engine_config._cpu_dtype(str(tiny), {"quantization": "awq"}) in ("float16", "bfloat16")
+    assert engine_platform._cpu_dtype(str(tiny), {}) == "float32"
+    assert engine_platform._cpu_dtype(str(awq), {}) == "float16"  # the checkpoint's own
+    assert engine_platform._cpu_dtype(str(tiny), {"quantization": "awq"}) in ("float16", "bfloat16")
 
 
 def test_tiny_model_has_splittable_heads_and_keeps_each_head_with_its_kv_head():
@@ -150,4 +151,4 @@ def test_awq_model_is_a_complete_awq_checkpoint():
 
 def test_a_model_given_as_a_path_object_resolves_as_its_string():
     tiny = prepare_tiny_model(quiet=True)
-    assert engine_config.resolve_engine_config(tiny) == engine_config.resolve_engine_config(str(tiny))
+    assert resolve_engine_config(tiny) == resolve_engine_config(str(tiny))

@@ -1,6 +1,6 @@
 """The demo model answers through a real vLLM engine."""
 
-from vllm_magic.engine.config import platform_name
+from vllm_magic.engine.platform import platform_name
 
 
 def test_demo_model_knows_the_capital_of_france(engine):

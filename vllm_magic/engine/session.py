@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 from ..errors import (ConfigError, EngineDiedError, EngineStartError, NoEngineError, PromptTooLongError,
                       RequestError, ServerError, SleepError)
 from .backends.base import Backend, RequestOptions, SleepReport, UnloadReport
-from .config import EngineConfig, import_vllm, resolve_engine_config
+from .compat import import_vllm
+from .config import EngineConfig, resolve_engine_config
 from .listeners import Listeners
 from .log import EngineLog, quiet_vllm_environment
 from .requests.handles import GenerationResult, RequestHandle

@@ -15,10 +15,10 @@ import os
 import warnings
 from typing import Any, AsyncIterator, Iterator, Optional
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_validator
+from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, create_model, model_validator
 
 from ..demo.model import DEMO_MODEL_NAME
-from ..engine.config import EngineConfig, short_model_name
+from ..engine.config import EngineConfig
 from ..engine.requests.handles import GenerationResult, RequestHandle
 from ..engine.requests.sampling import SAMPLING_FIELDS, STRUCTURED_FIELDS, check_overrides, option_help, option_type
 from ..engine.session import EngineSession, get_session

@@ -26,12 +26,14 @@ def register() -> None:
 
     Safe to call many times and in any vLLM process; does nothing on other platforms.
     """
+    from ..compat import current_platform, custom_ops
+
     try:
-        from vllm import _custom_ops as ops
-        from vllm.platforms import current_platform
+        ops = custom_ops()
+        platform = current_platform()
     except Exception:  # vLLM without these pieces: nothing to do
         return
-    if not current_platform.is_cpu():
+    if not platform.is_cpu():
         return
     native = getattr(ops, "cpu_gemm_wna16", None)
     if native is None or getattr(native, "_vllm_magic_reference", False):

@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 from ...errors import ConfigError, EngineStartError, SleepError
 from .base import Backend, ReadyRequest, SleepReport, UnloadReport
-from ..config import EngineConfig, thread_binding_for_start
+from ..config import EngineConfig
+from ..platform import thread_binding_for_start
 from .driver import EngineDriver
 from ..requests.handles import RequestHandle
 from ..log import EngineLog
@@ -76,7 +77,7 @@ class LocalBackend(Backend):
     @staticmethod
     def validate(config: EngineConfig, log: EngineLog) -> None:
         """Raise :class:`ConfigError` for a configuration vLLM refuses, without starting anything."""
-        from vllm.engine.arg_utils import EngineArgs
+        from ..compat import EngineArgs
 
         try:
             args = EngineArgs(**config.llm_kwargs())
@@ -109,7 +110,7 @@ class LocalBackend(Backend):
 
             with interrupted, log.follow(progress), log.capture(verbose), engine_processes_guarded(), \
                     interrupts_reach_engine_start(), thread_binding_for_start(config):
-                from vllm import LLM
+                from ..compat import LLM
 
                 llm = LLM(**config.llm_kwargs())
                 # vLLM (re)configures its logger while the engine starts: take it over afterwards.

@@ -27,8 +27,11 @@ from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 from ...errors import ConfigError, ServerError
-from ..config import THREADS_BIND_VARIABLE, EngineConfig, import_vllm
+from ...paths import logs_dir
+from ..compat import serve_arg_parser
+from ..config import EngineConfig
 from ..log import EngineLog
+from ..platform import THREADS_BIND_VARIABLE
 from .processes import at_exit
 
 __all__ = ["ManagedServer", "parse_serve_flags", "serve_cli_flags", "LOOPBACK_HOSTS", "DEFAULT_PORT",
@@ -50,21 +53,13 @@ _POLL = 0.5
 
 @lru_cache(maxsize=1)
 def _serve_parser() -> tuple[argparse.ArgumentParser, dict[str, Any], dict[str, argparse.Action]]:
-    import_vllm()
-    try:  # vLLM >= 0.30 moved the server's launchers
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    except ImportError:
-        from vllm.entrypoints.openai.cli_args import make_arg_parser  # type: ignore[no-redef]
-
-    from ..compat import FlexibleArgumentParser
-
-    parser = make_arg_parser(FlexibleArgumentParser(prog="%vllm_serve", add_help=False, exit_on_error=False))
+    parser = serve_arg_parser("%vllm_serve")
     actions = {action.dest: action for action in parser._actions if action.option_strings}
     return parser, vars(parser.parse_args([])), actions
 
 
 def _engine_fields() -> frozenset[str]:
-    from vllm.engine.arg_utils import EngineArgs
+    from ..compat import EngineArgs
 
     return frozenset(f.name for f in dataclass_fields(EngineArgs))
 
@@ -163,9 +158,7 @@ class ManagedServer:
             env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` shows it to everyone
         if config.cpu_threads:
             env[THREADS_BIND_VARIABLE] = config.cpu_threads
-        from ...demo.model import cache_dir
-
-        log = EngineLog(cache_dir() / "logs" / f"server-{os.getpid()}-{port}.log")
+        log = EngineLog(logs_dir() / f"server-{os.getpid()}-{port}.log")
         log.path.write_text("")
         log.mark(f"vllm serve {' '.join(shlex.quote(a) for a in argv)}")
         with open(log.path, "ab") as out:

@@ -37,9 +37,11 @@ class Parsers:
         """Raise :class:`ConfigError` naming vLLM's parsers when a name is not one of them."""
         if self.reasoning is None and self.tool_call is None:
             return self  # nothing to look up: a session without vLLM here (``--remote``) needs none
+        from ..compat import import_vllm, reasoning_parser_class, tool_parser_class
+
         try:
-            from ..compat import reasoning_parser_class, tool_parser_class
-        except (ImportError, ConfigError):  # compat says "vLLM is not installed" as a ConfigError
+            import_vllm()
+        except (ImportError, ConfigError):  # import_vllm says "vLLM is not installed" as a ConfigError
             raise ConfigError("vLLM's reasoning and tool call parsers run in this process, and vLLM is not "
                               "installed here: pip install vllm, or leave out the parser flags") from None
         for kind, name, lookup in (("reasoning", self.reasoning, reasoning_parser_class),

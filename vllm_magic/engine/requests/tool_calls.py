@@ -52,11 +52,6 @@ class ToolCall:
     arguments: dict[str, Any]
     id: str = field(default_factory=lambda: new_call_id())
 
-    def as_message_call(self) -> dict[str, Any]:
-        """The call as an OpenAI assistant message carries it."""
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
-
 
 def new_call_id() -> str:
     """A fresh call id, in the spelling OpenAI and vLLM use."""
