@@ -1,7 +1,5 @@
-"""Turn what the user typed into vLLM engine arguments, in one place.
+"""Turn engine arguments (a magic line's are read by :mod:`.flags`) into an engine configuration.
 
-* ``parse_engine_flags`` reads ``vllm serve``-style flags with vLLM's own argument parser, so every
-  engine flag vLLM knows works with the same spelling, and keeps only the ones the user gave.
 * ``resolve_engine_config`` adds the platform defaults (CPU: float32, eager mode, a bounded KV
   cache, the model run inside the engine process; NVIDIA GPU: vLLM's own defaults plus sleep mode), fills in the demo model when no model is named, checks what can
   be checked without starting anything, and computes a stable fingerprint for idempotent loads.
@@ -9,21 +7,19 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import hashlib
 import json
 import os
-import shlex
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 from ..errors import ConfigError
 
-__all__ = ["EngineConfig", "ConfigError", "parse_engine_flags", "resolve_engine_config", "platform_name",
+__all__ = ["EngineConfig", "ConfigError", "resolve_engine_config", "platform_name",
            "cpu_thread_binding", "thread_binding_for_start", "world_size", "import_vllm", "short_model_name",
            "FETCH_ONLY_ARGS"]
 
@@ -291,55 +287,6 @@ def platform_name() -> str:
     from vllm.platforms import current_platform
 
     return str(getattr(current_platform, "device_type", "cpu") or "cpu")
-
-
-@lru_cache(maxsize=1)
-def _engine_parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
-    import_vllm()
-    from vllm.engine.arg_utils import EngineArgs
-
-    from .compat import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser(prog="%vllm_load", add_help=False, exit_on_error=False)
-    EngineArgs.add_cli_args(parser)
-    defaults = vars(parser.parse_args([]))
-    return parser, defaults
-
-
-class _ParseFailure(Exception):
-    pass
-
-
-def parse_engine_flags(argv: str | Sequence[str]) -> dict[str, Any]:
-    """Parse ``vllm serve`` engine flags into the keyword arguments the user actually set.
-
-    Raises :class:`ConfigError` with argparse's one-line reason on an unknown flag or bad value.
-    """
-    args = shlex.split(argv) if isinstance(argv, str) else list(argv)
-    if not args:
-        return {}
-    parser, defaults = _engine_parser()
-
-    def fail(message: str) -> None:
-        raise _ParseFailure(message)
-
-    # argparse calls error() (which exits) for some problems even with exit_on_error=False.
-    parser.error = fail  # type: ignore[method-assign]
-    try:
-        namespace, extra = parser.parse_known_args(args)
-    except _ParseFailure as exc:
-        raise ConfigError(str(exc)) from None
-    except argparse.ArgumentError as exc:
-        raise ConfigError(str(exc)) from None
-    except SystemExit:  # pragma: no cover - older parsers still exit
-        raise ConfigError(f"invalid engine flags: {' '.join(args)}") from None
-    if extra:
-        raise ConfigError(f"unrecognized engine arguments: {' '.join(extra)}")
-    given = {}
-    for key, value in vars(namespace).items():
-        if key in defaults and value != defaults[key]:
-            given[key] = value
-    return given
 
 
 def _demo_model() -> str:

@@ -22,16 +22,15 @@ import subprocess
 import sys
 import time
 import weakref
-from dataclasses import fields as dataclass_fields
 from functools import lru_cache
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from ...errors import ConfigError, ServerError
 from ..config import THREADS_BIND_VARIABLE, EngineConfig, import_vllm
 from ..log import EngineLog
 from .processes import at_exit
 
-__all__ = ["ManagedServer", "parse_serve_flags", "serve_cli_flags", "LOOPBACK_HOSTS", "DEFAULT_PORT",
+__all__ = ["ManagedServer", "serve_cli_flags", "LOOPBACK_HOSTS", "DEFAULT_PORT",
            "READY_TIMEOUT"]
 
 #: Hosts that only this machine reaches.
@@ -61,40 +60,6 @@ def _serve_parser() -> tuple[argparse.ArgumentParser, dict[str, Any], dict[str, 
     parser = make_arg_parser(FlexibleArgumentParser(prog="%vllm_serve", add_help=False, exit_on_error=False))
     actions = {action.dest: action for action in parser._actions if action.option_strings}
     return parser, vars(parser.parse_args([])), actions
-
-
-def _engine_fields() -> frozenset[str]:
-    from vllm.engine.arg_utils import EngineArgs
-
-    return frozenset(f.name for f in dataclass_fields(EngineArgs))
-
-
-class _ParseFailure(Exception):
-    pass
-
-
-def parse_serve_flags(argv: str | Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Parse ``vllm serve`` flags into ``(engine arguments, server-only arguments)``, keeping only
-    the ones given. Raises :class:`ConfigError` with argparse's reason for an unknown flag or value."""
-    args = shlex.split(argv) if isinstance(argv, str) else list(argv)
-    if not args:
-        return {}, {}
-    parser, defaults, _ = _serve_parser()
-
-    def fail(message: str) -> None:
-        raise _ParseFailure(message)
-
-    parser.error = fail  # type: ignore[method-assign]  # argparse exits on some errors otherwise
-    try:
-        namespace, extra = parser.parse_known_args(args)
-    except (_ParseFailure, argparse.ArgumentError) as exc:
-        raise ConfigError(str(exc)) from None
-    if extra:
-        raise ConfigError(f"unrecognized flags: {' '.join(extra)} (`vllm serve --help` lists them)")
-    given = {k: v for k, v in vars(namespace).items() if k in defaults and v != defaults[k]}
-    engine = _engine_fields()
-    return ({k: v for k, v in given.items() if k in engine},
-            {k: v for k, v in given.items() if k not in engine})
 
 
 def serve_cli_flags(kwargs: dict[str, Any]) -> list[str]:

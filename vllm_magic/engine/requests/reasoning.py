@@ -1,8 +1,8 @@
 """Reasoning kept apart from the answer, and the session's parser choices.
 
 ``%vllm_load MODEL --reasoning-parser NAME --tool-call-parser NAME`` (the ``vllm serve``
-spelling) picks vLLM's parsers for the session: :class:`Parsers`. They are not engine arguments
-here: the split is done on this side, on the generated text and token ids, so choosing or changing
+spelling, read by :mod:`vllm_magic.engine.flags`) picks vLLM's parsers for the session:
+:class:`Parsers`. They are not engine arguments here: the split is done on this side, on the generated text and token ids, so choosing or changing
 a parser never restarts an engine, and a ``--remote`` server's answers are split the same way.
 
 :class:`ReasoningSplitter` runs vLLM's reasoning parser over one request's deltas as they arrive
@@ -17,12 +17,7 @@ from typing import Any
 
 from ...errors import ConfigError
 
-__all__ = ["Parsers", "ReasoningSplitter", "PARSER_FLAGS", "split_parser_flags"]
-
-#: ``vllm serve`` flags that name the session's parsers (flag -> Parsers field), and one that
-#: ``vllm serve`` needs beside them and that means nothing here.
-PARSER_FLAGS = {"--reasoning-parser": "reasoning", "--tool-call-parser": "tool_call"}
-_ACCEPTED_FLAGS = ("--enable-auto-tool-choice",)
+__all__ = ["Parsers", "ReasoningSplitter"]
 
 
 @dataclass(frozen=True)
@@ -51,26 +46,6 @@ class Parsers:
             except KeyError as exc:
                 raise ConfigError(f"vLLM has no {kind} parser {name!r}; it has: {exc.args[0]}") from None
         return self
-
-
-def split_parser_flags(argv: list[str]) -> tuple[Parsers, list[str]]:
-    """``(Parsers, the other flags)`` of a ``vllm serve``-style flag list."""
-    names: dict[str, str] = {}
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        flag, _, value = argv[i].partition("=")
-        if flag in PARSER_FLAGS:
-            if not value:
-                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
-                    raise ConfigError(f"{flag} needs a parser name")
-                value = argv[i + 1]
-                i += 1
-            names[PARSER_FLAGS[flag]] = value
-        elif argv[i] not in _ACCEPTED_FLAGS:
-            rest.append(argv[i])
-        i += 1
-    return Parsers(**names), rest
 
 
 class ReasoningSplitter:
