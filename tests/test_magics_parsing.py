@@ -18,7 +18,8 @@ from vllm_magic.magics.cells import PromptError, interpolate, parse_choices, res
 
 
 def test_load_line_splits_our_flags_model_and_engine_flags():
-    args, line = split_vllm_line(VllmMagics.vllm_load, "org/model --as chat --max-model-len 2048 --verbose --dtype=float16")
+    args, line = split_vllm_line(VllmMagics.vllm_load,
+                                 "org/model --as chat --max-model-len 2048 --verbose --dtype=float16")
     assert line.model == "org/model"
     assert line.own == ["--as", "chat", "--verbose"] and args.as_name == "chat" and args.verbose
     assert line.vllm == ["--max-model-len", "2048", "--dtype=float16"]
