@@ -21,16 +21,15 @@ import argparse
 import shlex
 from dataclasses import dataclass, field, fields as dataclass_fields
 from functools import lru_cache
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 from ..errors import ConfigError
 from .requests.reasoning import Parsers
 
 __all__ = ["FlagError", "MagicLine", "VllmFlags", "split_line", "load_flags", "remote_flags", "serve_flags"]
 
-#: Flags read on this side before vLLM's parser sees the rest (flag -> what its value is). The
-#: parser names are the session's, and the model must not be dropped as equal to vLLM's default.
-_MODEL_FLAG = {"--model": "model"}
+#: Flags read on this side before vLLM's parser sees the rest: the model (vLLM's parser would drop
+#: one equal to its default model) and the session's parser names (flag -> Parsers field).
 _PARSER_FLAGS = {"--reasoning-parser": "reasoning", "--tool-call-parser": "tool_call"}
 #: ``vllm serve`` wants it beside ``--tool-call-parser``; here tool calls are read whenever asked for.
 _ACCEPTED_FLAGS = ("--enable-auto-tool-choice",)
@@ -122,7 +121,7 @@ def serve_flags(argv: str | Sequence[str], model: str | None = None) -> VllmFlag
     """Read ``%vllm_serve``'s flags into engine and server arguments, with ``vllm serve``'s parser
     (parser flags included: the server applies them itself)."""
     words = _words(argv)
-    model, rest = _take(words, _MODEL_FLAG, model)
+    model, rest = _take_model(words, model)
     given = _read(_serve_parser, rest, "unrecognized flags: {} (`vllm serve --help` lists them)", _SERVE_HINT)
     engine = _engine_fields() if given else frozenset()  # vLLM is imported only when flags were given
     return VllmFlags(model, {k: v for k, v in given.items() if k in engine},
@@ -143,7 +142,7 @@ def _words(argv: str | Sequence[str]) -> list[str]:
 def _take_ours(argv: list[str], model: str | None) -> tuple[str | None, Parsers, list[str]]:
     """The model, the session's parsers and the other flags; the parsers are not engine arguments,
     so choosing or changing one never restarts an engine."""
-    model, rest = _take(argv, _MODEL_FLAG, model)
+    model, rest = _take_model(argv, model)
     names: dict[str, str] = {}
     kept: list[str] = []
     for flag, value in _pairs(rest, _PARSER_FLAGS, "a parser name"):
@@ -158,10 +157,10 @@ def _take_ours(argv: list[str], model: str | None) -> tuple[str | None, Parsers,
     return model, parsers, kept
 
 
-def _take(argv: list[str], flags: Mapping[str, str], model: str | None) -> tuple[str | None, list[str]]:
+def _take_model(argv: list[str], model: str | None) -> tuple[str | None, list[str]]:
     """The model (named first on the line, or by ``--model``) and the other flags."""
     rest: list[str] = []
-    for flag, value in _pairs(argv, flags, "a model name"):
+    for flag, value in _pairs(argv, ("--model",), "a model name"):
         if flag is None:
             rest.append(value)
         elif model is not None and value != model:
@@ -171,7 +170,7 @@ def _take(argv: list[str], flags: Mapping[str, str], model: str | None) -> tuple
     return model, rest
 
 
-def _pairs(argv: list[str], flags: Mapping[str, str], what: str) -> Iterator[tuple[str | None, str]]:
+def _pairs(argv: list[str], flags: Collection[str], what: str) -> Iterator[tuple[str | None, str]]:
     """``(flag, value)`` for each of ``flags`` in ``argv`` (``--flag value`` or ``--flag=value``),
     ``(None, word)`` for every other word."""
     i = 0

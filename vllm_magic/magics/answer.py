@@ -1,4 +1,4 @@
-"""A ``%%vllm`` cell's answer: streamed into the output, then assembled into :class:`VllmResult` s.
+"""A ``%%vllm`` cell's answer: streamed into the output, then assembled into ``VllmResult`` objects.
 
 Also the few things the magics show besides answers (a prompt as sent, client code, a widget) and
 the one-line wording of an engine that died or refused a request.
