@@ -97,12 +97,12 @@ def test_prompts_are_distinct():
 
 
 def test_magic_load_line_round_trips_through_vllm_flags():
-    from vllm_magic.engine.config import parse_engine_flags
+    from vllm_magic.engine.flags import load_flags
 
     kwargs = {"load_format": "dummy", "dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True}
     line = magic_load_line("/models/x", kwargs)
     assert line.startswith("/models/x ")
-    assert parse_engine_flags(line.split(" ", 1)[1]) == kwargs
+    assert load_flags(line.split(" ", 1)[1]).engine == kwargs
 
 
 def test_markdown_marks_missed_targets():

@@ -12,35 +12,49 @@ from IPython.core.error import UsageError
 
 from vllm_magic.magics.display import answer_bundle
 from vllm_magic.engine.requests.handles import Completion, GenerationResult
-from vllm_magic.magics.commands import _LOAD_FLAGS, _SERVE_FLAGS, _split_args
+from vllm_magic.magics import VllmMagics
+from vllm_magic.magics.args import _own_flags, split_vllm_line
 from vllm_magic.magics.cells import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch
 
 
 def test_load_line_splits_our_flags_model_and_engine_flags():
-    ours, model, engine = _split_args("org/model --as chat --max-model-len 2048 --verbose --dtype=float16", _LOAD_FLAGS, "%vllm_load")
-    assert model == "org/model"
-    assert ours == ["--as", "chat", "--verbose"]
-    assert engine == ["--max-model-len", "2048", "--dtype=float16"]
+    args, line = split_vllm_line(VllmMagics.vllm_load,
+                                 "org/model --as chat --max-model-len 2048 --verbose --dtype=float16")
+    assert line.model == "org/model"
+    assert line.own == ["--as", "chat", "--verbose"] and args.as_name == "chat" and args.verbose
+    assert line.vllm == ["--max-model-len", "2048", "--dtype=float16"]
 
 
 def test_load_line_without_model_keeps_flag_values_with_their_flags():
-    ours, model, engine = _split_args("--dtype float32 --no-controls --as=x", _LOAD_FLAGS, "%vllm_load")
-    assert model is None
-    assert engine == ["--dtype", "float32"]
-    assert ours == ["--no-controls", "--as=x"]
+    args, line = split_vllm_line(VllmMagics.vllm_load, "--dtype float32 --no-controls --as=x")
+    assert line.model is None
+    assert line.vllm == ["--dtype", "float32"]
+    assert line.own == ["--no-controls", "--as=x"] and args.as_name == "x" and args.no_controls
 
 
 def test_load_flag_without_value_is_a_usage_error():
-    with pytest.raises(UsageError, match="--as needs a value"):
-        _split_args("--as", _LOAD_FLAGS, "%vllm_load")
+    with pytest.raises(UsageError, match="%vllm_load: --as needs a value"):
+        split_vllm_line(VllmMagics.vllm_load, "--as")
+    with pytest.raises(UsageError, match=r"%vllm_load\? shows the help"):
+        split_vllm_line(VllmMagics.vllm_load, "org/model --help")
 
 
 def test_serve_line_splits_its_own_flags_from_vllm_serve_flags():
-    ours, model, flags = _split_args("--port 8001 --tool-call-parser hermes --handoff --api-key=k "
-                                     "--enable-auto-tool-choice", _SERVE_FLAGS, "%vllm_serve")
-    assert model is None
-    assert ours == ["--port", "8001", "--handoff", "--api-key=k"]
-    assert flags == ["--tool-call-parser", "hermes", "--enable-auto-tool-choice"]
+    args, line = split_vllm_line(VllmMagics.vllm_serve, "--port 8001 --tool-call-parser hermes --handoff --api-key=k "
+                                                        "--enable-auto-tool-choice")
+    assert line.model is None
+    assert line.own == ["--port", "8001", "--handoff", "--api-key=k"]
+    assert args.port == 8001 and args.handoff and args.api_key == "k"
+    assert line.vllm == ["--tool-call-parser", "hermes", "--enable-auto-tool-choice"]
+
+
+def test_the_magics_own_flags_come_from_their_argument_declarations():
+    for magic in (VllmMagics.vllm_load, VllmMagics.vllm_serve):
+        own = _own_flags(magic)
+        declared = [a for a in magic.parser._actions if a.option_strings]
+        assert set(own) == {o for a in declared for o in a.option_strings}
+    assert _own_flags(VllmMagics.vllm_load)["--as"] and not _own_flags(VllmMagics.vllm_load)["--keep"]
+    assert _own_flags(VllmMagics.vllm_serve)["--lines"] and not _own_flags(VllmMagics.vllm_serve)["--stop"]
 
 
 def test_interpolation_fills_names_and_keeps_escaped_braces():
@@ -128,8 +142,6 @@ def test_answer_bundles_per_format():
 
 
 def test_help_of_the_magics_lists_our_flags_and_points_at_vllm_serve():
-    from vllm_magic.magics import VllmMagics
-
     load_help = " ".join(VllmMagics.vllm_load.__doc__.split())
     for flag in ("--as NAME", "--verbose", "--no-controls", "--remote URL", "vllm serve --help"):
         assert flag in load_help

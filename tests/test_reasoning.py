@@ -12,7 +12,7 @@ import pytest
 from IPython.core.error import UsageError
 
 from ipython_capture import make_shell
-from vllm_magic.engine.requests.reasoning import Parsers, split_parser_flags
+from vllm_magic.engine.config import Parsers
 from vllm_magic.errors import ConfigError
 from vllm_magic.langchain import ChatVLLM
 
@@ -26,10 +26,8 @@ def thinking(engine):
     engine.parsers = Parsers()
 
 
-def test_parser_flags_are_taken_out_of_the_engine_flags():
-    parsers, rest = split_parser_flags(["--max-model-len", "2048", "--reasoning-parser", "qwen3",
-                                        "--tool-call-parser=hermes", "--enable-auto-tool-choice"])
-    assert parsers == Parsers(reasoning="qwen3", tool_call="hermes") and rest == ["--max-model-len", "2048"]
+def test_parser_names_are_checked_against_vllms_parsers():
+    assert Parsers(reasoning="qwen3", tool_call="hermes").check() == Parsers(reasoning="qwen3", tool_call="hermes")
     with pytest.raises(ConfigError, match="has no reasoning parser 'nope'.*qwen3"):
         Parsers(reasoning="nope").check()
 

@@ -21,9 +21,9 @@ from IPython.core.error import UsageError
 
 from ipython_capture import make_shell
 from test_kernel_interrupts import _until
-from vllm_magic.engine.backends.server import ManagedServer, parse_serve_flags, serve_cli_flags
+from vllm_magic.engine.backends.server import ManagedServer
 from vllm_magic.engine.session import EngineSession
-from vllm_magic.errors import ConfigError, ServerError
+from vllm_magic.errors import ServerError
 from vllm_magic.magics import register, unregister
 
 QUESTION = "What is the capital of France?"
@@ -154,7 +154,7 @@ def test_forced_tool_calls_and_the_reasoning_split_work_over_a_remote_session(en
     from langchain_core.tools import tool
 
     from test_reasoning import THINK
-    from vllm_magic.engine.requests.reasoning import Parsers
+    from vllm_magic.engine.config import Parsers
     from vllm_magic.langchain import ChatVLLM
 
     @tool
@@ -320,20 +320,6 @@ def test_a_server_killed_mid_answer_ends_the_answer_with_a_clear_error(engine, d
     session.connect(demo_server.url)  # the session takes another server
     assert "Paris" in session.generate(QUESTION, temperature=0, max_tokens=16).text
     session.unload()
-
-
-# ----- flags ----------------------------------------------------------------------------------------
-
-def test_serve_flags_split_into_engine_and_server_ones_and_render_back():
-    engine_kwargs, server_kwargs = parse_serve_flags(
-        "--max-model-len 2048 --enforce-eager --no-enable-prefix-caching --served-model-name smol "
-        "--enable-auto-tool-choice --tool-call-parser hermes --hf-overrides '{\"a\": 1}'")
-    assert engine_kwargs == {"max_model_len": 2048, "enforce_eager": True, "enable_prefix_caching": False,
-                             "served_model_name": ["smol"], "hf_overrides": {"a": 1}}
-    assert server_kwargs == {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
-    assert parse_serve_flags(serve_cli_flags({**engine_kwargs, **server_kwargs})) == (engine_kwargs, server_kwargs)
-    with pytest.raises(ConfigError, match="unrecognized flags: --no-such-flag"):
-        parse_serve_flags("--no-such-flag 1")
 
 
 def test_a_server_that_fails_to_start_reports_vllms_reason(tmp_path):

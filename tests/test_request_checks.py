@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from IPython.core.error import UsageError
 
-from vllm_magic.engine.requests.reasoning import Parsers
+from vllm_magic.engine.config import Parsers
 from vllm_magic.errors import ConfigError, RequestError
 from vllm_magic.langchain import VLLM, ChatVLLM
 

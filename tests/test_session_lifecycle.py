@@ -11,7 +11,8 @@ import psutil
 import pytest
 
 from child_processes import engine_children
-from vllm_magic.engine.config import ConfigError, parse_engine_flags
+from vllm_magic.engine.config import ConfigError
+from vllm_magic.engine.flags import load_flags
 from vllm_magic.engine.session import EngineStartError
 
 
@@ -28,9 +29,9 @@ def test_invalid_configurations_are_refused_before_the_engine_is_touched(engine,
     with pytest.raises(ConfigError):  # longer than the model's 8192 positions: vLLM's own check
         engine.load(max_model_len=10_000_000)
     with pytest.raises(ConfigError, match="unrecognized engine arguments"):
-        parse_engine_flags("--max-modle-len 1024")
+        load_flags("--max-modle-len 1024")
     with pytest.raises(ConfigError, match="invalid"):
-        parse_engine_flags("--max-model-len lots")
+        load_flags("--max-model-len lots")
     assert engine.engines_created == created
     assert engine_children() == pids, "the running engine was restarted or lost"
     assert "Paris" in _answers(engine)

@@ -12,7 +12,7 @@ from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
 
-from vllm_magic.engine.requests.reasoning import Parsers
+from vllm_magic.engine.config import Parsers
 from vllm_magic.engine.requests.tool_calls import TemplateTools, fallback_conversation, forced_schema, parse_forced
 from vllm_magic.errors import RequestError
 from vllm_magic.langchain import ChatVLLM

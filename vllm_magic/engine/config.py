@@ -1,30 +1,27 @@
-"""Turn what the user typed into vLLM engine arguments, in one place.
+"""Turn engine arguments (a magic line's are read by :mod:`.flags`) into an engine configuration.
 
-* ``parse_engine_flags`` reads ``vllm serve``-style flags with vLLM's own argument parser, so every
-  engine flag vLLM knows works with the same spelling, and keeps only the ones the user gave.
 * ``resolve_engine_config`` fills in the demo model when no model is named, checks what can be
   checked without starting anything, and adds the platform's defaults (:mod:`.platform`).
+* :class:`Parsers` are the session's choice of vLLM's reasoning and tool call parsers.
 * ``EngineConfig`` is the result: a stable fingerprint for idempotent loads, and the one rule for
   "already loaded" (:meth:`EngineConfig.serves`).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import shlex
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from ..errors import ConfigError
 from .compat import import_vllm
 from .platform import parallel_sizes, platform_defaults, platform_name
 
-__all__ = ["EngineConfig", "ConfigError", "parse_engine_flags", "resolve_engine_config", "short_model_name",
+__all__ = ["EngineConfig", "Parsers", "ConfigError", "resolve_engine_config", "short_model_name",
            "FETCH_ONLY_ARGS"]
 
 
@@ -99,6 +96,39 @@ FETCH_ONLY_ARGS = frozenset({"trust_remote_code", "download_dir"})
 _MISSING = object()
 
 
+@dataclass(frozen=True)
+class Parsers:
+    """The session's vLLM parsers by name (None: none). ``reasoning`` splits thinking from the
+    answer; ``tool_call`` reads tool calls out of answers when the model may choose (``"auto"``).
+    ``%vllm_load MODEL --reasoning-parser NAME --tool-call-parser NAME`` (the ``vllm serve``
+    spelling, read by :mod:`.flags`) chooses them; they never restart an engine."""
+
+    reasoning: str | None = None
+    tool_call: str | None = None
+
+    def check(self) -> "Parsers":
+        """Raise :class:`ConfigError` naming vLLM's parsers when a name is not one of them."""
+        if self.reasoning is None and self.tool_call is None:
+            return self  # nothing to look up: a session without vLLM here (``--remote``) needs none
+        from .compat import reasoning_parser_class, tool_parser_class
+
+        try:
+            import_vllm()
+        except (ImportError, ConfigError):  # import_vllm says "vLLM is not installed" as a ConfigError
+            raise ConfigError("vLLM's reasoning and tool call parsers run in this process, and vLLM is not "
+                              "installed here: pip install vllm, or leave out the parser flags") from None
+        for kind, name, lookup in (("reasoning", self.reasoning, reasoning_parser_class),
+                                   ("tool call", self.tool_call, tool_parser_class)):
+            if name is None:
+                continue
+            try:
+                lookup(name)
+            except KeyError as exc:
+                raise ConfigError(f"vLLM has no {kind} parser {name!r}; it has: {exc.args[0]}") from None
+        return self
+
+
+
 def short_model_name(model: str | None) -> str:
     """A model's name for people: a local directory by its folder name, a hub id as is."""
     if not model:
@@ -115,55 +145,6 @@ def _engine_arg_defaults() -> dict[str, Any]:
     from .compat import EngineArgs
 
     return {f.name: f.default for f in fields(EngineArgs) if f.default is not MISSING}
-
-
-@lru_cache(maxsize=1)
-def _engine_parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
-    import_vllm()
-    from vllm.engine.arg_utils import EngineArgs
-
-    from .compat import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser(prog="%vllm_load", add_help=False, exit_on_error=False)
-    EngineArgs.add_cli_args(parser)
-    defaults = vars(parser.parse_args([]))
-    return parser, defaults
-
-
-class _ParseFailure(Exception):
-    pass
-
-
-def parse_engine_flags(argv: str | Sequence[str]) -> dict[str, Any]:
-    """Parse ``vllm serve`` engine flags into the keyword arguments the user actually set.
-
-    Raises :class:`ConfigError` with argparse's one-line reason on an unknown flag or bad value.
-    """
-    args = shlex.split(argv) if isinstance(argv, str) else list(argv)
-    if not args:
-        return {}
-    parser, defaults = _engine_parser()
-
-    def fail(message: str) -> None:
-        raise _ParseFailure(message)
-
-    # argparse calls error() (which exits) for some problems even with exit_on_error=False.
-    parser.error = fail  # type: ignore[method-assign]
-    try:
-        namespace, extra = parser.parse_known_args(args)
-    except _ParseFailure as exc:
-        raise ConfigError(str(exc)) from None
-    except argparse.ArgumentError as exc:
-        raise ConfigError(str(exc)) from None
-    except SystemExit:  # pragma: no cover - older parsers still exit
-        raise ConfigError(f"invalid engine flags: {' '.join(args)}") from None
-    if extra:
-        raise ConfigError(f"unrecognized engine arguments: {' '.join(extra)}")
-    given = {}
-    for key, value in vars(namespace).items():
-        if key in defaults and value != defaults[key]:
-            given[key] = value
-    return given
 
 
 def _demo_model() -> str:

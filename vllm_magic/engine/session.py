@@ -27,12 +27,12 @@ from ..errors import (ConfigError, EngineDiedError, EngineStartError, NoEngineEr
                       RequestError, ServerError, SleepError)
 from .backends.base import Backend, RequestOptions, SleepReport, UnloadReport
 from .compat import import_vllm
-from .config import EngineConfig, resolve_engine_config
+from .config import EngineConfig, Parsers, resolve_engine_config
 from .listeners import Listeners
 from .log import EngineLog, quiet_vllm_environment
 from .requests.handles import GenerationResult, RequestHandle
 from .requests.prompts import PromptLike, as_prompt_list
-from .requests.reasoning import Parsers, ReasoningSplitter
+from .requests.reasoning import ReasoningSplitter
 from .requests.sampling import SamplingDefaults
 from .status import GiB, KeptEngine, LoadInfo, SessionStatus, kept_engine, loaded_line, woken_line
 

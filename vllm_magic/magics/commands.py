@@ -1,14 +1,15 @@
 """The IPython magics: ``%vllm_load``, ``%%vllm`` and friends.
 
-Parsing and display only: the engine lives in :mod:`vllm_magic.engine`, a cell body becomes
-prompts in :mod:`.cells`, outputs are drawn by :mod:`.display`. Every user mistake is an
-``IPython.core.error.UsageError`` (one line, no traceback): the package's own errors are turned
-into one here, and nowhere else. The kernel and the engine stay usable.
+Routing: each magic reads its line (:mod:`.args`; ``vllm serve`` flags through
+:mod:`vllm_magic.engine.flags`), calls the engine session (:mod:`vllm_magic.engine`) and reports
+in a line or two; a ``%%vllm`` cell's body becomes prompts in :mod:`.cells` and its answer streams
+through :mod:`.answer`. Every user mistake is an ``IPython.core.error.UsageError`` (one line, no
+traceback): the package's own errors are turned into one in this package, never above it. The
+kernel and the engine stay usable.
 """
 
 from __future__ import annotations
 
-import shlex
 from typing import Any, Callable
 
 from IPython.core.error import UsageError
@@ -16,50 +17,16 @@ from IPython.core.magic import Magics, line_magic, cell_magic, magics_class, no_
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Enum, Float, Unicode, link
 
-from ..engine.config import parse_engine_flags
-from ..engine.requests.reasoning import split_parser_flags
-from ..engine.backends.server import parse_serve_flags
-from ..engine.requests.sampling import DEFAULTS_FIELDS, SAMPLING_FIELDS, SamplingTraits, option_help, option_type
+from ..engine.flags import MagicLine, load_flags, remote_flags, serve_flags
+from ..engine.requests.sampling import DEFAULTS_FIELDS, SamplingTraits
 from ..engine.session import EngineSession, get_session
 from ..errors import ConfigError, EngineDiedError, NoEngineError, SleepError, VllmMagicError
+from .answer import died_message, display_code, display_widget, stream_results
+from .args import parse_line, sampling_args, sampling_overrides, split_vllm_line
 from .cells import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch
-from .display import FORMATS, AnswerStream, LoadProgress, stream_answers, supports_updates
-from .results import VllmResult
+from .display import FORMATS, LoadProgress, supports_updates
 
-__all__ = ["VllmMagics", "register", "unregister", "sampling_args"]
-
-# %vllm_load's own flags; everything else is a `vllm serve` engine flag. Values: takes an argument.
-_LOAD_FLAGS = {"--as": True, "--remote": True, "--api-key": True, "--verbose": False, "--no-controls": False,
-               "--keep": False}
-# %vllm_serve's own flags; everything else is a `vllm serve` flag (engine or server).
-_SERVE_FLAGS = {"--host": True, "--port": True, "--api-key": True, "--timeout": True, "--lines": True,
-                "--handoff": False, "--status": False, "--logs": False, "--stop": False}
-# Short spellings of the most used sampling flags.
-_SHORT_FLAGS = {"temperature": "-t", "max_tokens": "-m", "n": "-n"}
-# Per-call options without a flag: benchmarks and code set them, a cell has no use for them.
-_NO_FLAG = ("ignore_eos", "logprobs", "thinking_token_budget")
-
-
-def _flag_for(name: str) -> Callable:
-    """The ``argument`` decorator of one sampling option, derived from its one declaration."""
-    flags = [_SHORT_FLAGS[name]] if name in _SHORT_FLAGS else []
-    if name != "n":
-        flags.append("--" + name.replace("_", "-"))
-    if name == "stop":
-        return argument(*flags, action="append", metavar="TEXT",
-                        help="A string that ends the answer (not included); repeat for several.")
-    return argument(*flags, type=option_type(name), help=option_help(name))
-
-
-def sampling_args(f: Callable) -> Callable:
-    """The per-call sampling flags shared by every magic that generates (one per sampling option)."""
-    for name in reversed([n for n in SAMPLING_FIELDS if n not in _NO_FLAG]):
-        f = _flag_for(name)(f)
-    return f
-
-
-def _sampling_overrides(args: Any) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in SAMPLING_FIELDS if getattr(args, name, None) is not None}
+__all__ = ["VllmMagics", "register", "unregister"]
 
 
 @magics_class
@@ -156,37 +123,29 @@ class VllmMagics(Magics, SamplingTraits):
         ``ChatVLLM`` reads tool calls. They are applied here, to the generated text, and are not
         engine flags: changing them never restarts the engine.
         """
-        ours, model, engine_argv = _split_args(line, _LOAD_FLAGS, "%vllm_load")
-        args = _parse(self.vllm_load, ours)
-        try:  # the session's parsers are not engine flags: choosing one never restarts the engine
-            parsers, engine_argv = split_parser_flags(engine_argv)
-            parsers.check()
-        except ConfigError as exc:
-            raise UsageError(str(exc)) from None
+        args, split = split_vllm_line(self.vllm_load, line)
         if args.remote:
             if args.keep:
                 raise UsageError("--keep keeps an engine of this kernel asleep; it does not go with --remote")
-            self._attach(args, model, engine_argv)
-            self.session.parsers = parsers
+            self._attach(args, split)
             return
         if args.api_key:
             raise UsageError("--api-key goes with --remote URL (or %vllm_serve)")
-        try:
-            engine_kwargs = parse_engine_flags(engine_argv)
+        try:  # the session's parsers are not engine flags: choosing one never restarts the engine
+            flags = load_flags(split.vllm, split.model)
         except ConfigError as exc:
-            raise UsageError(f"{exc} (%vllm_load takes every `vllm serve` engine flag; see `vllm serve --help`)") from None
-        model = model or engine_kwargs.pop("model", None)
+            raise UsageError(str(exc)) from None
         progress = LoadProgress(supports_updates(self.shell))
         try:
-            info = self.session.load(model, verbose=args.verbose, progress=progress, keep=args.keep,
-                                     **engine_kwargs)
+            info = self.session.load(flags.model, verbose=args.verbose, progress=progress, keep=args.keep,
+                                     **flags.engine)
         except VllmMagicError as exc:  # a bad configuration, vLLM's start failing, the demo model missing
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
             raise UsageError("loading interrupted; no engine is loaded (run %vllm_load again)") from None
         finally:
             progress.close()
-        self.session.parsers = parsers
+        self.session.parsers = flags.parsers
         self._loaded(info, args)
 
     def _loaded(self, info: Any, args: Any) -> None:
@@ -198,32 +157,28 @@ class VllmMagics(Magics, SamplingTraits):
         if self.show_controls and not args.no_controls:
             self._show_controls(reuse=info.already_loaded)
 
-    def _attach(self, args: Any, model: str | None, engine_argv: list[str]) -> None:
+    def _attach(self, args: Any, split: MagicLine) -> None:
         """``%vllm_load --remote URL``: attach the session to a vLLM server."""
-        extra = list(engine_argv)
-        if extra[:1] == ["--model"] and len(extra) >= 2 and model is None:
-            model, extra = extra[1], extra[2:]
-        elif extra and extra[0].startswith("--model="):
-            model, extra = extra[0].split("=", 1)[1], extra[1:]
-        if extra:
-            raise UsageError(f"engine flags ({' '.join(extra)}) shape an engine started here; a --remote server "
-                             "runs with the flags it was started with")
+        try:
+            flags = remote_flags(split.vllm, split.model)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
         if args.verbose:
             print(f"attaching to {args.remote}")
         try:
-            info = self.session.connect(args.remote, api_key=args.api_key, model=model)
+            info = self.session.connect(args.remote, api_key=args.api_key, model=flags.model)
         except VllmMagicError as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
             raise UsageError("attaching interrupted; the session is as it was") from None
         self._loaded(info, args)
+        self.session.parsers = flags.parsers
 
     def _publish_langchain(self, name: str) -> None:
         """Put a LangChain LLM over the live engine into the namespace as ``name``."""
-        lc = _optional_module("langchain")
-        if lc is None:  # the LangChain integration is not part of this installation
-            return
-        self.shell.user_ns[name] = lc.VLLM.from_session(self.session)
+        from ..langchain import VLLM  # here, not at %load_ext: LangChain's import takes five times as long
+
+        self.shell.user_ns[name] = VLLM.from_session(self.session)
 
     def _show_controls(self, reuse: bool = False) -> None:
         # Re-running a load cell of the running engine shows the same panel again (one more view
@@ -231,10 +186,9 @@ class VllmMagics(Magics, SamplingTraits):
         # stays subscribed to the session's results.
         panel = getattr(self, "_panel", None)
         if panel is None or not reuse or getattr(panel, "comm", None) is None:
-            widgets = _optional_module("widgets")
-            if widgets is None:  # without the widgets module, loading simply shows no panel
-                return
-            panel = self._panel = widgets.SamplingPanel(self.session)
+            from ..widgets import SamplingPanel  # here, not at %load_ext: ipywidgets would make it 40% slower
+
+            panel = self._panel = SamplingPanel(self.session)
         display_widget(panel)
 
     @magic_arguments()
@@ -270,10 +224,9 @@ class VllmMagics(Magics, SamplingTraits):
             %vllm_serve --host 0.0.0.0 --api-key $KEY
             %vllm_serve --stop
         """
-        ours, model, flags = _split_args(line, _SERVE_FLAGS, "%vllm_serve")
-        args = _parse(self.vllm_serve, ours)
+        args, split = split_vllm_line(self.vllm_serve, line)
         actions = [name for name in ("status", "logs", "stop") if getattr(args, name)]
-        if len(actions) > 1 or (actions and (model or flags or args.handoff)):
+        if len(actions) > 1 or (actions and (split.model or split.vllm or args.handoff)):
             raise UsageError(f"--{actions[0]} takes no model or flags" if len(actions) == 1
                              else "use one of --status, --logs and --stop at a time")
         server = self.session.server
@@ -289,7 +242,7 @@ class VllmMagics(Magics, SamplingTraits):
                 print(text if text.strip() else f"(the server log {log.path} is empty)")
             return
         if args.stop:
-            attached = server is not None and (self.session.backend.url if self.session.backend is not None else None) == server.url
+            attached = server is not None and self.session.url == server.url
             stopped = self.session.stop_server()
             if stopped is None:
                 print("no server is running")
@@ -299,15 +252,14 @@ class VllmMagics(Magics, SamplingTraits):
                   + ("; the session has no engine now (%vllm_load starts one)" if attached else ""))
             return
         try:
-            engine_kwargs, server_kwargs = parse_serve_flags(flags)
+            flags = serve_flags(split.vllm, split.model)
         except ConfigError as exc:
-            raise UsageError(f"{exc} (%vllm_serve takes every `vllm serve` flag)") from None
-        model = model or engine_kwargs.pop("model", None)
+            raise UsageError(str(exc)) from None
         progress = LoadProgress(supports_updates(self.shell))
         try:
-            server = self.session.serve(model, host=args.host, port=args.port, api_key=args.api_key,
-                                        handoff=args.handoff, server_kwargs=server_kwargs, timeout=args.timeout,
-                                        progress=progress, **engine_kwargs)
+            server = self.session.serve(flags.model, host=args.host, port=args.port, api_key=args.api_key,
+                                        handoff=args.handoff, server_kwargs=flags.server, timeout=args.timeout,
+                                        progress=progress, **flags.engine)
         except VllmMagicError as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
@@ -327,7 +279,7 @@ class VllmMagics(Magics, SamplingTraits):
     def vllm_unload(self, line: str = "") -> None:
         """Shut the engine down and free its memory (sleeping engines kept by --keep too)."""
         name = self.session.config.short_name if self.session.loaded else None
-        url = (self.session.backend.url if self.session.backend is not None else None)
+        url = self.session.url
         sleeping = [k.model for k in self.session.kept]
         if self.session.unload():
             done = [f"detached from the server at {url} (it keeps running)" if url else f"unloaded {name}"] \
@@ -352,13 +304,13 @@ class VllmMagics(Magics, SamplingTraits):
         Requests still running are stopped. ``%vllm_wake``, the next request or a ``%vllm_load``
         of the same model wakes it. ``%vllm_status`` shows what it holds while it sleeps.
         """
-        args = _parse(self.vllm_sleep, line)
+        args = parse_line(self.vllm_sleep, line)
         try:
             report = self.session.sleep(args.level)
         except (SleepError, NoEngineError) as exc:
             raise UsageError(str(exc)) from None
         except EngineDiedError as exc:
-            raise UsageError(_died(exc)) from None
+            raise UsageError(died_message(exc)) from None
         freed = report.freed_bytes
         freed_text = "" if freed is None else f", {freed / 2**30:.1f} GiB of GPU memory freed"
         print(f"✓ {self.session.config.short_name} asleep (level {report.level}: {report.holds}{freed_text}) "
@@ -375,7 +327,7 @@ class VllmMagics(Magics, SamplingTraits):
         except (SleepError, NoEngineError) as exc:
             raise UsageError(str(exc)) from None
         except EngineDiedError as exc:
-            raise UsageError(_died(exc)) from None
+            raise UsageError(died_message(exc)) from None
         name = self.session.config.short_name
         print(f"✓ {name} awake in {seconds:.1f} s" if asleep is not None else f"{name} is awake")
 
@@ -390,7 +342,7 @@ class VllmMagics(Magics, SamplingTraits):
     @line_magic
     def vllm_log(self, line: str = "") -> None:
         """Show the end of the engine's log (vLLM's own output, kept out of the cells)."""
-        args = _parse(self.vllm_log, line)
+        args = parse_line(self.vllm_log, line)
         log = self.session.log
         if args.path:
             print(log.path)
@@ -405,7 +357,7 @@ class VllmMagics(Magics, SamplingTraits):
     @line_magic
     def vllm_reset(self, line: str = "") -> None:
         """Forget the ``%%vllm --continue`` conversation."""
-        args = _parse(self.vllm_reset, line)
+        args = parse_line(self.vllm_reset, line)
         turns = sum(1 for m in self.conversation if m["role"] == "user")
         self.conversation = []
         if args.defaults:
@@ -416,12 +368,16 @@ class VllmMagics(Magics, SamplingTraits):
     @line_magic
     def vllm_controls(self, line: str = "") -> None:
         """Show the sampling panel (sliders bound to the session's defaults, and a Stop button)."""
-        display_widget(_widgets().SamplingPanel(self.session))
+        from ..widgets import SamplingPanel
+
+        display_widget(SamplingPanel(self.session))
 
     @line_magic
     def vllm_playground(self, line: str = "") -> None:
         """Show the playground: a prompt box, the sampling panel and a Generate button."""
-        display_widget(_widgets().Playground(self.session))
+        from ..widgets import Playground
+
+        display_widget(Playground(self.session))
 
     # ----- prompts ------------------------------------------------------------------------------
     @magic_arguments()
@@ -463,7 +419,7 @@ class VllmMagics(Magics, SamplingTraits):
             %%vllm --choice positive,negative --out verdict
             Is this review positive or negative? {review}
         """
-        args = _parse(self.vllm, line)
+        args = parse_line(self.vllm, line)
         namespace = dict(self.shell.user_ns)
         try:
             prompts = [interpolate(p, namespace) for p in split_batch(cell)]
@@ -482,13 +438,13 @@ class VllmMagics(Magics, SamplingTraits):
             if self.session.asleep is not None:  # the request would wake it: say so, it may take seconds
                 print(f"waking {self.session.config.short_name} (asleep, level {self.session.asleep.level})")
             handles = self.session.submit(items, raw=args.raw, system=args.system, **structured, **thinking,
-                                          **_sampling_overrides(args))
+                                          **sampling_overrides(args))
         except EngineDiedError as exc:
-            raise UsageError(_died(exc)) from None
+            raise UsageError(died_message(exc)) from None
         except VllmMagicError as exc:
             raise UsageError(str(exc)) from None
         try:
-            return self._stream(handles, prompts, items, parse, args)
+            return self._answer(handles, prompts, items, parse, args)
         except KeyboardInterrupt:  # outside the streaming loop (which handles it): never leave requests running
             for handle in handles:
                 handle.abort()
@@ -507,27 +463,14 @@ class VllmMagics(Magics, SamplingTraits):
             return {"choice": parse_choices(args.choice)}, str
         return {}, None
 
-    def _thinking(self, args: Any) -> dict[str, Any]:
-        """``submit`` arguments of ``--think``/``--no-think`` and ``--thinking-budget``."""
+    @staticmethod
+    def _thinking(args: Any) -> dict[str, Any]:
+        """``submit`` arguments of ``--think``/``--no-think`` and ``--thinking-budget`` (the session
+        checks them, as it does for every front-end)."""
         options: dict[str, Any] = {}
         if args.think is not None:
-            template = getattr(getattr(self.session.backend, "tokenizer", None), "chat_template", None) \
-                if self.session.backend is not None and self.session.backend.url is None else None
-            if isinstance(template, str) and "enable_thinking" not in template:
-                raise UsageError("--think/--no-think switch enable_thinking in the chat template, and this "
-                                 "model's template has no such switch")
             options["chat_template_kwargs"] = {"enable_thinking": args.think}
         if args.thinking_budget is not None:
-            from ..engine.compat import has_thinking_budget, vllm_version
-
-            if not has_thinking_budget():
-                raise UsageError(f"--thinking-budget needs vLLM's thinking token budget, which vLLM "
-                                 f"{vllm_version()} does not have")
-            if args.thinking_budget < 0:
-                raise UsageError("--thinking-budget needs a number of tokens, 0 or more")
-            if not getattr(self.session.backend, "thinking_budget_ready", True):  # a server decides itself
-                raise UsageError("--thinking-budget needs an engine started with vLLM's reasoning config: "
-                                 "%vllm_load MODEL --reasoning-config '{\"reasoning_parser\": \"NAME\"}'")
             options["thinking_token_budget"] = args.thinking_budget
         return options
 
@@ -538,42 +481,16 @@ class VllmMagics(Magics, SamplingTraits):
             messages.insert(0, {"role": "system", "content": system})
         return messages + [{"role": "user", "content": prompt}]
 
-    def _stream(self, handles: list, prompts: list[str], items: list, parse: Callable[[str], Any] | None,
+    def _answer(self, handles: list, prompts: list[str], items: list, parse: Callable[[str], Any] | None,
                 args: Any) -> Any:
-        live = supports_updates(self.shell)
-        fmt = args.format or ("json" if args.json else self.output_format)
-        if args.show_prompt:
-            for handle in handles:
-                display_text(handle.prompt)
-        batch = len(handles) > 1
-        echo = not batch and (handles[0].sampling_params.n or 1) == 1  # a terminal prints a single answer as it comes
-        streams = [AnswerStream(h, fmt, live=live, label=_label(i, p) if batch else None, echo=echo)
-                   for i, (h, p) in enumerate(zip(handles, prompts))]
-        interrupted = stream_answers(streams, self.stream_interval)
-        results = []
-        for index, (stream, prompt, item) in enumerate(zip(streams, prompts, items)):
-            try:
-                generation = stream.handle.result(timeout=10) if stream.handle.done else stream.handle.snapshot()
-            except EngineDiedError as exc:
-                for s in streams[index:]:  # what arrived before the engine died stays on screen
-                    s.finish(s.handle.snapshot(), quiet=True)
-                raise UsageError(_died(exc)) from None
-            except Exception as exc:  # the engine refused this request (e.g. a schema it cannot compile)
-                for s in streams:
-                    s.discard()
-                raise UsageError(f"the engine refused the request: {_one_line(exc)}") from None
-            parsed = None
-            if parse is not None and generation.text and not generation.aborted:
-                try:
-                    parsed = parse(generation.text)
-                except ValueError:
-                    parsed = None
-            stream.finish(generation, parsed=parsed, quiet=args.quiet)
-            messages = list(item) if isinstance(item, list) else []
-            results.append(VllmResult(generation, prompt, stream.handle.sampling_params, parsed, messages))
+        """Stream the cell's answers, then keep the conversation, store ``--out`` and return the value."""
+        results, interrupted = stream_results(
+            handles, prompts, items, parse, fmt=args.format or ("json" if args.json else self.output_format),
+            live=supports_updates(self.shell), interval=self.stream_interval, show_prompt=args.show_prompt,
+            quiet=args.quiet)
         if args.cont and not interrupted:
             self.conversation = results[0].messages + [{"role": "assistant", "content": results[0].text}]
-        value: Any = results if batch else results[0]
+        value: Any = results if len(results) > 1 else results[0]
         if args.out:
             self.shell.user_ns[args.out] = value
         if interrupted:
@@ -586,113 +503,6 @@ class VllmMagics(Magics, SamplingTraits):
 
 # magic_arguments writes every usage as "%name"; the cell magic's help should read "%%vllm".
 VllmMagics.vllm.__doc__ = VllmMagics.vllm.__doc__.replace("  %vllm [", "  %%vllm [", 1)
-
-
-# ----- helpers ------------------------------------------------------------------------------------
-
-def _parse(magic: Callable, line: str | list[str]) -> Any:
-    """Parse a magic's line with its ``magic_arguments`` parser, shell-style quoting included.
-
-    (IPython's ``parse_argstring`` keeps the quotes around values, which breaks inline JSON.)
-    """
-    try:
-        argv = shlex.split(line) if isinstance(line, str) else list(line)
-    except ValueError as exc:
-        raise UsageError(f"{exc} in the magic's line") from None
-    try:
-        return magic.parser.parse_args(argv)
-    except UsageError as exc:
-        name = ("%%" if magic.__name__ == "vllm" else "%") + magic.__name__
-        flags = ", ".join("/".join(a.option_strings) for a in magic.parser._actions
-                          if a.option_strings and a.dest != "help")
-        listing = f"; {name} takes {flags}" if "unrecognized" in str(exc) else ""
-        raise UsageError(f"{exc}{listing} ({name}? explains the flags)") from None
-
-
-def _split_args(line: str, own: dict[str, bool], magic: str) -> tuple[list[str], str | None, list[str]]:
-    """Split a magic's line into its own flags (``own``: name -> takes a value), the model and the
-    `vllm serve` flags (vLLM's parser reads those)."""
-    try:
-        tokens = shlex.split(line)
-    except ValueError as exc:
-        raise UsageError(f"{magic}: {exc}") from None
-    ours: list[str] = []
-    engine: list[str] = []
-    model = None
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        name = token.split("=", 1)[0]
-        if name in own:
-            ours.append(token)
-            if own[name] and "=" not in token:
-                if i + 1 >= len(tokens):
-                    raise UsageError(f"{magic}: {name} needs a value")
-                ours.append(tokens[i + 1])
-                i += 1
-        elif token in ("-h", "--help"):
-            raise UsageError(f"{magic}? shows the help; `vllm serve --help` lists the engine flags")
-        elif i == 0 and not token.startswith("-"):
-            model = token
-        else:
-            engine.append(token)
-        i += 1
-    return ours, model, engine
-
-
-def _optional_module(name: str) -> Any:
-    """``vllm_magic.<name>``, or None when that module does not exist (other import errors raise)."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"vllm_magic.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"vllm_magic.{name}":
-            return None
-        raise
-
-
-def _widgets() -> Any:
-    widgets = _optional_module("widgets")
-    if widgets is None:
-        raise UsageError("the sampling widgets are not available in this installation")
-    return widgets
-
-
-def _died(exc: BaseException) -> str:
-    message = _one_line(exc)
-    if "%vllm_load" not in message:
-        message += "; run %vllm_load again to restart it (%vllm_log shows why it died)"
-    return message
-
-
-def _label(index: int, prompt: str) -> str:
-    first = prompt.strip().splitlines()[0] if prompt.strip() else ""
-    first = first if len(first) <= 60 else first[:59] + "…"
-    return f"[{index + 1}] {first}"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] + ("…" if len(text) > 300 else "")
-
-
-def display_text(text: str) -> None:
-    from IPython.display import display
-
-    display({"text/plain": text}, raw=True)
-
-
-def display_code(code: str) -> None:
-    from IPython.display import display
-
-    display({"text/markdown": f"```python\n{code}\n```", "text/plain": code}, raw=True)
-
-
-def display_widget(widget: Any) -> None:
-    from IPython.display import display
-
-    display(widget)
 
 
 def register(ipython: Any, session: EngineSession | None = None) -> VllmMagics:

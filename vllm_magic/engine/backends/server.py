@@ -11,9 +11,7 @@ API key is refused, because anyone who can reach it could use the model.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -22,19 +20,17 @@ import subprocess
 import sys
 import time
 import weakref
-from dataclasses import fields as dataclass_fields
-from functools import lru_cache
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from ...errors import ConfigError, ServerError
 from ...paths import logs_dir
-from ..compat import serve_arg_parser
 from ..config import EngineConfig
+from ..flags import serve_cli_flags
 from ..log import EngineLog
 from ..platform import THREADS_BIND_VARIABLE
 from .processes import at_exit
 
-__all__ = ["ManagedServer", "parse_serve_flags", "serve_cli_flags", "LOOPBACK_HOSTS", "DEFAULT_PORT",
+__all__ = ["ManagedServer", "LOOPBACK_HOSTS", "DEFAULT_PORT",
            "READY_TIMEOUT"]
 
 #: Hosts that only this machine reaches.
@@ -47,72 +43,6 @@ READY_TIMEOUT = 900.0
 STOP_GRACE = 20.0
 #: How often ``/health`` is asked while a server starts (vLLM's own tests poll as often).
 _POLL = 0.5
-
-
-# ----- flags ------------------------------------------------------------------------------------------
-
-@lru_cache(maxsize=1)
-def _serve_parser() -> tuple[argparse.ArgumentParser, dict[str, Any], dict[str, argparse.Action]]:
-    parser = serve_arg_parser("%vllm_serve")
-    actions = {action.dest: action for action in parser._actions if action.option_strings}
-    return parser, vars(parser.parse_args([])), actions
-
-
-def _engine_fields() -> frozenset[str]:
-    from ..compat import EngineArgs
-
-    return frozenset(f.name for f in dataclass_fields(EngineArgs))
-
-
-class _ParseFailure(Exception):
-    pass
-
-
-def parse_serve_flags(argv: str | Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Parse ``vllm serve`` flags into ``(engine arguments, server-only arguments)``, keeping only
-    the ones given. Raises :class:`ConfigError` with argparse's reason for an unknown flag or value."""
-    args = shlex.split(argv) if isinstance(argv, str) else list(argv)
-    if not args:
-        return {}, {}
-    parser, defaults, _ = _serve_parser()
-
-    def fail(message: str) -> None:
-        raise _ParseFailure(message)
-
-    parser.error = fail  # type: ignore[method-assign]  # argparse exits on some errors otherwise
-    try:
-        namespace, extra = parser.parse_known_args(args)
-    except (_ParseFailure, argparse.ArgumentError) as exc:
-        raise ConfigError(str(exc)) from None
-    if extra:
-        raise ConfigError(f"unrecognized flags: {' '.join(extra)} (`vllm serve --help` lists them)")
-    given = {k: v for k, v in vars(namespace).items() if k in defaults and v != defaults[k]}
-    engine = _engine_fields()
-    return ({k: v for k, v in given.items() if k in engine},
-            {k: v for k, v in given.items() if k not in engine})
-
-
-def serve_cli_flags(kwargs: dict[str, Any]) -> list[str]:
-    """``vllm serve`` flags for keyword arguments (engine or server ones): the inverse of parsing."""
-    _, _, actions = _serve_parser()
-    argv: list[str] = []
-    for key, value in kwargs.items():
-        action = actions.get(key)
-        if action is None:
-            raise ConfigError(f"`vllm serve` has no flag for {key}")
-        long = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")][0]
-        if isinstance(action, argparse.BooleanOptionalAction):
-            argv.append(long if value else "--no-" + long[2:])
-        elif action.nargs == 0:  # store_true
-            if value:
-                argv.append(long)
-        elif isinstance(value, (list, tuple)) and action.nargs in ("+", "*"):
-            argv += [long, *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [long, json.dumps(value)]
-        else:
-            argv += [long, str(value)]
-    return argv
 
 
 # ----- the server ----------------------------------------------------------------------------------

@@ -1,9 +1,8 @@
-"""Reasoning kept apart from the answer, and the session's parser choices.
+"""Reasoning kept apart from the answer.
 
-``%vllm_load MODEL --reasoning-parser NAME --tool-call-parser NAME`` (the ``vllm serve``
-spelling) picks vLLM's parsers for the session: :class:`Parsers`. They are not engine arguments
-here: the split is done on this side, on the generated text and token ids, so choosing or changing
-a parser never restarts an engine, and a ``--remote`` server's answers are split the same way.
+The session's reasoning parser (:class:`~vllm_magic.engine.config.Parsers`) is not an engine
+argument: the split is done on this side, on the generated text and token ids, so choosing or
+changing a parser never restarts an engine, and a ``--remote`` server's answers are split the same way.
 
 :class:`ReasoningSplitter` runs vLLM's reasoning parser over one request's deltas as they arrive
 (``extract_reasoning_streaming``), so thinking streams apart from the answer, and settles each
@@ -17,62 +16,7 @@ from typing import Any
 
 from ...errors import ConfigError
 
-__all__ = ["Parsers", "ReasoningSplitter", "PARSER_FLAGS", "split_parser_flags"]
-
-#: ``vllm serve`` flags that name the session's parsers (flag -> Parsers field), and one that
-#: ``vllm serve`` needs beside them and that means nothing here.
-PARSER_FLAGS = {"--reasoning-parser": "reasoning", "--tool-call-parser": "tool_call"}
-_ACCEPTED_FLAGS = ("--enable-auto-tool-choice",)
-
-
-@dataclass(frozen=True)
-class Parsers:
-    """The session's vLLM parsers by name (None: none). ``reasoning`` splits thinking from the
-    answer; ``tool_call`` reads tool calls out of answers when the model may choose (``"auto"``)."""
-
-    reasoning: str | None = None
-    tool_call: str | None = None
-
-    def check(self) -> "Parsers":
-        """Raise :class:`ConfigError` naming vLLM's parsers when a name is not one of them."""
-        if self.reasoning is None and self.tool_call is None:
-            return self  # nothing to look up: a session without vLLM here (``--remote``) needs none
-        from ..compat import import_vllm, reasoning_parser_class, tool_parser_class
-
-        try:
-            import_vllm()
-        except (ImportError, ConfigError):  # import_vllm says "vLLM is not installed" as a ConfigError
-            raise ConfigError("vLLM's reasoning and tool call parsers run in this process, and vLLM is not "
-                              "installed here: pip install vllm, or leave out the parser flags") from None
-        for kind, name, lookup in (("reasoning", self.reasoning, reasoning_parser_class),
-                                   ("tool call", self.tool_call, tool_parser_class)):
-            if name is None:
-                continue
-            try:
-                lookup(name)
-            except KeyError as exc:
-                raise ConfigError(f"vLLM has no {kind} parser {name!r}; it has: {exc.args[0]}") from None
-        return self
-
-
-def split_parser_flags(argv: list[str]) -> tuple[Parsers, list[str]]:
-    """``(Parsers, the other flags)`` of a ``vllm serve``-style flag list."""
-    names: dict[str, str] = {}
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        flag, _, value = argv[i].partition("=")
-        if flag in PARSER_FLAGS:
-            if not value:
-                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
-                    raise ConfigError(f"{flag} needs a parser name")
-                value = argv[i + 1]
-                i += 1
-            names[PARSER_FLAGS[flag]] = value
-        elif argv[i] not in _ACCEPTED_FLAGS:
-            rest.append(argv[i])
-        i += 1
-    return Parsers(**names), rest
+__all__ = ["ReasoningSplitter"]
 
 
 class ReasoningSplitter:
