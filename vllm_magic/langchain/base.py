@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import warnings
+from contextlib import contextmanager
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, create_model, model_validator
@@ -310,22 +311,25 @@ def usage_counts(result: GenerationResult) -> dict[str, int]:
 
 # ----- waiting on handles (shared by the sync and async paths of both classes) -------------------
 
-def wait_all(handles: list[RequestHandle], timeout: float | None) -> list[GenerationResult]:
+@contextmanager
+def _aborted_on_failure(handles: list[RequestHandle]) -> Iterator[None]:
+    """A wait that fails (an error, a timeout, Ctrl-C, a cancelled task) stops its requests first."""
     try:
-        return [h.result(timeout=timeout) for h in handles]
+        yield
     except BaseException:
         for h in handles:
             h.abort()
         raise
+
+
+def wait_all(handles: list[RequestHandle], timeout: float | None) -> list[GenerationResult]:
+    with _aborted_on_failure(handles):
+        return [h.result(timeout=timeout) for h in handles]
 
 
 async def await_all(handles: list[RequestHandle], timeout: float | None) -> list[GenerationResult]:
-    try:
+    with _aborted_on_failure(handles):
         return list(await asyncio.wait_for(asyncio.gather(*(h.aresult() for h in handles)), timeout))
-    except BaseException:
-        for h in handles:
-            h.abort()
-        raise
 
 
 def parts(handle: RequestHandle, timeout: float | None) -> Iterator[tuple[str, bool]]:

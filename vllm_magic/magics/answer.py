@@ -6,15 +6,16 @@ the one-line wording of an engine that died or refused a request.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from IPython.core.error import UsageError
 
-from ..errors import EngineDiedError
+from ..errors import EngineDiedError, VllmMagicError
 from .display import AnswerStream, stream_answers
 from .results import VllmResult
 
-__all__ = ["stream_results", "died_message", "one_line", "display_text", "display_code", "display_widget"]
+__all__ = ["stream_results", "usage_errors", "died_message", "one_line", "display_text", "display_code", "display_widget"]
 
 
 def stream_results(handles: list, prompts: list[str], items: list, parse: Callable[[str], Any] | None, *,
@@ -56,6 +57,22 @@ def stream_results(handles: list, prompts: list[str], items: list, parse: Callab
         messages = list(item) if isinstance(item, list) else []
         results.append(VllmResult(generation, prompt, stream.handle.sampling_params, parsed, messages))
     return results, interrupted
+
+
+@contextmanager
+def usage_errors(interrupted: str | None = None) -> Iterator[None]:
+    """The package's errors raised inside, as the one-line ``UsageError`` a cell shows (an engine
+    that died says how to start it again); with ``interrupted``, Ctrl-C too, as that line."""
+    try:
+        yield
+    except EngineDiedError as exc:
+        raise UsageError(died_message(exc)) from None
+    except VllmMagicError as exc:
+        raise UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        raise UsageError(interrupted) from None
 
 
 def died_message(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ kernel and the engine stay usable.
 
 from __future__ import annotations
 
+from contextlib import closing
 from typing import Any, Callable
 
 from IPython.core.error import UsageError
@@ -20,8 +21,7 @@ from traitlets import Bool, Enum, Float, Unicode, link
 from ..engine.flags import MagicLine, load_flags, remote_flags, serve_flags
 from ..engine.requests.sampling import DEFAULTS_FIELDS, SamplingTraits
 from ..engine.session import EngineSession, get_session
-from ..errors import ConfigError, EngineDiedError, NoEngineError, SleepError, VllmMagicError
-from .answer import died_message, display_code, display_widget, stream_results
+from .answer import display_code, display_widget, stream_results, usage_errors
 from .args import parse_line, sampling_args, sampling_overrides, split_vllm_line
 from .cells import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch
 from .display import FORMATS, LoadProgress, supports_updates
@@ -131,20 +131,13 @@ class VllmMagics(Magics, SamplingTraits):
             return
         if args.api_key:
             raise UsageError("--api-key goes with --remote URL (or %vllm_serve)")
-        try:  # the session's parsers are not engine flags: choosing one never restarts the engine
+        with usage_errors():  # the session's parsers are not engine flags: choosing one never restarts the engine
             flags = load_flags(split.vllm, split.model)
-        except ConfigError as exc:
-            raise UsageError(str(exc)) from None
         progress = LoadProgress(supports_updates(self.shell))
-        try:
+        # a bad configuration, vLLM's start failing, the demo model missing: one line each
+        with usage_errors("loading interrupted; no engine is loaded (run %vllm_load again)"), closing(progress):
             info = self.session.load(flags.model, verbose=args.verbose, progress=progress, keep=args.keep,
                                      **flags.engine)
-        except VllmMagicError as exc:  # a bad configuration, vLLM's start failing, the demo model missing
-            raise UsageError(str(exc)) from None
-        except KeyboardInterrupt:
-            raise UsageError("loading interrupted; no engine is loaded (run %vllm_load again)") from None
-        finally:
-            progress.close()
         self.session.parsers = flags.parsers
         self._loaded(info, args)
 
@@ -159,18 +152,12 @@ class VllmMagics(Magics, SamplingTraits):
 
     def _attach(self, args: Any, split: MagicLine) -> None:
         """``%vllm_load --remote URL``: attach the session to a vLLM server."""
-        try:
+        with usage_errors():
             flags = remote_flags(split.vllm, split.model)
-        except ConfigError as exc:
-            raise UsageError(str(exc)) from None
         if args.verbose:
             print(f"attaching to {args.remote}")
-        try:
+        with usage_errors("attaching interrupted; the session is as it was"):
             info = self.session.connect(args.remote, api_key=args.api_key, model=flags.model)
-        except VllmMagicError as exc:
-            raise UsageError(str(exc)) from None
-        except KeyboardInterrupt:
-            raise UsageError("attaching interrupted; the session is as it was") from None
         self._loaded(info, args)
         self.session.parsers = flags.parsers
 
@@ -251,22 +238,14 @@ class VllmMagics(Magics, SamplingTraits):
             print(f"stopped the server at {stopped.base_url}; no process of it is left"
                   + ("; the session has no engine now (%vllm_load starts one)" if attached else ""))
             return
-        try:
+        with usage_errors():
             flags = serve_flags(split.vllm, split.model)
-        except ConfigError as exc:
-            raise UsageError(str(exc)) from None
         progress = LoadProgress(supports_updates(self.shell))
-        try:
+        unloaded = "; the engine was unloaded for the handoff (%vllm_load starts it again)" if args.handoff else ""
+        with usage_errors(f"starting the server interrupted; it was stopped{unloaded}"), closing(progress):
             server = self.session.serve(flags.model, host=args.host, port=args.port, api_key=args.api_key,
                                         handoff=args.handoff, server_kwargs=flags.server, timeout=args.timeout,
                                         progress=progress, **flags.engine)
-        except VllmMagicError as exc:
-            raise UsageError(str(exc)) from None
-        except KeyboardInterrupt:
-            unloaded = "; the engine was unloaded for the handoff (%vllm_load starts it again)" if args.handoff else ""
-            raise UsageError(f"starting the server interrupted; it was stopped{unloaded}") from None
-        finally:
-            progress.close()
         self._server_log = server.log
         print(f"✓ {server.model_name} served at {server.base_url} (ready in {server.ready_seconds:.1f} s; "
               "%vllm_serve --stop stops it)")
@@ -305,12 +284,8 @@ class VllmMagics(Magics, SamplingTraits):
         of the same model wakes it. ``%vllm_status`` shows what it holds while it sleeps.
         """
         args = parse_line(self.vllm_sleep, line)
-        try:
+        with usage_errors():
             report = self.session.sleep(args.level)
-        except (SleepError, NoEngineError) as exc:
-            raise UsageError(str(exc)) from None
-        except EngineDiedError as exc:
-            raise UsageError(died_message(exc)) from None
         freed = report.freed_bytes
         freed_text = "" if freed is None else f", {freed / 2**30:.1f} GiB of GPU memory freed"
         print(f"✓ {self.session.config.short_name} asleep (level {report.level}: {report.holds}{freed_text}) "
@@ -321,13 +296,9 @@ class VllmMagics(Magics, SamplingTraits):
         """Wake the sleeping engine (reloading its weights after a level-2 sleep)."""
         if line.strip():
             raise UsageError("%vllm_wake takes no arguments")
-        try:
-            asleep = self.session.asleep
+        asleep = self.session.asleep
+        with usage_errors():
             seconds = self.session.wake()
-        except (SleepError, NoEngineError) as exc:
-            raise UsageError(str(exc)) from None
-        except EngineDiedError as exc:
-            raise UsageError(died_message(exc)) from None
         name = self.session.config.short_name
         print(f"✓ {name} awake in {seconds:.1f} s" if asleep is not None else f"{name} is awake")
 
@@ -434,15 +405,11 @@ class VllmMagics(Magics, SamplingTraits):
         if args.cont:
             items = [self._conversation_with(prompts[0], args.system)]
         thinking = self._thinking(args)
-        try:
+        with usage_errors():
             if self.session.asleep is not None:  # the request would wake it: say so, it may take seconds
                 print(f"waking {self.session.config.short_name} (asleep, level {self.session.asleep.level})")
             handles = self.session.submit(items, raw=args.raw, system=args.system, **structured, **thinking,
                                           **sampling_overrides(args))
-        except EngineDiedError as exc:
-            raise UsageError(died_message(exc)) from None
-        except VllmMagicError as exc:
-            raise UsageError(str(exc)) from None
         try:
             return self._answer(handles, prompts, items, parse, args)
         except KeyboardInterrupt:  # outside the streaming loop (which handles it): never leave requests running

@@ -271,14 +271,16 @@ class RequestHandle:
         while True:
             if not self._wait_for(cursor, timeout):
                 raise TimeoutError(f"request {self.request_id} produced nothing for {timeout} s")
-            with self._cond:
-                fresh = self._deltas[cursor:]
-                cursor = len(self._deltas)
-                finished = self._finished_at is not None
+            fresh, cursor, finished = self._take(cursor)
             yield from fresh
             if finished and cursor == len(self._deltas):
                 self._raise_error()
                 return
+
+    def _take(self, cursor: int) -> tuple[list[tuple[int, str, bool]], int, bool]:
+        """The deltas past ``cursor``, the new cursor, and whether the request had ended then."""
+        with self._cond:
+            return self._deltas[cursor:], len(self._deltas), self._finished_at is not None
 
     def __iter__(self) -> Iterator[str]:
         """Text deltas of the first completion (index 0) as they arrive."""
@@ -346,10 +348,7 @@ class RequestHandle:
         cursor = 0
         while True:
             await self._async_wait(cursor)
-            with self._cond:
-                fresh = self._deltas[cursor:]
-                cursor = len(self._deltas)
-                finished = self._finished_at is not None
+            fresh, cursor, finished = self._take(cursor)
             for index, text, reasoning in fresh:
                 if index == 0:
                     yield text, reasoning
