@@ -91,6 +91,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-switch", action="store_true", help="skip the switch (and switch back)")
     p.add_argument("--no-switch-back", action="store_true", help="switch once, not back")
     p.add_argument("--no-control", action="store_true", help="skip constructing LangChain community's VLLM twice")
+    p.add_argument("--served-only", action="store_true",
+                   help="only the served engine's rows (the openai client, %%%%vllm --remote and LangChain over it)")
     p.add_argument("--no-served", action="store_true",
                    help="skip the served engine (%%%%vllm --remote and the openai client against vllm serve)")
     p.add_argument("--control-drop-first", action="store_true",
@@ -249,7 +251,7 @@ def _served_rows(session: Any, size: dict, pick: Callable[[list[float], bool], f
                  short: Workload, warm: Workload) -> list[Row]:
     """The same batch and stream against ``vllm serve``: the openai client (this group's baseline),
     ``%%vllm --remote``, and ``%%vllm`` in process, interleaved in the same runs."""
-    from .served import OPENAI, served_entries, start_served
+    from .served import OPENAI, REMOTE_ROWS, REMOTE_TARGETS, served_entries, start_served
 
     _say("served engine: starting vllm serve with the same configuration")
     served = start_served(session)
@@ -271,15 +273,20 @@ def _served_rows(session: Any, size: dict, pick: Callable[[list[float], bool], f
     def note(name: str, samples: list[Sample]) -> str:
         return describe.get(name, "")
 
+    def remote(text: str, check: Callable[[float], bool]):
+        return lambda name: (text, check) if name in REMOTE_ROWS else None
+
+    batch_goal, ttft_goal, decode_goal = REMOTE_TARGETS["batch"], REMOTE_TARGETS["ttft_ms"], REMOTE_TARGETS["decode"]
     rows = paired_rows("served batch", "tok/s", batch, names, value_of=lambda s: s.value, higher=True, pick=pick,
                        compare=lambda a, b: a / b, expected_tokens=len(workload.prompts) * workload.tokens,
-                       target=lambda name: None, describe=note)
+                       target=remote(f">= {batch_goal:g}", lambda r: r >= batch_goal), describe=note)
+    names = [name for name, _, _ in stream_entries]
     rows += paired_rows("served ttft", "ms", ttft, names, value_of=lambda s: s.value, higher=False, pick=pick,
                         compare=lambda a, b: a - b, expected_tokens=short.stream_tokens,
-                        target=lambda name: None, describe=note)
+                        target=remote(f"<= +{ttft_goal:g} ms", lambda r: r <= ttft_goal), describe=note)
     rows += paired_rows("served decode", "tok/s", decode, names, value_of=lambda s: s.extra["decode"],
                         higher=True, pick=pick, compare=lambda a, b: a / b, expected_tokens=workload.stream_tokens,
-                        target=lambda name: None, describe=note)
+                        target=remote(f">= {decode_goal:g}", lambda r: r >= decode_goal), describe=note)
     return rows
 
 
@@ -362,6 +369,20 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         def fresh() -> None:
             session.run_on_engine(fresh_prefix_cache)
 
+        if args.served_only:
+            try:
+                rows += _served_rows(session, size, pick, workload, short, warm)
+            finally:
+                for key, value in saved_defaults.items():
+                    setattr(session.defaults, key, value)
+            if session.loaded and not leave_loaded:
+                session.unload()
+            from .frontends import RecordingShell
+
+            RecordingShell.reset()
+            results = save(final=True)
+            _say("wrote " + ", ".join(results["paths"].values()))
+            return results
         try:
             _say(f"batch: {size['prompts']} prompts x {size['tokens']} tokens, {size['repeats']} runs")
             batch = _measure_group(BATCH, workload, size["repeats"], warm, fresh)

@@ -20,14 +20,21 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .frontends import Workload, _stream_sample, batch_magic, fresh_prefix_cache, stream_magic
+from .frontends import (Workload, _stream_sample, batch_chat_abatch, batch_llm_batch, batch_magic, fresh_prefix_cache,
+                        stream_magic)
 from .measure import Sample
 
-__all__ = ["Served", "start_served", "served_entries"]
+__all__ = ["Served", "start_served", "served_entries", "REMOTE_TARGETS"]
 
 OPENAI = "vllm serve + openai client"
 REMOTE = "%%vllm --remote (vllm serve)"
+REMOTE_LLM = "LangChain llm.batch --remote"
+REMOTE_CHAT = "LangChain ChatVLLM.abatch --remote"
 IN_PROCESS = "%%vllm in-process"
+#: What a session attached with --remote should cost over the openai client on the same server:
+#: batch ratio, time to first text difference (ms), decode ratio.
+REMOTE_TARGETS = {"batch": 1.0, "ttft_ms": 1.0, "decode": 0.98}
+REMOTE_ROWS = (REMOTE, REMOTE_LLM, REMOTE_CHAT)
 
 
 @dataclass
@@ -136,7 +143,9 @@ def served_entries(served: Served, workloads: dict[int, tuple[Workload, Workload
         return workloads[id(w)][1]
 
     batch = [(OPENAI, lambda w: batch_openai(served, w), None),
-             (REMOTE, _on(remote, batch_magic), None)]
+             (REMOTE, _on(remote, batch_magic), None),
+             (REMOTE_LLM, _on(remote, batch_llm_batch), None),
+             (REMOTE_CHAT, _on(remote, batch_chat_abatch), None)]
     stream = [(OPENAI, lambda w: stream_openai(served, w), None),
               (REMOTE, _on(remote, stream_magic), None)]
     if served.local is not None:
