@@ -359,3 +359,112 @@ def test_managed_server_reports_its_processes_and_urls(demo_server):
     assert demo_server.model_name == "SmolLM2-135M-Instruct"
     assert "openai" in demo_server.client_snippet() and demo_server.base_url in demo_server.client_snippet()
     assert len(demo_server.processes()) >= 2
+
+
+# ----- batches nobody watches: one HTTP request, answers whole ----------------------------------------
+
+PROMPTS = ["Name a color.", "Name a fruit.", "What is two plus two?", "Say hello in French.", QUESTION,
+           "Name a planet."]
+
+
+def test_whole_batches_give_the_streamed_and_in_process_greedy_answers(engine, remote):
+    near = [h.result(timeout=600) for h in engine.submit(PROMPTS, temperature=0, max_tokens=16)]
+    streamed = [h.result(timeout=600) for h in remote.submit(PROMPTS, temperature=0, max_tokens=16)]
+    whole = [h.result(timeout=600) for h in remote.submit(PROMPTS, temperature=0, max_tokens=16, stream=False)]
+    assert [r.token_ids for r in whole] == [r.token_ids for r in streamed] == [r.token_ids for r in near]
+    assert [r.text for r in whole] == [r.text for r in near]
+    assert [r.prompt_token_ids for r in whole] == [r.prompt_token_ids for r in near]
+    assert [r.prompt for r in whole] == [r.prompt for r in near]  # the server's rendering, fetched when read
+    sampled = [h.result(timeout=600) for h in remote.submit(PROMPTS[:2], temperature=1.0, seed=3, n=2, max_tokens=8,
+                                                             stream=False)]
+    assert [len(r.completions) for r in sampled] == [2, 2]
+    assert all(c.token_ids and c.finish_reason for r in sampled for c in r.completions)
+
+
+def test_aborting_one_request_of_a_whole_batch_keeps_the_others(remote):
+    handles = remote.submit(PROMPTS[:4], temperature=0, max_tokens=48, ignore_eos=True, stream=False)
+    handles[1].abort()
+    results = [h.result(timeout=600) for h in handles]
+    assert [r.aborted for r in results] == [False, True, False, False]
+    assert [r.output_tokens for i, r in enumerate(results) if i != 1] == [48, 48, 48]
+    assert results[1].output_tokens == 0
+    assert remote.status().requests_live == 0
+
+
+def test_aborting_a_whole_batch_stops_it_on_the_server(remote, demo_server):
+    handles = remote.submit(PROMPTS, temperature=0, max_tokens=4000, ignore_eos=True, stream=False)
+    assert remote.abort_all() == len(PROMPTS)
+    assert all(h.result(timeout=60).aborted for h in handles)
+    _until(lambda: _running_on(demo_server.url) == 0, timeout=120)
+    assert "Paris" in remote.generate(QUESTION, temperature=0, max_tokens=16).text
+
+
+def test_a_thousand_concurrent_remote_requests_from_threads_and_asyncio_each_get_their_own_answer(engine, remote):
+    import asyncio
+    import threading
+
+    from vllm_magic.langchain import VLLM
+
+    prompts = [f"Item {i}: the number {i} in words is" for i in range(1000)]
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def batch(indices: list[int], stream: bool) -> None:
+        try:
+            handles = remote.submit([prompts[i] for i in indices], raw=True, temperature=0, max_tokens=3,
+                                    ignore_eos=True, stream=stream)
+            for i, handle in zip(indices, handles):
+                results[i] = handle.result(timeout=1200)
+        except BaseException as exc:  # reported below, with the others'
+            errors.append(exc)
+
+    async def one_by_one(indices: list[int]) -> None:
+        handles = [remote.submit(prompts[i], raw=True, temperature=0, max_tokens=3, ignore_eos=True)[0]
+                   for i in indices]
+        for i, result in zip(indices, await asyncio.gather(*handles)):
+            results[i] = result
+
+    threads = [threading.Thread(target=batch, args=(list(range(k, 500, 10)), k % 2 == 0)) for k in range(10)]
+    for thread in threads:
+        thread.start()
+    asyncio.run(one_by_one(list(range(500, 1000))))
+    for thread in threads:
+        thread.join(timeout=1200)
+    assert not errors and len(results) == 1000
+    for i, result in results.items():  # each its own: its own prompt, a complete answer
+        assert result.prompt == prompts[i] and not result.aborted and result.error is None
+        assert result.output_tokens == 3 and result.finish_reason == "length"
+    assert len({r.request_id for r in results.values()}) == 1000
+    llm = VLLM.from_session(remote)  # spot checks against the in-process engine's greedy answers
+    for i in (0, 499, 500, 999):
+        near = engine.generate(prompts[i], raw=True, temperature=0, max_tokens=3, ignore_eos=True)
+        assert results[i].token_ids == near.token_ids
+        assert llm.invoke(prompts[i], raw=True, temperature=0, max_tokens=3, ignore_eos=True) == near.text
+
+
+def test_a_remote_cell_streams_its_answer_as_it_grows(demo_server, shell):
+    ip, publisher = shell
+    session = EngineSession()
+    register(ip, session=session)
+    ip.run_line_magic("vllm_load", f"--remote {demo_server.url} --no-controls")
+    publisher.clear()
+    result = ip.run_cell_magic("vllm", "-t 0 -m 64", "Write a long story about a dragon.")
+    updates = [c for c in publisher.calls if c["update"]]
+    assert result.generation.output_tokens > 20
+    assert len(updates) > 1  # the answer was redrawn while it grew, not drawn once at the end
+    session.unload()
+
+
+def test_a_server_gone_during_a_whole_batch_ends_each_request_with_one_paragraph(engine):
+    owner = EngineSession()
+    server = owner.serve(port=0)
+    session = EngineSession()
+    session.connect(server.url)
+    handles = session.submit(PROMPTS, temperature=0, max_tokens=4000, ignore_eos=True, stream=False)
+    os.killpg(server.process.pid, signal.SIGKILL)
+    for handle in handles:
+        with pytest.raises(ServerError) as caught:
+            handle.result(timeout=120)
+        assert "\n" not in str(caught.value) and "went away" in str(caught.value)
+    owner.stop_server()
+    session.unload()

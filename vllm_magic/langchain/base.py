@@ -174,11 +174,12 @@ class EngineBase(SamplingFields):  # type: ignore[misc, valid-type]
     def _identifying_params(self) -> dict[str, Any]:
         return {"model_name": self.model_name, **self._default_params}
 
-    def _submit(self, prompts: list[Any], stop: list[str] | None, kwargs: dict[str, Any],
+    def _submit(self, prompts: list[Any], stop: list[str] | None, kwargs: dict[str, Any], *, stream: bool,
                 **options: Any) -> list[RequestHandle]:
-        """Submit prompts with this object's sampling fields, the call's arguments over them."""
+        """Submit prompts with this object's sampling fields, the call's arguments over them;
+        ``stream``: whether the caller reads the answers as they grow (``_stream``), not only whole."""
         sampling, call_options = call_overrides(self._default_params, stop, kwargs, type(self).__name__)
-        return self._live_session().submit(prompts, **{**call_options, **options}, **sampling)
+        return self._live_session().submit(prompts, **{**call_options, **options}, stream=stream, **sampling)
 
     def _chunk(self, text: str, handle: RequestHandle, last: bool) -> Any:
         """One streamed chunk; the last one (empty) reports the finished request."""

@@ -84,15 +84,17 @@ class ChatVLLM(EngineBase, BaseChatModel):
         return params
 
     # ----- shared by the sync and async paths ----------------------------------------------------
-    def _submit_messages(self, messages: list[BaseMessage], stop: list[str] | None,
-                         kwargs: dict[str, Any]) -> tuple[RequestHandle, ToolRequest | None]:
-        """Submit one conversation (or take its prefetched request); also returns the call's tools."""
+    def _submit_messages(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any],
+                         stream: bool) -> tuple[RequestHandle, ToolRequest | None]:
+        """Submit one conversation (or take its prefetched request); also returns the call's tools.
+        ``stream``: whether the caller reads the answer as it grows."""
         conversation = messages_to_conversation(messages)
         kwargs, tools = self._tool_request(kwargs)
         prefetched = _PREFETCHED.get()
         if prefetched and prefetched.get(self._key(conversation)):
             return prefetched[self._key(conversation)].pop(0), tools
-        return self._submit([conversation], stop, kwargs, **(tools.submit_options() if tools else {}))[0], tools
+        options = tools.submit_options() if tools else {}
+        return self._submit([conversation], stop, kwargs, stream=stream, **options)[0], tools
 
     def _tool_request(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], ToolRequest | None]:
         """The call's arguments without ``raw`` (a conversation always goes through the chat
@@ -109,7 +111,9 @@ class ChatVLLM(EngineBase, BaseChatModel):
         """Submit every conversation of a batch at once, so the engine schedules them together."""
         conversations = [messages_to_conversation(m) for m in messages]
         kwargs, tools = self._tool_request(kwargs)
-        handles = self._submit(conversations, stop, kwargs, **(tools.submit_options() if tools else {}))
+        # LangChain's generate streams each input only when streaming is on (or a callback asks)
+        handles = self._submit(conversations, stop, kwargs, stream=self.streaming,
+                               **(tools.submit_options() if tools else {}))
         prefetched: dict[str, list[RequestHandle]] = {}
         for conversation, handle in zip(conversations, handles):
             prefetched.setdefault(self._key(conversation), []).append(handle)
@@ -235,23 +239,23 @@ class ChatVLLM(EngineBase, BaseChatModel):
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        handle, tools = self._submit_messages(messages, stop, kwargs)
+        handle, tools = self._submit_messages(messages, stop, kwargs, stream=False)
         return self._chat_result(wait_all([handle], self.timeout)[0], tools)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        handle, tools = self._submit_messages(messages, stop, kwargs)
+        handle, tools = self._submit_messages(messages, stop, kwargs, stream=True)
         yield from self._stream_handle(handle, run_manager, tools.stream_reader() if tools else None)
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        handle, tools = self._submit_messages(messages, stop, kwargs)
+        handle, tools = self._submit_messages(messages, stop, kwargs, stream=False)
         return self._chat_result((await await_all([handle], self.timeout))[0], tools)
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        handle, tools = self._submit_messages(messages, stop, kwargs)
+        handle, tools = self._submit_messages(messages, stop, kwargs, stream=True)
         async for chunk in self._astream_handle(handle, run_manager, tools.stream_reader() if tools else None):
             yield chunk
 

@@ -39,9 +39,10 @@ class VLLM(EngineBase, BaseLLM):
     def _llm_type(self) -> str:
         return "vllm"
 
-    def _submit_prompts(self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]) -> list[RequestHandle]:
+    def _submit_prompts(self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any],
+                        stream: bool) -> list[RequestHandle]:
         raw = {} if self.raw is None or "raw" in kwargs else {"raw": self.raw}
-        return self._submit(list(prompts), stop, kwargs, **raw)
+        return self._submit(list(prompts), stop, kwargs, stream=stream, **raw)
 
     def _result(self, results: list[GenerationResult]) -> LLMResult:
         generations = [[Generation(text=c.text, generation_info=_info(r, c.finish_reason)) for c in r.completions]
@@ -59,20 +60,21 @@ class VLLM(EngineBase, BaseLLM):
 
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
-        return self._result(wait_all(self._submit_prompts(prompts, stop, kwargs), self.timeout))
+        return self._result(wait_all(self._submit_prompts(prompts, stop, kwargs, stream=False), self.timeout))
 
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
-        yield from self._stream_handle(self._submit_prompts([prompt], stop, kwargs)[0], run_manager)
+        yield from self._stream_handle(self._submit_prompts([prompt], stop, kwargs, stream=True)[0], run_manager)
 
     async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
-        return self._result(await await_all(self._submit_prompts(prompts, stop, kwargs), self.timeout))
+        return self._result(await await_all(self._submit_prompts(prompts, stop, kwargs, stream=False), self.timeout))
 
     async def _astream(self, prompt: str, stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
-        async for chunk in self._astream_handle(self._submit_prompts([prompt], stop, kwargs)[0], run_manager):
+        async for chunk in self._astream_handle(self._submit_prompts([prompt], stop, kwargs, stream=True)[0],
+                                                run_manager):
             yield chunk
 
 

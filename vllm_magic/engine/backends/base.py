@@ -88,6 +88,10 @@ class RequestOptions:
     #: OpenAI tool dicts, and further chat template arguments (``enable_thinking``, ...).
     tools: list[dict[str, Any]] | None = None
     template: dict[str, Any] | None = None
+    #: Whether the caller watches the answers grow. False lets a server elsewhere send each answer
+    #: whole, the batch in one HTTP request (no per-token events for nobody); the handles then get
+    #: each answer in one piece when it is done.
+    stream: bool = True
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ class ReadyRequest:
 
     prompt: Prepared
     params: Any
+    #: :attr:`RequestOptions.stream` of its batch.
+    stream: bool = True
 
 
 class Backend(abc.ABC):
@@ -137,7 +143,7 @@ class Backend(abc.ABC):
             sampling = self._params(defaults, options.overrides, options.structured)
         rendered = render_with_tools(self.render, prompts, options.raw, options.system, options.tools,
                                      options.template, cache_key=self)
-        return [ReadyRequest(prompt, self._fit(sampling, len(prompt.token_ids))) for prompt in rendered]
+        return [ReadyRequest(prompt, self._fit(sampling, len(prompt.token_ids)), options.stream) for prompt in rendered]
 
     @abc.abstractmethod
     def render(self, prompts: list[PromptLike], raw: bool, system: str,

@@ -3,10 +3,14 @@
 :class:`RemoteBackend` drives any OpenAI-compatible vLLM server (``vllm serve``, one started by
 ``%vllm_serve``, a multi-GPU or multi-node deployment) so that every front-end works as with the
 in-process engine. Prompts are rendered and tokenized by the server (``/tokenize``, its own chat
-template), then sent as token ids to ``/v1/completions``, streamed, with ``return_token_ids``:
-the engine sees exactly what an in-process engine would, so greedy answers are the same. Structured
-outputs go through vLLM's extra request fields. Closing a request's stream makes the server abort
-it, which is how an interrupt or the Stop button reaches it.
+template), then sent as token ids to ``/v1/completions`` with ``return_token_ids``: the engine sees
+exactly what an in-process engine would, so greedy answers are the same. Watched requests stream,
+one HTTP stream each; a batch nobody watches (``submit(..., stream=False)``: LangChain's invoke and
+batch, large ``%%vllm`` batches) goes as one non-streamed request for all its prompts, which spares
+the server an event per token and the client hundreds of connections. A prompt's rendered text is
+fetched (``/detokenize``) only when somebody reads it. Structured outputs go through vLLM's extra
+request fields. Closing a request's HTTP stream makes the server abort it, which is how an interrupt
+or the Stop button reaches it.
 
 Nothing here imports vLLM: a laptop without it can drive a GPU box that has it. All HTTP runs on
 one event loop thread (``httpx``), so a batch of hundreds of prompts is hundreds of concurrent
@@ -103,6 +107,32 @@ class RemoteParams:
         return f"RemoteParams({fields})"
 
 
+class _PromptText:
+    """A prompt's text as the server's chat template rendered it, fetched (``/detokenize``) the first
+    time somebody reads it: a batch whose prompts nobody reads costs no request for them."""
+
+    def __init__(self, loop: "_Loop", fetch: Callable[[], Coroutine[Any, Any, str]]) -> None:
+        self._loop = loop
+        self._fetch: Callable[[], Coroutine[Any, Any, str]] | None = fetch
+        self._text: str | None = None
+        self._lock = threading.Lock()
+
+    def done(self) -> bool:
+        return self._text is not None
+
+    def result(self) -> str:
+        with self._lock:
+            if self._text is None:
+                if threading.current_thread() is self._loop.thread:  # it cannot wait for itself
+                    return ""
+                fetch, self._fetch = self._fetch, None
+                try:
+                    self._text = self._loop.run(fetch(), timeout=CONNECT_TIMEOUT) if fetch is not None else ""
+                except Exception:  # noqa: BLE001 - a prompt that cannot be shown must not fail its answer
+                    self._text = ""
+            return self._text
+
+
 class _Loop:
     """One event loop thread with one HTTP client: every call to the server runs here."""
 
@@ -111,8 +141,8 @@ class _Loop:
 
         self._httpx = httpx
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="vllm-magic-http", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="vllm-magic-http", daemon=True)
+        self.thread.start()
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
         async def make() -> Any:
@@ -149,7 +179,7 @@ class _Loop:
         except Exception:  # noqa: BLE001 - closing a client to a server that is gone
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
+        self.thread.join(timeout=5)
 
 
 class RemoteBackend(Backend):
@@ -170,7 +200,10 @@ class RemoteBackend(Backend):
         self.started = time.monotonic()
         self._on_finished = on_finished
         self._loop = loop
-        self._live: dict[str, asyncio.Future[Any]] = {}
+        self._live: dict[str, Any] = {}  # request id -> the concurrent Future of its HTTP request
+        #: request id -> the ids of the requests still live in the same HTTP request (a whole batch)
+        self._sharing: dict[str, set[str]] = {}
+        self._batched: dict[str, RequestHandle] = {}  # the handles of those requests
         self._live_lock = threading.Lock()
         self._failure: str | None = None
         self._structured_key = "structured_outputs" if _version_tuple(version) >= (0, 10, 2) else "guided"
@@ -287,8 +320,8 @@ class RemoteBackend(Backend):
                 raise
             text = "\n\n".join(m["content"] for m in messages)  # a base model: the contents as plain text
             return Prepared(text, await self._tokenize({"prompt": text}))
-        # The text is only shown (--show-prompt, result.prompt): it is fetched while the request runs.
-        return Prepared(self._loop.spawn(self._detokenize(tokens)), tokens)
+        # The text is only shown (--show-prompt, result.prompt): it is fetched when first read.
+        return Prepared(_PromptText(self._loop, lambda: self._detokenize(tokens)), tokens)
 
     async def _detokenize(self, tokens: list[int]) -> str:
         try:
@@ -314,14 +347,71 @@ class RemoteBackend(Backend):
         return params
 
     def add(self, requests: list[tuple[RequestHandle, ReadyRequest]]) -> None:
+        whole: dict[str, list[tuple[RequestHandle, ReadyRequest]]] = {}
         for handle, ready in requests:
-            body = {"model": self.config.model, "prompt": ready.prompt.token_ids, "stream": True,
-                    "return_token_ids": True, "request_id": f"{self._prefix}-{handle.request_id}",
-                    **ready.params.body(self._structured_key)}
+            body = ready.params.body(self._structured_key)
+            if ready.stream:
+                body = {"model": self.config.model, "prompt": ready.prompt.token_ids, "stream": True,
+                        "return_token_ids": True, "request_id": f"{self._prefix}-{handle.request_id}", **body}
+                with self._live_lock:
+                    self._live[handle.request_id] = self._loop.spawn(self._stream(handle, body))
+            else:  # requests of one sampling setting share one HTTP request
+                whole.setdefault(json.dumps(body, sort_keys=True, default=str), []).append((handle, ready))
+        for group in whole.values():
+            handles = [handle for handle, _ in group]
+            body = {"model": self.config.model, "prompt": [ready.prompt.token_ids for _, ready in group],
+                    "stream": False, "return_token_ids": True,
+                    "request_id": f"{self._prefix}-{handles[0].request_id}-{len(handles)}",
+                    **group[0][1].params.body(self._structured_key)}
+            sharing = {handle.request_id for handle in handles}
             with self._live_lock:
-                self._live[handle.request_id] = self._loop.spawn(self._stream(handle, body, ready.prompt.text))
+                future = self._loop.spawn(self._whole(handles, body, group[0][1].params.n or 1))
+                for handle in handles:
+                    self._live[handle.request_id] = future
+                    self._sharing[handle.request_id] = sharing
+                    self._batched[handle.request_id] = handle
 
-    async def _stream(self, handle: RequestHandle, body: dict[str, Any], prompt_text: Any) -> None:
+    async def _whole(self, handles: list[RequestHandle], body: dict[str, Any], n: int) -> None:
+        """One non-streamed request for a batch: each answer arrives whole (choice ``i * n + j`` is
+        answer ``j`` of prompt ``i``)."""
+        httpx = self._loop._httpx
+        try:
+            try:
+                response = await self._loop.client.post("/v1/completions", json=body)
+            except asyncio.CancelledError:  # aborted here: the connection closes and the server aborts
+                for handle in handles:
+                    handle.finish(aborted=True, then=self._on_finished)
+                raise
+            if response.status_code != 200:
+                error = RequestError(f"the server refused the request: {_error_text(response)}")
+                for handle in handles:
+                    handle.finish(error=error)
+                return
+            for choice in response.json().get("choices", ()):
+                prompt, index = divmod(int(choice.get("index", 0)), n)
+                if prompt < len(handles):
+                    handles[prompt].push(index, choice.get("text") or "", list(choice.get("token_ids") or ()),
+                                         choice.get("finish_reason"))
+            for handle in handles:
+                handle.finish(then=self._on_finished)
+        except httpx.HTTPError as exc:
+            reason = self._failed(exc)
+            for handle in handles:
+                handle.finish(error=ServerError(f"the server at {self.url} went away mid-answer ({reason}); start "
+                                                "it again, or %vllm_load another engine"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a malformed answer must not kill the loop
+            for handle in handles:
+                handle.finish(error=ServerError(f"unexpected answer from the server at {self.url}: {exc}"))
+        finally:
+            with self._live_lock:
+                for handle in handles:
+                    self._live.pop(handle.request_id, None)
+                    self._sharing.pop(handle.request_id, None)
+                    self._batched.pop(handle.request_id, None)
+
+    async def _stream(self, handle: RequestHandle, body: dict[str, Any]) -> None:
         httpx = self._loop._httpx
         try:
             async with self._loop.client.stream("POST", "/v1/completions", json=body) as response:
@@ -344,10 +434,8 @@ class RemoteBackend(Backend):
                     for choice in chunk.get("choices", ()):
                         handle.push(int(choice.get("index", 0)), choice.get("text") or "",
                                      list(choice.get("token_ids") or ()), choice.get("finish_reason"))
-            await _settled_text(prompt_text)
             handle.finish(then=self._on_finished)
         except asyncio.CancelledError:  # aborted here: closing the stream made the server abort it
-            await _settled_text(prompt_text)
             handle.finish(aborted=True, then=self._on_finished)
         except httpx.HTTPError as exc:
             reason = self._failed(exc)
@@ -360,11 +448,26 @@ class RemoteBackend(Backend):
                 self._live.pop(handle.request_id, None)
 
     def abort(self, request_ids: list[str]) -> None:
+        cancel, alone = [], []
         with self._live_lock:
-            futures = [self._live[r] for r in request_ids if r in self._live]
-        for future in futures:
-            future.cancel()  # the task gets CancelledError, its stream closes, the server aborts
-        for future in futures:  # returns once the streams are closed
+            for request_id in request_ids:
+                future = self._live.get(request_id)
+                if future is None:
+                    continue
+                sharing = self._sharing.get(request_id)
+                if sharing is not None and not sharing <= set(request_ids):
+                    # Others in its HTTP request go on: this one ends here, its answer is dropped.
+                    sharing.discard(request_id)
+                    self._live.pop(request_id, None)
+                    self._sharing.pop(request_id, None)
+                    alone.append(self._batched.pop(request_id))
+                elif future not in cancel:
+                    cancel.append(future)
+        for handle in alone:
+            handle.finish(aborted=True, then=self._on_finished)
+        for future in cancel:
+            future.cancel()  # the task gets CancelledError, its connection closes, the server aborts
+        for future in cancel:  # returns once the streams are closed
             try:
                 self._loop.run(_settled(future), timeout=5)
             except Exception:  # noqa: BLE001 - a stream that takes longer to close still closes
@@ -454,12 +557,6 @@ async def _get_json(client: Any, path: str, url: str, api_key: str | None) -> An
         return response.json()
     except ValueError:
         raise ServerError(f"{url} answered {path} with something that is not JSON: not a vLLM server") from None
-
-
-async def _settled_text(text: Any) -> None:
-    """Wait until the prompt's text the server renders arrived (results carry it)."""
-    if not isinstance(text, str):
-        await _settled(text)
 
 
 async def _settled(future: "asyncio.Future[Any]") -> None:

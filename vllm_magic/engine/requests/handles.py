@@ -32,6 +32,26 @@ class Completion:
     reasoning: str = ""
 
 
+class _PromptField:
+    """``GenerationResult.prompt``: a string, or a deferred text (an object with ``result()``, such
+    as a server's rendering fetched on first read) resolved once, when somebody reads it. Read on
+    the class it raises AttributeError, so the dataclass sees a field without a default."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._slot = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> str:
+        if obj is None:
+            raise AttributeError(self._slot)
+        value = obj.__dict__[self._slot]
+        if not isinstance(value, str):
+            value = obj.__dict__[self._slot] = value.result()
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self._slot] = value
+
+
 @dataclass
 class GenerationResult:
     """The final state of one request.
@@ -42,7 +62,8 @@ class GenerationResult:
     """
 
     request_id: str
-    prompt: str
+    #: The exact text sent, after the chat template (a server's rendering is fetched on first read).
+    prompt: str = _PromptField()  # type: ignore[assignment]
     prompt_token_ids: list[int]
     completions: list[Completion]
     ttft: float | None
@@ -202,19 +223,12 @@ class RequestHandle:
     # ----- read by callers -------------------------------------------------------------------
     @property
     def prompt(self) -> str:
-        """The exact text sent, after the chat template. A server renders it while the request
-        runs (``concurrent.futures.Future``): reading it waits for that, a millisecond or two."""
+        """The exact text sent, after the chat template. A server elsewhere renders it: reading it
+        the first time asks the server for it (a millisecond or two)."""
         text = self._prompt
         if not isinstance(text, str):
             text = self._prompt = text.result()
         return text
-
-    def _prompt_so_far(self) -> str:
-        """The prompt's text, or "" while a server still renders it for a running request."""
-        text = self._prompt
-        if isinstance(text, str):
-            return text
-        return self.prompt if text.done() or self.done else ""
 
     @property
     def done(self) -> bool:
@@ -301,7 +315,7 @@ class RequestHandle:
 
     def snapshot(self) -> GenerationResult:
         """The result as it stands now (complete once ``done``)."""
-        prompt = self._prompt_so_far()  # never under the lock: the thread that renders it may need the lock
+        prompt = self._prompt  # the text, or a server's rendering that the result fetches when read
         with self._cond:
             end = self._finished_at or time.perf_counter()
             ttft = None if self._first_token_at is None else self._first_token_at - self.submitted_at
