@@ -7,6 +7,8 @@ import asyncio
 import json
 import re
 import threading
+import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -201,9 +203,31 @@ def test_abort_all_stops_every_request_in_flight(engine):
     assert engine.status().requests_live == 0
 
 
-def _interrupt_main_after_first_delta(handle) -> None:
-    if handle.wait_for_delta(0, timeout=120):
-        _thread.interrupt_main()  # what the kernel's interrupt does: SIGINT in the main thread
+@contextmanager
+def _ctrl_c_after_first_delta(handle):
+    """Ctrl-C in the main thread once ``handle`` has streamed its first text: the request's own
+    progress triggers it, not a timer. A test that leaves the block early (a failure, a timeout)
+    gets no interrupt later, in another test."""
+    leaving = threading.Event()
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 120
+        while not leaving.is_set() and time.monotonic() < deadline:
+            if handle.wait_for_delta(0, timeout=0.5):  # short slices: notices the test leaving
+                if not leaving.is_set() and not handle.done:
+                    _thread.interrupt_main()  # what the kernel's interrupt does: SIGINT in the main thread
+                return
+
+    thread = threading.Thread(target=interrupt, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        leaving.set()
+        try:
+            thread.join(timeout=10)
+        except KeyboardInterrupt:
+            pass  # it fired just as the block was left: nothing is waiting for it any more
 
 
 def test_interrupts_abort_and_leave_nothing_behind(engine, kernel_sigint):
@@ -212,14 +236,10 @@ def test_interrupts_abort_and_leave_nothing_behind(engine, kernel_sigint):
     for _ in range(10):
         handle = engine.submit("Write a very long story about a dragon.", temperature=0, max_tokens=500,
                                ignore_eos=True)[0]
-        # The request's own progress triggers Ctrl-C: once its first text is there, 499 tokens are
-        # still to come, so the interrupt lands while the main thread waits in result().
-        interrupter = threading.Thread(target=_interrupt_main_after_first_delta, args=(handle,))
-        with pytest.raises(KeyboardInterrupt):
-            interrupter.start()
+        # Once its first text is there, 499 tokens are still to come: the interrupt lands while the
+        # main thread waits in result().
+        with _ctrl_c_after_first_delta(handle), pytest.raises(KeyboardInterrupt):
             handle.result(timeout=300)
-        interrupter.join(timeout=60)
-        assert not interrupter.is_alive()
         assert handle.done and handle.snapshot().aborted
         assert engine.status().requests_live == 0
     after = engine.generate(question, temperature=0, max_tokens=24)
