@@ -186,7 +186,7 @@ def test_max_tokens_is_bounded_by_the_room_left_in_the_context(engine, monkeypat
 
 def test_abort_keeps_what_was_generated(engine):
     handle = engine.submit("Write a long story about a dragon.", temperature=0, max_tokens=400, ignore_eos=True)[0]
-    next(iter(handle))
+    assert handle.wait_for_delta(0, timeout=120), "no text came"
     handle.abort()
     result = handle.result(timeout=300)
     assert result.aborted and result.finish_reason == "abort"
@@ -196,7 +196,7 @@ def test_abort_keeps_what_was_generated(engine):
 
 def test_abort_all_stops_every_request_in_flight(engine):
     handles = engine.submit(["Tell a long story."] * 4, temperature=0, max_tokens=400, ignore_eos=True)
-    next(iter(handles[0]))
+    assert handles[0].wait_for_delta(0, timeout=120), "no text came"
     assert engine.abort_all() == 4
     results = [h.result(timeout=60) for h in handles]
     assert all(r.aborted and r.finish_reason == "abort" and r.output_tokens < 400 for r in results)
