@@ -75,7 +75,7 @@ def test_langchain_community_vllmopenai_answers_from_the_served_engine(demo_serv
                    model_name=demo_server.model_name, temperature=0, max_tokens=48)
     whole = VLLMOpenAI(**options).invoke("Rome is")
     stopped = VLLMOpenAI(**options, model_kwargs={"stop": ["."]}).invoke("Rome is")
-    assert "." in whole.strip()[:-1], whole  # greedy: a sentence ends inside the answer
+    assert "." in whole, whole  # greedy: the answer has a sentence end to stop at
     assert stopped == whole.split(".")[0] and stopped.strip()  # the stop string reached the server
 
 
