@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from vllm_magic import demo_model
+from vllm_magic.demo import model as demo_model
 from vllm_magic.demo.model import MANIFEST, DemoModelError, prepare_demo_model
 
 
