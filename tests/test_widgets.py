@@ -266,7 +266,7 @@ def test_playground_answer_matches_the_session_greedy_answer(engine, playground)
 def test_playground_stop_aborts_its_request(engine, playground):
     engine.defaults.max_tokens = 4000
     run = playground.generate(LONG_PROMPT)
-    assert playground._handle.wait_for_delta(0, timeout=120)  # the first text has arrived (the request runs for 4000 tokens)
+    assert playground._handle.wait_for_delta(0, timeout=120)  # first text came (the request runs for 4000 tokens)
     playground.stop_button.click()
     playground.wait(timeout=60)
     assert run.result.aborted and 0 < run.result.output_tokens < 4000
