@@ -2,9 +2,10 @@
 
 The first use loads the demo model with no engine argument and remembers the resulting
 :class:`EngineConfig`. ``restore()`` then makes the session run exactly that configuration again:
-the same model, platform and resolved engine arguments (``EngineConfig.__eq__``), the same
-requested arguments (none), awake and alive, with no other engine kept asleep. A bare ``load()`` is not enough for that: it keeps any
-live demo-model engine that serves "no argument", e.g. one a test switched to ``max_model_len=2048``.
+the same model, platform and resolved engine arguments (``EngineConfig.__eq__``), the same requested
+arguments (none), awake and alive, with no other engine kept asleep.
+A bare ``load()`` is not enough for that: it keeps any live demo-model engine that serves "no
+argument", e.g. one a test switched to ``max_model_len=2048``.
 """
 
 from __future__ import annotations

@@ -134,7 +134,8 @@ def test_no_sleep_and_no_timer():
         if path.name == "polling.py":
             continue  # polling.until: the one poll, for outside states that send no event
         for node in ast.walk(_tree(path)):
-            if isinstance(node, ast.ImportFrom) and node.module == "time" and any(a.name == "sleep" for a in node.names):
+            if isinstance(node, ast.ImportFrom) and node.module == "time" and any(
+                    a.name == "sleep" for a in node.names):
                 found.append(f"{_where(path, node)}: from time import sleep")
             if isinstance(node, ast.ImportFrom) and node.module == "threading" and any(
                     a.name == "Timer" for a in node.names):
@@ -240,7 +241,8 @@ def test_each_rule_catches_a_broken_example(tmp_path, monkeypatch, source, rule)
     bad.write_text(source)
     monkeypatch.setitem(globals(), "FILES", [bad])
     check = {"sleep": test_no_sleep_and_no_timer, "no check": test_every_test_can_fail,
-             "return": test_no_test_ends_early_or_skips_itself, "xfail": test_every_xfail_names_the_failure_and_is_strict,
+             "return": test_no_test_ends_early_or_skips_itself,
+             "xfail": test_every_xfail_names_the_failure_and_is_strict,
              "wait": test_every_blocking_wait_has_a_timeout}[rule]
     with pytest.raises(AssertionError):
         check()
