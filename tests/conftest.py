@@ -1,9 +1,13 @@
 """Shared fixtures: one real demo-model engine for the whole test session.
 
 Every test that generates text uses ``engine``: the process-wide session with the demo model,
-loaded once. Whatever an earlier test unloaded or switched, each test that uses it starts with the
-demo engine (``load()`` is idempotent: when it is still there, that costs nothing). Sampling defaults are reset
-after each test so that one test's settings never leak into the next.
+loaded once. Whatever an earlier test unloaded or switched, each test that uses it starts with
+exactly the configuration the run started with (``demo_engine.restore``: the same ``EngineConfig``,
+requested arguments and an awake engine; a bare ``load()`` would keep any live demo-model engine).
+Sampling defaults are reset after each test so that one test's settings never leak into the next.
+
+Timeouts (pytest-timeout, configured in pyproject.toml): a test that waits forever fails alone,
+with the stack of every thread, instead of hanging the run.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import signal
 
 import pytest
 
+import demo_engine
 from vllm_magic import get_session
 
 
@@ -29,20 +34,41 @@ def _nvidia_gpus() -> int:
         return 0
 
 
+def pytest_addoption(parser):
+    parser.addoption("--require-gpu", action="store_true",
+                     help="fail instead of skipping the gpu tests where no NVIDIA GPU is visible (make test-gpu)")
+
+
 def pytest_collection_modifyitems(config, items):
     # Tests marked gpu run on an NVIDIA GPU only: the one reason a test here may be skipped.
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    config.stash[_GPU_SKIPPED] = 0
     if gpu_items and _nvidia_gpus() == 0:
+        if config.getoption("--require-gpu"):
+            raise pytest.UsageError("--require-gpu: no NVIDIA GPU is visible (NVML), so the gpu tests cannot run")
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
         for item in gpu_items:
             item.add_marker(skip)
+        config.stash[_GPU_SKIPPED] = len(gpu_items)
+
+
+_GPU_SKIPPED = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # Said in every run without a GPU: there the sleep/keep/wake tests run against fakes of vLLM's
+    # sleep mode, and nothing proves the real path (GiB given back, same tokens after waking) works.
+    skipped = config.stash.get(_GPU_SKIPPED, 0)
+    if skipped:
+        terminalreporter.write_sep(
+            "!", f"no NVIDIA GPU: {skipped} gpu test(s) skipped, so vLLM's real sleep/keep/wake path did NOT run "
+                 "(CPU runs use fakes); run them on a GPU machine with `make test-gpu`", yellow=True, bold=True)
 
 
 @pytest.fixture(scope="session")
 def engine():
     """The kernel-wide session with the demo model loaded."""
-    session = get_session()
-    session.load()
+    session = demo_engine.shared()
     yield session
     session.unload()
 
@@ -65,7 +91,7 @@ def ip(engine):
 def _demo_engine_stays(request):
     # Before the test rather than after: a module fixture may have unloaded it in its own teardown.
     if "engine" in request.fixturenames:
-        get_session().load()
+        demo_engine.restore()
     yield
 
 

@@ -19,6 +19,10 @@ from playwright.sync_api import expect
 
 from browser.lab import CHROMIUM_ARGS, JupyterLab, ensure_chromium, write_notebook
 
+# Over the suite's 15 min default: a Chromium and JupyterLab start, then a kernel that loads the engine
+# (LOAD_TIMEOUT alone is 7 min).
+pytestmark = pytest.mark.timeout(1800)
+
 PROJECT = Path(__file__).resolve().parents[1]
 SHOTS = PROJECT / "artifacts" / "browser"
 NOTEBOOK = "widgets-in-the-browser.ipynb"

@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 
 import psutil
 import pytest
 
 from real_kernel import RealKernel
+
+# Over the suite's 15 min default: real kernels that each load an engine; the first test interrupts ten
+# 1500-token answers.
+pytestmark = pytest.mark.timeout(1800)
 
 LONG = "%%vllm -m 1500 -t 0.8\nWrite a very long story about a dragon who learns to cook."
 GREEDY = "%%vllm -t 0 -m 24 --quiet\nWhat is the capital of France?"
@@ -24,14 +27,6 @@ GREEDY = "%%vllm -t 0 -m 24 --quiet\nWhat is the capital of France?"
 def _streaming(text: str) -> bool:
     """A display update of an answer that is streaming and already has some words."""
     return text.endswith(" ▌") and len(text.split()) >= 4
-
-
-def _until(condition, timeout: float = 600) -> None:
-    """Wait until ``condition()`` holds (checked ten times a second); fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the awaited state never came"
-        time.sleep(0.1)
 
 
 def _answer_of(run) -> str:
@@ -78,7 +73,8 @@ def test_interrupt_during_load_leaves_no_engine_then_loading_works(kernel):
     kernel.ok("%vllm_unload")
     assert not kernel.engine_pids()
     msg_id = kernel.start("%vllm_load")
-    _until(lambda: len(kernel.engine_pids()) >= 1)  # the engine core is starting
+    # The load's own progress line (updated every second) drives the check: the engine core is starting.
+    kernel.wait_for_output(msg_id, lambda _line: len(kernel.engine_pids()) >= 1)
     kernel.interrupt()
     run = kernel.wait(msg_id)
     assert run.error == ("UsageError", "loading interrupted; no engine is loaded (run %vllm_load again)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import pytest
@@ -188,17 +189,37 @@ async def test_abatch_is_one_submission_with_a_run_per_input_and_every_fifth_ans
 
 def test_batch_honours_stop(engine):
     chat = ChatVLLM(temperature=0, max_tokens=24)
+    whole = chat.invoke(FRANCE).content
+    assert "Paris" in whole and not whole.startswith("Paris"), whole  # greedy: a stop at "Paris" leaves text
     answers = chat.batch([FRANCE, FRANCE], stop=["Paris"])
-    assert all("Paris" not in a.content for a in answers)
+    assert [a.content for a in answers] == [whole.split("Paris")[0]] * 2
     assert answers[0].content == chat.invoke(FRANCE, stop=["Paris"]).content
 
 
 def test_stream_first_chunk_arrives_while_the_request_still_runs(engine):
-    served = engine.requests_served
-    stream = ChatVLLM(temperature=0, max_tokens=64).stream("Tell me about Paris.")
-    first = next(stream)
-    assert first.content and first.usage_metadata is None
-    assert engine.requests_served == served  # not held back until the request finished
-    rest = list(stream)
-    assert rest[-1].content == "" and rest[-1].usage_metadata["output_tokens"] > 1
-    assert engine.requests_served == served + 1
+    # 4000 tokens, ignoring EOS: the request cannot end by itself between the first chunk and the
+    # close below, so an aborted result proves the chunk came while it ran (no timing involved).
+    finished, ended = [], threading.Event()
+
+    def record(result):
+        finished.append(result)
+        ended.set()
+
+    engine.add_listener(record)
+    try:
+        served = engine.requests_served
+        stream = ChatVLLM(temperature=0, max_tokens=4000, ignore_eos=True).stream("Tell me about Paris.")
+        first = next(stream)
+        assert first.content and first.usage_metadata is None
+        assert engine.requests_served == served  # not held back until the request finished
+        stream.close()
+        assert ended.wait(120), "the request did not end"
+    finally:
+        engine.remove_listener(record)
+    assert finished[0].aborted and 0 < finished[0].output_tokens < 4000
+
+
+def test_stream_ends_with_a_chunk_of_usage_only(engine):
+    chunks = list(ChatVLLM(temperature=0, max_tokens=16, ignore_eos=True).stream("Tell me about Paris."))
+    assert chunks[0].usage_metadata is None and "".join(c.content for c in chunks).strip()
+    assert chunks[-1].content == "" and chunks[-1].usage_metadata["output_tokens"] == 16

@@ -110,14 +110,26 @@ def test_stream_yields_deltas_that_join_to_invoke(engine):
 
 
 def test_stream_first_chunk_arrives_while_the_request_still_runs(engine):
-    served = engine.requests_served
-    stream = VLLM(temperature=0, max_new_tokens=64, ignore_eos=True).stream("Tell me about Paris.")
-    first = next(stream)
-    assert first  # real text, not a placeholder
-    assert engine.requests_served == served  # not held back until the request finished
-    rest = list(stream)
-    assert rest[-1] == ""  # the final chunk only carries finish reason and token counts
-    assert engine.requests_served == served + 1
+    # 4000 tokens, ignoring EOS: the request cannot end by itself between the first chunk and the
+    # close below, so an aborted result proves the chunk came while it ran (no timing involved).
+    finished, ended = [], threading.Event()
+
+    def record(result):
+        finished.append(result)
+        ended.set()
+
+    engine.add_listener(record)
+    try:
+        served = engine.requests_served
+        stream = VLLM(temperature=0, max_new_tokens=4000, ignore_eos=True).stream("Tell me about Paris.")
+        first = next(stream)
+        assert first  # real text, not a placeholder
+        assert engine.requests_served == served  # not held back until the request finished
+        stream.close()
+        assert ended.wait(120), "the request did not end"
+    finally:
+        engine.remove_listener(record)
+    assert finished[0].aborted and 0 < finished[0].output_tokens < 4000
 
 
 def test_stream_final_chunk_carries_generation_info(engine):
@@ -155,21 +167,26 @@ def test_stream_consumer_that_stops_early_aborts_the_request(engine):
     assert finished[0].aborted and finished[0].output_tokens < 200
 
 
-async def test_50_concurrent_ainvoke_return_their_own_answers(engine):
+async def test_50_concurrent_ainvoke_return_their_own_answers(engine, monkeypatch):
+    from vllm_magic.engine.requests.handles import RequestHandle
+
     llm = VLLM(temperature=0, max_new_tokens=12)
     prompts = [f"Write the number {i} in words." for i in range(50)]
     alone = {i: llm.invoke(prompts[i]) for i in range(0, 50, 5)}  # asking each alone is slow on a CPU
-    served, threads_before = engine.requests_served, threading.active_count()
-    peak = threads_before
-    calls = asyncio.gather(*(llm.ainvoke(p) for p in prompts))
-    while not calls.done():  # sample the thread count while the 50 calls are in flight
-        peak = max(peak, threading.active_count())
-        await asyncio.wait([calls], timeout=0.01)
-    answers = await calls
+    # Awaited on the event loop, not one blocked thread per call: every submission comes from the
+    # loop's thread and nothing waits on a handle the blocking way (no thread count sampled).
+    submitted_from, blocking_waits = [], []
+    submit, wait_for = engine.submit, RequestHandle._wait_for
+    monkeypatch.setattr(engine, "submit", lambda *a, **kw: (submitted_from.append(threading.get_ident()),
+                                                            submit(*a, **kw))[1])
+    monkeypatch.setattr(RequestHandle, "_wait_for", lambda self, *a, **kw: (blocking_waits.append(self.request_id),
+                                                                            wait_for(self, *a, **kw))[1])
+    served = engine.requests_served
+    answers = await asyncio.wait_for(asyncio.gather(*(llm.ainvoke(p) for p in prompts)), timeout=600)
     assert engine.requests_served == served + 50
     assert {i: answers[i] for i in alone} == alone
     assert len(set(answers)) > 25  # each call got an answer to its own prompt, not a neighbour's
-    assert peak <= threads_before + 2  # awaited on the event loop, not one blocked thread per call
+    assert submitted_from == [threading.get_ident()] * 50 and blocking_waits == []
 
 
 # ----- sampling, stop, metadata ---------------------------------------------------------------------

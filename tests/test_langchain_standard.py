@@ -7,13 +7,32 @@ flags: no image, audio or PDF input, no per-call model override (one engine per 
 
 from __future__ import annotations
 
-from typing import Any
+import traceback
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from vllm_magic.langchain import ChatVLLM
+
+
+class DemoModelLimit(Exception):
+    """A standard test failed exactly where the 135M demo model is known to fail it."""
+
+
+@contextmanager
+def _known_failure(mark: str) -> Iterator[None]:
+    """Turn the one expected AssertionError (its message or its failing source line contains ``mark``)
+    into :class:`DemoModelLimit`; any other failure, a real bug included, fails the test as it is."""
+    try:
+        yield
+    except AssertionError as error:
+        line = traceback.extract_tb(error.__traceback__)[-1].line or ""
+        if mark in line or mark in str(error):
+            raise DemoModelLimit(f"{line}\n{error}") from error
+        raise
 
 
 class _ChatVLLMCapabilities:
@@ -106,12 +125,16 @@ class TestChatVLLMIntegration(_ChatVLLMCapabilities, ChatModelIntegrationTests):
         return {**super().chat_model_params, "max_tokens": 256}
 
     @pytest.mark.xfail(reason="with tool_choice 'auto' the 135M demo model answers in text instead of choosing "
-                              "to call the tool (forced calls are tested by test_tool_calling)", strict=False)
+                              "to call the tool (forced calls are tested by test_tool_calling)",
+                       raises=DemoModelLimit, strict=True)
     def test_agent_loop(self, model: Any) -> None:
-        super().test_agent_loop(model)
+        with _known_failure('block["type"] == "tool_call"'):  # the first answer has no tool call
+            super().test_agent_loop(model)
 
     @pytest.mark.xfail(reason="the 135M demo model's forced call repeats the Chinese name in an unending string "
-                              "until max_tokens, leaving an invalid tool call", strict=False)
+                              "until max_tokens, leaving an invalid tool call", raises=DemoModelLimit, strict=True)
     def test_unicode_tool_call_integration(self, model: Any, *, tool_choice: str | None = None,
                                            force_tool_call: bool = True) -> None:
-        super().test_unicode_tool_call_integration(model, tool_choice=tool_choice, force_tool_call=force_tool_call)
+        with _known_failure("Expected at least 1 tool call, got 0"):  # the one call is in invalid_tool_calls
+            super().test_unicode_tool_call_integration(model, tool_choice=tool_choice,
+                                                       force_tool_call=force_tool_call)

@@ -6,9 +6,14 @@ Two engine loads: kept in its own module, and the default engine is restored at 
 from __future__ import annotations
 
 import pytest
+
+import demo_engine
 from vllm_magic.errors import RequestError
 
 from vllm_magic.langchain import VLLM
+
+# Over the suite's 15 min default: two engine starts: the switch, then the demo engine again.
+pytestmark = pytest.mark.timeout(1800)
 
 FRANCE = "What is the capital of France?"
 
@@ -23,8 +28,7 @@ def test_a_different_engine_configuration_replaces_the_live_engine(engine):
         assert "Paris" in small.invoke(FRANCE)
         assert "Paris" in default_llm.invoke(FRANCE)  # it asked for no engine argument: the live one serves it
     finally:
-        engine.unload()  # the default configuration again, for the other tests
-        engine.load()
+        demo_engine.restore(engine)  # the default configuration again, for the other tests
     assert engine.engines_created == created + 2
     with pytest.raises(RequestError, match="live engine"):
         small.invoke(FRANCE)  # built for max_model_len=2048; a call never replaces what was loaded since

@@ -99,16 +99,15 @@ def test_load_errors_are_one_line_usage_errors_and_keep_the_engine(ip, engine, l
     assert_still_answers(ip)
 
 
-def test_langchain_object_is_published_under_the_as_name(ip, magics):
+def test_langchain_object_is_published_under_the_as_name(ip, magics, engine):
+    from vllm_magic.langchain import VLLM  # part of the package: langchain-core is a dependency
+
     ip.run_line_magic("vllm_load", "--as chat")
     assert magics.langchain_name == "chat"
-    try:
-        import vllm_magic.langchain  # noqa: F401
-    except ImportError:
-        assert "chat" not in ip.user_ns
-    else:
-        assert ip.user_ns["chat"] is not None
-    ip.user_ns.pop("chat", None)
+    chat = ip.user_ns.pop("chat")
+    assert isinstance(chat, VLLM) and chat.session is engine
+    engine.defaults.temperature, engine.defaults.max_tokens = 0, 16  # it follows the session's defaults
+    assert "Paris" in chat.invoke("What is the capital of France?")
 
 
 # ----- one cell, one prompt ------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from ipython_capture import make_shell
 from vllm_magic.magics import VllmMagics, register
 from vllm_magic.engine.session import EngineSession
 
+# Over the suite's 15 min default: engine starts and switches of a session of its own.
+pytestmark = pytest.mark.timeout(1800)
+
 QUESTION = "What is the capital of France?"
 
 

@@ -47,12 +47,21 @@ def _graph() -> dict[str, set[str]]:
 
 
 def test_public_imports_stay_where_users_find_them():
+    import ipywidgets
+    from IPython.core.magic import Magics
+    from langchain_core.language_models import BaseChatModel, BaseLLM
+
     from vllm_magic import get_session
+    from vllm_magic.engine.session import EngineSession
     from vllm_magic.langchain import VLLM, ChatVLLM
     from vllm_magic.magics import VllmMagics
     from vllm_magic.widgets import Playground, SamplingPanel
 
-    assert callable(get_session) and VLLM and ChatVLLM and VllmMagics and Playground and SamplingPanel
+    # Each name is the object it was, not a placeholder or a re-export of something else.
+    assert isinstance(get_session(), EngineSession) and get_session() is get_session()
+    assert issubclass(VLLM, BaseLLM) and issubclass(ChatVLLM, BaseChatModel)
+    assert issubclass(VllmMagics, Magics) and "vllm_load" in VllmMagics.magics["line"]
+    assert issubclass(Playground, ipywidgets.Widget) and issubclass(SamplingPanel, ipywidgets.Widget)
 
 
 def test_no_module_imports_itself_back():

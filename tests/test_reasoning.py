@@ -35,7 +35,7 @@ def test_parser_names_are_checked_against_vllms_parsers():
 def test_the_session_splits_thinking_from_the_answer_as_it_streams(thinking):
     handle = thinking.submit("What is two plus two? Think first.", temperature=0, max_tokens=80, regex=THINK)[0]
     parts = list(handle.iter_parts())
-    result = handle.result()
+    result = handle.result(timeout=300)
     assert result.reasoning.strip() and result.text.strip() and "<think>" not in result.text + result.reasoning
     assert "</think>" not in result.text + result.reasoning
     assert [reasoning for _, _, reasoning in parts] == sorted((r for _, _, r in parts), reverse=True)  # thinking first

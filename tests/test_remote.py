@@ -20,11 +20,15 @@ import pytest
 from IPython.core.error import UsageError
 
 from ipython_capture import make_shell
-from test_kernel_interrupts import _until
+from polling import until as _until
 from vllm_magic.engine.backends.server import ManagedServer
 from vllm_magic.engine.session import EngineSession
 from vllm_magic.errors import ServerError
 from vllm_magic.magics import register, unregister
+
+# Over the suite's 15 min default: vLLM servers started by the tests (a module one, and own ones in several
+# tests).
+pytestmark = pytest.mark.timeout(1800)
 
 QUESTION = "What is the capital of France?"
 
@@ -67,11 +71,12 @@ def _running_on(server_url: str) -> float:
 def test_langchain_community_vllmopenai_answers_from_the_served_engine(demo_server):
     from langchain_community.llms import VLLMOpenAI
 
-    llm = VLLMOpenAI(openai_api_key="EMPTY", openai_api_base=demo_server.url + "/v1",
-                     model_name=demo_server.model_name, model_kwargs={"stop": ["."]})
-    answer = llm.invoke("Rome is")
-    assert isinstance(answer, str) and answer.strip()
-    assert "." not in answer  # the stop string reached the server
+    options = dict(openai_api_key="EMPTY", openai_api_base=demo_server.url + "/v1",
+                   model_name=demo_server.model_name, temperature=0, max_tokens=48)
+    whole = VLLMOpenAI(**options).invoke("Rome is")
+    stopped = VLLMOpenAI(**options, model_kwargs={"stop": ["."]}).invoke("Rome is")
+    assert "." in whole, whole  # greedy: the answer has a sentence end to stop at
+    assert stopped == whole.split(".")[0] and stopped.strip()  # the stop string reached the server
 
 
 def test_openai_client_streams_the_same_greedy_answer_it_returns_whole(demo_server):
@@ -170,7 +175,7 @@ def test_forced_tool_calls_and_the_reasoning_split_work_over_a_remote_session(en
                                                                  for c in local.invoke(question).tool_calls]
     assert call.tool_calls[0]["name"] == "get_weather" and isinstance(call.tool_calls[0]["args"]["city"], str)
     remote.parsers = Parsers(reasoning="qwen3")
-    result = remote.submit("What is two plus two? Think first.", temperature=0, max_tokens=80, regex=THINK)[0].result()
+    result = remote.submit("What is two plus two? Think first.", temperature=0, max_tokens=80, regex=THINK)[0].result(timeout=300)
     assert result.reasoning.strip() and result.text.strip()
     assert "<think>" not in result.text + result.reasoning and "</think>" not in result.text + result.reasoning
 
@@ -188,7 +193,7 @@ def test_widgets_over_a_remote_session_stream_and_stop_on_the_server(remote, dem
         remote.defaults.max_tokens = 4000
         remote.defaults.temperature = 0.8
         run = playground.generate("Write a very long story about a dragon.")
-        playground._handle.wait_for_delta(0)
+        assert playground._handle.wait_for_delta(0, timeout=120), "no text came"
         panel = SamplingPanel(remote)
         assert panel.stop() == 1  # the panel's Stop button: every request of the session
         playground.wait(timeout=120)
@@ -202,10 +207,10 @@ def test_widgets_over_a_remote_session_stream_and_stop_on_the_server(remote, dem
 def test_an_aborted_remote_request_is_dropped_by_the_server(remote, demo_server):
     handle = remote.submit("Write a very long story about a dragon.", temperature=0.8, max_tokens=4000,
                            ignore_eos=True)[0]
-    assert handle.wait_for_delta(after=3)
+    assert handle.wait_for_delta(after=3, timeout=120)
     _until(lambda: _running_on(demo_server.url) >= 1)
     handle.abort()
-    result = handle.result()
+    result = handle.result(timeout=300)
     assert result.aborted and result.output_tokens >= 3 and result.finish_reason == "abort"
     _until(lambda: _running_on(demo_server.url) == 0)
     assert "Paris" in remote.generate(QUESTION, temperature=0, max_tokens=16).text
@@ -308,10 +313,10 @@ def test_a_server_killed_mid_answer_ends_the_answer_with_a_clear_error(engine, d
     session.connect(server.url)
     handle = session.submit("Write a very long story about a dragon.", temperature=0.8, max_tokens=4000,
                             ignore_eos=True)[0]
-    assert handle.wait_for_delta(after=3)
+    assert handle.wait_for_delta(after=3, timeout=120)
     os.killpg(server.process.pid, signal.SIGKILL)
     with pytest.raises(ServerError, match="went away mid-answer"):
-        handle.result()
+        handle.result(timeout=300)
     assert handle.snapshot().output_tokens >= 3  # what arrived is kept
     assert session.status().dead
     with pytest.raises(Exception, match="does not answer"):
@@ -327,7 +332,7 @@ def test_a_server_that_fails_to_start_reports_vllms_reason(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     with pytest.raises(ServerError, match="exited while starting") as error:
         owner.serve(str(tmp_path), port=0, timeout=600)
-    assert "no-such-architecture" in str(error.value) or "Error" in str(error.value)
+    assert "no-such-architecture" in str(error.value)  # vLLM's reason, not only that it failed
     assert owner.server is None
 
 

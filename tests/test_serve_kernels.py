@@ -12,10 +12,16 @@ import re
 import signal
 
 import psutil
+import pytest
 
+from polling import until as _until
 from real_kernel import RealKernel
-from test_kernel_interrupts import GREEDY, LONG, _answer_of, _streaming, _until
+from test_kernel_interrupts import GREEDY, LONG, _answer_of, _streaming
 from test_remote import _running_on
+
+# Over the suite's 15 min default: real kernels that load an engine and start a vLLM server: two engine
+# starts per test.
+pytestmark = pytest.mark.timeout(1800)
 
 
 def _server_processes(kernel: RealKernel) -> list[psutil.Process]:

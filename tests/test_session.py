@@ -7,6 +7,8 @@ import asyncio
 import json
 import re
 import threading
+import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -43,7 +45,7 @@ def test_streaming_deltas_join_to_the_final_text_and_arrive_early(engine):
         if done_at_first_delta is None:
             done_at_first_delta = handle.done
         deltas.append(delta)
-    result = handle.result()
+    result = handle.result(timeout=300)
     assert done_at_first_delta is False, "the first delta only came after the request finished"
     assert len(deltas) > 1
     assert "".join(deltas) == result.text
@@ -69,7 +71,7 @@ def test_many_prompts_in_one_submission(engine):
     before = engine.submissions
     handles = engine.submit(["Say hi.", "Count to three.", "What is 2+2?"], temperature=0, max_tokens=12)
     assert engine.submissions == before + 1
-    results = [h.result() for h in handles]
+    results = [h.result(timeout=300) for h in handles]
     assert len({r.request_id for r in results}) == 3
     assert all(r.output_tokens > 0 for r in results)
 
@@ -143,13 +145,13 @@ def test_batched_tokenization_matches_one_prompt_at_a_time(engine, raw):
     system = "You are a careful assistant."
     handles = engine.submit(items, raw=raw, system=system, temperature=0, max_tokens=1)
     for handle in handles:
-        handle.result()
+        handle.result(timeout=300)
     expected = [_one_by_one(tokenizer, item, raw, system) for item in items]
     assert [(h.prompt, h.prompt_token_ids) for h in handles] == expected
     # A single prompt (not batched) gives the same text and ids as it does inside the batch.
     for item, handle in zip(items, handles):
         single = engine.submit(item, raw=raw, system=system, temperature=0, max_tokens=1)[0]
-        single.result()
+        single.result(timeout=300)
         assert (single.prompt, single.prompt_token_ids) == (handle.prompt, handle.prompt_token_ids)
         assert engine.render_prompt(item, raw=raw, system=system) == handle.prompt
 
@@ -184,9 +186,9 @@ def test_max_tokens_is_bounded_by_the_room_left_in_the_context(engine, monkeypat
 
 def test_abort_keeps_what_was_generated(engine):
     handle = engine.submit("Write a long story about a dragon.", temperature=0, max_tokens=400, ignore_eos=True)[0]
-    next(iter(handle))
+    assert handle.wait_for_delta(0, timeout=120), "no text came"
     handle.abort()
-    result = handle.result()
+    result = handle.result(timeout=300)
     assert result.aborted and result.finish_reason == "abort"
     assert 0 < result.output_tokens < 400
     assert engine.status().requests_live == 0
@@ -194,11 +196,38 @@ def test_abort_keeps_what_was_generated(engine):
 
 def test_abort_all_stops_every_request_in_flight(engine):
     handles = engine.submit(["Tell a long story."] * 4, temperature=0, max_tokens=400, ignore_eos=True)
-    next(iter(handles[0]))
+    assert handles[0].wait_for_delta(0, timeout=120), "no text came"
     assert engine.abort_all() == 4
     results = [h.result(timeout=60) for h in handles]
     assert all(r.aborted and r.finish_reason == "abort" and r.output_tokens < 400 for r in results)
     assert engine.status().requests_live == 0
+
+
+@contextmanager
+def _ctrl_c_after_first_delta(handle):
+    """Ctrl-C in the main thread once ``handle`` has streamed its first text: the request's own
+    progress triggers it, not a timer. A test that leaves the block early (a failure, a timeout)
+    gets no interrupt later, in another test."""
+    leaving = threading.Event()
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 120
+        while not leaving.is_set() and time.monotonic() < deadline:
+            if handle.wait_for_delta(0, timeout=0.5):  # short slices: notices the test leaving
+                if not leaving.is_set() and not handle.done:
+                    _thread.interrupt_main()  # what the kernel's interrupt does: SIGINT in the main thread
+                return
+
+    thread = threading.Thread(target=interrupt, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        leaving.set()
+        try:
+            thread.join(timeout=10)
+        except KeyboardInterrupt:
+            pass  # it fired just as the block was left: nothing is waiting for it any more
 
 
 def test_interrupts_abort_and_leave_nothing_behind(engine, kernel_sigint):
@@ -207,11 +236,10 @@ def test_interrupts_abort_and_leave_nothing_behind(engine, kernel_sigint):
     for _ in range(10):
         handle = engine.submit("Write a very long story about a dragon.", temperature=0, max_tokens=500,
                                ignore_eos=True)[0]
-        timer = threading.Timer(0.3, _thread.interrupt_main)
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            handle.result()
-        timer.join()
+        # Once its first text is there, 499 tokens are still to come: the interrupt lands while the
+        # main thread waits in result().
+        with _ctrl_c_after_first_delta(handle), pytest.raises(KeyboardInterrupt):
+            handle.result(timeout=300)
         assert handle.done and handle.snapshot().aborted
         assert engine.status().requests_live == 0
     after = engine.generate(question, temperature=0, max_tokens=24)
@@ -230,11 +258,11 @@ def test_concurrent_callers_each_get_their_own_answer(engine):
     start = threading.Barrier(9)
 
     def worker(t: int) -> None:
-        start.wait()
+        start.wait(timeout=300)
         for j in range(20):
             k = t * 20 + j
             prompt = prompts[k % len(prompts)]
-            result = engine.submit(prompt, **params)[0].result()
+            result = engine.submit(prompt, **params)[0].result(timeout=300)
             with lock:
                 results[k] = (prompt, result)
 
@@ -251,10 +279,11 @@ def test_concurrent_callers_each_get_their_own_answer(engine):
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
     for thread in threads:
         thread.start()
-    start.wait()
+    start.wait(timeout=300)
     asyncio.run(async_group())
     for thread in threads:
-        thread.join()
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads), "a caller thread never ended"
     assert sorted(results) == list(range(200)), "requests were lost"
     assert len({r.request_id for _, r in results.values()}) == 200
     for prompt, result in results.values():
@@ -283,9 +312,9 @@ def test_listeners_run_off_the_driver_thread_and_their_failures_are_reported(eng
     engine.add_listener(listener)
     try:
         first = engine.submit(QUESTION, temperature=0, max_tokens=4)[0]
-        first.result()
+        first.result(timeout=300)
         second = engine.submit(QUESTION, temperature=0, max_tokens=4)[0]
-        second.result()
+        second.result(timeout=300)
         engine.listeners.drain()
     finally:
         engine.remove_listener(listener)
@@ -302,7 +331,7 @@ def test_a_listener_hears_only_of_results_notified_after_it_was_added():
     from vllm_magic.engine.listeners import Listeners
 
     listeners, heard, gate = Listeners(), [], threading.Event()
-    listeners.add(lambda value: gate.wait())  # holds the listeners' thread until the checks are set up
+    listeners.add(lambda value: gate.wait(timeout=60))  # holds the listeners' thread until the checks are set up
     listeners.add(lambda value: heard.append(("early", value)))
     listeners.notify("before")
     late = lambda value: heard.append(("late", value))  # noqa: E731
@@ -327,11 +356,12 @@ def test_a_prompt_text_still_being_rendered_never_blocks_the_stream():
     pusher = threading.Thread(target=handle.push, args=(0, "Hello", [7], None))
     assert handle.snapshot().prompt == ""  # a running request's snapshot does not wait for the text
     pusher.start()
-    pusher.join()
+    pusher.join(timeout=60)
+    assert not pusher.is_alive(), "pushing a delta waited for the prompt text"
     assert handle.snapshot().text == "Hello"
     text.set_result("<user>Hi</user>")
     handle.finish()
-    assert handle.result().prompt == handle.prompt == "<user>Hi</user>"
+    assert handle.result(timeout=300).prompt == handle.prompt == "<user>Hi</user>"
 
 
 def test_counters_include_a_request_as_soon_as_its_result_is_seen(engine):

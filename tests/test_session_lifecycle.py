@@ -10,6 +10,7 @@ import textwrap
 import psutil
 import pytest
 
+import demo_engine
 from child_processes import engine_children
 from vllm_magic.engine.config import ConfigError
 from vllm_magic.engine.flags import load_flags
@@ -37,20 +38,22 @@ def test_invalid_configurations_are_refused_before_the_engine_is_touched(engine,
     assert "Paris" in _answers(engine)
 
 
+@pytest.mark.timeout(1800)  # two engine starts: the switch, then the demo engine again
 def test_switching_leaves_no_engine_process_behind(engine):
     default = engine.config
     first = engine_children()
     assert first
-    info = engine.load(max_model_len=2048)
-    assert not info.already_loaded
-    assert engine.status().max_model_len == 2048
-    assert not (first & engine_children()), "processes of the first engine survived the switch"
-    assert engine.last_unload.processes_killed == 0
-    second = engine_children()
-    assert "Paris" in _answers(engine)
-    engine.unload()  # the default configuration again: a bare load() would keep the running engine
-    engine.load()
-    assert engine.config.fingerprint == default.fingerprint
+    try:
+        info = engine.load(max_model_len=2048)
+        assert not info.already_loaded
+        assert engine.status().max_model_len == 2048
+        assert not (first & engine_children()), "processes of the first engine survived the switch"
+        assert engine.last_unload.processes_killed == 0
+        second = engine_children()
+        assert "Paris" in _answers(engine)
+    finally:
+        demo_engine.restore(engine)  # the default configuration again, whatever failed above
+    assert engine.config == default and engine.config.requested == {}
     assert not (second & engine_children()), "processes of the second engine survived the switch"
     assert "Paris" in _answers(engine)
 
@@ -71,7 +74,7 @@ def test_a_failed_start_reports_the_cause_and_leaves_the_session_empty(engine, t
         assert not engine.loaded
         assert not engine_children() - before, "a failed start left processes behind"
     finally:
-        engine.load()
+        demo_engine.restore(engine)
     assert "Paris" in _answers(engine)
 
 

@@ -240,13 +240,13 @@ def test_sleep_on_cpu_is_refused_in_one_line_and_the_engine_keeps_serving(engine
 
 
 def test_keep_on_cpu_is_refused_before_anything_changes(engine, magics):
-    if on_gpu(engine):  # there --keep can keep it: nothing to refuse
+    if on_gpu(engine):  # there --keep can keep it: nothing to refuse (test_sleep_gpu keeps one for real)
         assert engine.backend.sleep_refusal(1) is None
-        return
-    created, model = engine.engines_created, engine.config.model
-    with pytest.raises(UsageError, match="^--keep puts the loaded engine to sleep: sleep mode needs an NVIDIA GPU"):
-        magics.vllm_load("--keep --max-model-len 512 --no-controls")
-    assert engine.engines_created == created and engine.config.model == model and engine.kept == []
+    else:
+        created, model = engine.engines_created, engine.config.model
+        with pytest.raises(UsageError, match="^--keep puts the loaded engine to sleep: sleep mode needs an NVIDIA GPU"):
+            magics.vllm_load("--keep --max-model-len 512 --no-controls")
+        assert engine.engines_created == created and engine.config.model == model and engine.kept == []
 
 
 def test_wake_of_an_awake_engine_says_so(engine, magics, capsys):

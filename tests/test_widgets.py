@@ -7,7 +7,6 @@ button's ``click()``); what reaches vLLM is read from the ``SamplingParams`` the
 from __future__ import annotations
 
 import html
-import time
 
 import ipywidgets as widgets
 import pytest
@@ -267,7 +266,7 @@ def test_playground_answer_matches_the_session_greedy_answer(engine, playground)
 def test_playground_stop_aborts_its_request(engine, playground):
     engine.defaults.max_tokens = 4000
     run = playground.generate(LONG_PROMPT)
-    playground._handle.wait_for_delta(0)  # the first text has arrived (the request runs for 4000 tokens)
+    assert playground._handle.wait_for_delta(0, timeout=120)  # first text came (the request runs for 4000 tokens)
     playground.stop_button.click()
     playground.wait(timeout=60)
     assert run.result.aborted and 0 < run.result.output_tokens < 4000
@@ -300,8 +299,25 @@ def test_playground_history_keeps_the_last_runs(engine):
         pg.close()
 
 
-def test_widgets_are_ipywidgets_containers(engine, panels, playground):
-    assert isinstance(panels(), widgets.VBox) and isinstance(playground, widgets.VBox)
+def _shown(widget: widgets.Widget) -> list[widgets.Widget]:
+    """The widget and every widget a front-end renders inside it (children, accordion panes)."""
+    found, stack = [], [widget]
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        stack.extend(getattr(current, "children", ()))
+    return found
+
+
+def test_widgets_render_as_live_ipywidgets_views_that_show_their_parts(engine, panels, playground):
+    panel = panels()
+    for widget, parts in ((panel, [*panel.controls.values(), panel.reset_button, panel.stop_button]),
+                          (playground, [playground.prompt, playground.generate_button, playground.stop_button,
+                                        playground.answer, *playground.controls.controls.values()])):
+        view = widget._repr_mimebundle_()["application/vnd.jupyter.widget-view+json"]
+        assert view["model_id"] == widget.model_id and widget.comm is not None  # a live model a front-end shows
+        shown = _shown(widget)
+        assert [part for part in parts if not any(part is s for s in shown)] == [], "a part is never rendered"
 
 
 # ----- what the magics and the LangChain objects see ------------------------------------------------
@@ -442,23 +458,26 @@ def test_stop_ends_a_running_vllm_cell_with_what_was_streamed(engine, panels, ip
 
     panel = panels()
     panel.controls["max_tokens"].value = 4000
-    clicked = {}
+    clicked, streaming = {}, threading.Event()
 
     def click_when_streaming():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (engine.status().requests_live and streamed()):
-            time.sleep(0.02)
-        clicked["streaming"] = bool(engine.status().requests_live and streamed())
+        # The cell's own progress triggers the click: its second display update of the answer.
+        clicked["streaming"] = streaming.wait(120) and engine.status().requests_live > 0
         panel.stop_button.click()
 
     def streamed():
         return [c["data"]["text/plain"] for c in ip.display_pub.calls
                 if c["update"] and c["data"].get("text/plain", "").endswith(" ▌")]
 
+    ip.display_pub.on_update = lambda count: len(streamed()) >= 2 and streaming.set()
     thread = threading.Thread(target=click_when_streaming)
     thread.start()
-    result = ip.run_cell_magic("vllm", "--quiet", LONG_PROMPT)
-    thread.join()
+    try:
+        result = ip.run_cell_magic("vllm", "--quiet", LONG_PROMPT)
+    finally:
+        ip.display_pub.on_update = None
+        thread.join(timeout=180)
+    assert not thread.is_alive()
     assert clicked["streaming"], "Stop was clicked before the cell streamed"
     assert result.interrupted and result.generation.aborted and 0 < result.generation.output_tokens < 4000
     assert result.text.startswith(streamed()[-1].removesuffix(" ▌"))  # the cell keeps what it streamed
