@@ -29,6 +29,11 @@ from .display import FORMATS, LoadProgress, supports_updates
 __all__ = ["VllmMagics", "register", "unregister"]
 
 
+#: A cell of more prompts than this (a ``---`` batch) may show each answer once it is complete: a
+#: ``--remote`` server then sends the batch whole, in one request (an engine in this kernel streams anyway).
+STREAMED_PROMPTS = 8
+
+
 @magics_class
 class VllmMagics(Magics, SamplingTraits):
     """vLLM in the notebook: one engine per kernel, prompts in cells.
@@ -409,7 +414,7 @@ class VllmMagics(Magics, SamplingTraits):
             if self.session.asleep is not None:  # the request would wake it: say so, it may take seconds
                 print(f"waking {self.session.config.short_name} (asleep, level {self.session.asleep.level})")
             handles = self.session.submit(items, raw=args.raw, system=args.system, **structured, **thinking,
-                                          **sampling_overrides(args))
+                                          stream=len(items) <= STREAMED_PROMPTS, **sampling_overrides(args))
         try:
             return self._answer(handles, prompts, items, parse, args)
         except KeyboardInterrupt:  # outside the streaming loop (which handles it): never leave requests running
