@@ -51,8 +51,9 @@ class Workload:
     _lc: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.texts = [self.session.render_prompt(p) for p in self.prompts]
-        self.stream_text = self.session.render_prompt(self.stream_prompt)
+        if self.session.loaded:  # a session without an engine (--served-only) only lends its prompts
+            self.texts = [self.session.render_prompt(p) for p in self.prompts]
+            self.stream_text = self.session.render_prompt(self.stream_prompt)
 
     @property
     def shell(self) -> "RecordingShell":

@@ -248,13 +248,13 @@ def _stream_rows(ttft_measured: dict, decode_measured: dict, pick: Callable[[lis
 
 
 def _served_rows(session: Any, size: dict, pick: Callable[[list[float], bool], float], workload: Workload,
-                 short: Workload, warm: Workload) -> list[Row]:
+                 short: Workload, warm: Workload, config: Any = None) -> list[Row]:
     """The same batch and stream against ``vllm serve``: the openai client (this group's baseline),
     ``%%vllm --remote``, and ``%%vllm`` in process, interleaved in the same runs."""
     from .served import OPENAI, REMOTE_ROWS, REMOTE_TARGETS, served_entries, start_served
 
     _say("served engine: starting vllm serve with the same configuration")
-    served = start_served(session)
+    served = start_served(session, config)
     try:
         twins = {id(w): (Workload(served.remote, w.prompts, w.tokens, w.stream_prompt, w.stream_tokens), w)
                  for w in (workload, short, warm)}
@@ -348,6 +348,24 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         baseline_memory = sampler.mark("before load")
         sampler.set_phase("engine")
         was_loaded = session.loaded
+        if args.served_only:  # the server holds the engine: none is loaded in this process
+            from vllm_magic.engine.status import SessionStatus
+
+            config = session.resolve(args.model, **engine_kwargs)
+            session_state.update(config=config, status=SessionStatus(
+                loaded=False, dtype=config.engine_kwargs.get("dtype"),
+                max_model_len=config.engine_kwargs.get("max_model_len")))
+            workload = Workload(session, make_prompts(size["prompts"]), size["tokens"], STREAM_PROMPT,
+                                size["stream_tokens"])
+            warm = Workload(session, make_prompts(2), 4, STREAM_PROMPT, 4)
+            short = Workload(session, workload.prompts[:1], 4, STREAM_PROMPT, TTFT_TOKENS)
+            rows += _served_rows(session, size, pick, workload, short, warm, config)
+            from .frontends import RecordingShell
+
+            RecordingShell.reset()
+            results = save(final=True)
+            _say("wrote " + ", ".join(results["paths"].values()))
+            return results
         _say(f"loading {args.model or 'the demo model'} {engine_kwargs}")
         info = session.load(args.model, **engine_kwargs)
         config = session.config
@@ -369,20 +387,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         def fresh() -> None:
             session.run_on_engine(fresh_prefix_cache)
 
-        if args.served_only:
-            try:
-                rows += _served_rows(session, size, pick, workload, short, warm)
-            finally:
-                for key, value in saved_defaults.items():
-                    setattr(session.defaults, key, value)
-            if session.loaded and not leave_loaded:
-                session.unload()
-            from .frontends import RecordingShell
-
-            RecordingShell.reset()
-            results = save(final=True)
-            _say("wrote " + ", ".join(results["paths"].values()))
-            return results
         try:
             _say(f"batch: {size['prompts']} prompts x {size['tokens']} tokens, {size['repeats']} runs")
             batch = _measure_group(BATCH, workload, size["repeats"], warm, fresh)

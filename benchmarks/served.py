@@ -63,13 +63,14 @@ class Served:
             self.local.run_on_engine(fresh_prefix_cache)
 
 
-def start_served(session: Any) -> Served:
-    """Serve ``session``'s engine configuration (unloading it first on a GPU) and attach to it."""
+def start_served(session: Any, config: Any = None) -> Served:
+    """Serve ``session``'s engine configuration (unloading it first on a GPU), or ``config`` where
+    the session has no engine, and attach to it."""
     from vllm_magic.engine.session import EngineSession
 
-    config = session.config
-    local = session
-    if config.platform == "cuda":  # two copies of the model do not fit one GPU
+    local = session if session.loaded else None
+    config = session.config if local is not None else config
+    if local is not None and config.platform == "cuda":  # two copies of the model do not fit one GPU
         session.unload()
         local = None
     os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # for /reset_prefix_cache; the server inherits it

@@ -4,6 +4,7 @@
 #   check  the engine session's GPU check (demo model's shape, eager mode)
 #   demo   the benchmark, demo model's shape, eager mode
 #   8b     the benchmark, Llama-3-8B shape, vLLM's defaults (torch.compile + CUDA graphs)
+#   served the served rows alone (openai client, %%vllm --remote, LangChain over --remote), 8B shape
 # Results go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -31,6 +32,10 @@ case "$PART" in
       --model-label "Llama-3-8B shape, dummy weights" --title "Llama-3-8B shape, bf16, CUDA graphs, on GPU" \
       --engine-args "{$DUMMY}" --switch-max-model-len 4096 --no-switch-back --no-control \
       --tag gpu-llama8b --out "$OUT" 2>&1 | tee "$OUT/gpu-llama8b.log" ;;
+  served)
+    timeout 560 python3 -m benchmarks.run --size gpu --model models/llama8b-shape --no-chart --served-only \
+      --model-label "Llama-3-8B shape, dummy weights" --title "Served engine: Llama-3-8B shape, bf16, CUDA graphs, on GPU" \
+      --engine-args "{$DUMMY}" --tag gpu-llama8b-served --out "$OUT" 2>&1 | tee "$OUT/gpu-llama8b-served.log" ;;
 esac
 tail -n 40 /root/.cache/vllm-magic/logs/*.log > "$OUT/engine-log-tail-$PART.txt" 2>/dev/null
 ls -la "$OUT"
