@@ -2,9 +2,11 @@
 
 :class:`RemoteBackend` drives any OpenAI-compatible vLLM server (``vllm serve``, one started by
 ``%vllm_serve``, a multi-GPU or multi-node deployment) so that every front-end works as with the
-in-process engine. Prompts are rendered and tokenized by the server (``/tokenize``, its own chat
-template), then sent as token ids to ``/v1/completions`` with ``return_token_ids``: the engine sees
-exactly what an in-process engine would, so greedy answers are the same. Watched requests stream,
+in-process engine. Prompts are rendered and tokenized as the server does it: by the server
+(``/tokenize``, its own chat template), or here, where the served model's tokenizer files can be
+read and render a few probe prompts exactly as the server does (checked once); then they go as token
+ids to ``/v1/completions`` with ``return_token_ids``: the engine sees exactly what an in-process
+engine would, so greedy answers are the same. Watched requests stream,
 one HTTP stream each; a batch nobody watches (``submit(..., stream=False)``: LangChain's invoke and
 batch, large ``%%vllm`` batches) goes as one non-streamed request for all its prompts, which spares
 the server an event per token and the client hundreds of connections. A prompt's rendered text is
@@ -32,7 +34,7 @@ from ...errors import PromptTooLongError, RequestError, ServerError
 from .base import Backend, ReadyRequest, UnloadReport
 from ..config import EngineConfig
 from ..requests.handles import RequestHandle
-from ..requests.prompts import Prepared, PromptLike, conversation_of
+from ..requests.prompts import Prepared, PromptLike, PromptRenderer, conversation_of
 from ..requests.sampling import SAMPLING_FIELDS, json_schema_of, sampling_values
 
 __all__ = ["RemoteBackend", "RemoteParams", "REMOTE_PLATFORM", "normalize_url"]
@@ -192,6 +194,7 @@ class RemoteBackend(Backend):
         self.url = url
         self.api_key = api_key
         self.config = EngineConfig(model=model, engine_kwargs={}, platform=REMOTE_PLATFORM)
+        self.root = model  # where the server loaded the model from (``connect`` reads it)
         self.dtype = "n/a"
         self.max_model_len = max_model_len
         self.kv_cache_tokens = None
@@ -204,6 +207,8 @@ class RemoteBackend(Backend):
         #: request id -> the ids of the requests still live in the same HTTP request (a whole batch)
         self._sharing: dict[str, set[str]] = {}
         self._batched: dict[str, RequestHandle] = {}  # the handles of those requests
+        self._local: PromptRenderer | bool | None = None  # see _local_renderer
+        self._local_lock = threading.Lock()
         self._live_lock = threading.Lock()
         self._failure: str | None = None
         self._structured_key = "structured_outputs" if _version_tuple(version) >= (0, 10, 2) else "guided"
@@ -291,6 +296,9 @@ class RemoteBackend(Backend):
 
     def render(self, prompts: list[PromptLike], raw: bool, system: str,
                template: dict[str, Any] | None = None) -> list[Prepared]:
+        local = self._local_renderer()
+        if local is not None:  # the server's own rendering, done here: no request per prompt
+            return local.prepare(prompts, raw, system, template)
         async def all_of() -> list[Prepared]:
             return list(await asyncio.gather(*(self._prepare_one(item, raw, system, template) for item in prompts)))
 
@@ -302,6 +310,44 @@ class RemoteBackend(Backend):
                     f"{self.max_model_len} (prompt plus answer); shorten it or serve the model with a larger "
                     "--max-model-len")
         return prepared
+
+    #: Prompts the server renders once to check that this process renders them the same way.
+    _PROBES: tuple[tuple[PromptLike, bool], ...] = (
+        ("The capital of France is", True),
+        ([{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Hi there!"},
+          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a planet, { and } too."}],
+         False),
+        ("What is 2 + 2?", False))
+
+    def _local_renderer(self) -> PromptRenderer | None:
+        """A renderer of the served model's own tokenizer and chat template in this process, where
+        its files can be read here (a server on this machine, a Hub model in the local cache) and
+        it renders the probes token for token as the server does; else None, and every prompt is
+        rendered by the server (``/tokenize``). Decided once."""
+        if self._local is None:
+            with self._local_lock:
+                if self._local is None:
+                    self._local = self._checked_renderer() or False
+        return self._local or None
+
+    def _checked_renderer(self) -> PromptRenderer | None:
+        try:
+            from transformers import AutoTokenizer
+
+            # Files on this machine only: a notebook without network must not wait for the Hub here.
+            tokenizer = AutoTokenizer.from_pretrained(self.root, local_files_only=True)
+            renderer = PromptRenderer(tokenizer, self.max_model_len)
+            mine = [renderer.prepare([prompt], raw, "")[0].token_ids for prompt, raw in self._PROBES]
+        except Exception:  # noqa: BLE001 - no transformers here, no access to the model's files
+            return None
+        async def all_probes() -> list[Prepared]:
+            return list(await asyncio.gather(*(self._prepare_one(prompt, raw, "") for prompt, raw in self._PROBES)))
+
+        try:
+            theirs = self._loop.run(all_probes(), timeout=CONNECT_TIMEOUT * 3)
+        except Exception:  # noqa: BLE001 - the server's own rendering stays the way; it reports its errors
+            return None
+        return renderer if mine == [p.token_ids for p in theirs] else None
 
     async def _prepare_one(self, item: PromptLike, raw: bool, system: str,
                            template: dict[str, Any] | None = None) -> Prepared:
