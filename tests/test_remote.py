@@ -473,3 +473,19 @@ def test_a_server_gone_during_a_whole_batch_ends_each_request_with_one_paragraph
         assert "\n" not in str(caught.value) and "went away" in str(caught.value)
     owner.stop_server()
     session.unload()
+
+
+def test_prompts_rendered_here_match_the_servers_rendering_and_fall_back_without_its_files(remote, demo_server):
+    prompts = ["Name a color.", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                                 {"role": "user", "content": "Name a fruit."}]]
+    here = remote.submit(prompts, system="Be brief.", temperature=0, max_tokens=8, stream=False)
+    far = EngineSession()
+    far.connect(demo_server.url)
+    far.backend.root = "/nonexistent/model/dir"  # as for a server whose model files this machine lacks
+    there = far.submit(prompts, system="Be brief.", temperature=0, max_tokens=8, stream=False)
+    near, away = [h.result(timeout=600) for h in here], [h.result(timeout=600) for h in there]
+    assert [r.prompt_token_ids for r in near] == [r.prompt_token_ids for r in away]
+    assert [r.token_ids for r in near] == [r.token_ids for r in away] and all(r.output_tokens for r in near)
+    assert [r.prompt for r in near] == [r.prompt for r in away]
+    assert remote.backend._local_renderer() is not None and far.backend._local_renderer() is None
+    far.unload()
