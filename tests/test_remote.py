@@ -31,6 +31,8 @@ from vllm_magic.magics import register, unregister
 pytestmark = pytest.mark.timeout(1800)
 
 QUESTION = "What is the capital of France?"
+PROMPTS = ["Name a color.", "Name a fruit.", "What is two plus two?", "Say hello in French.", QUESTION,
+           "Name a planet."]
 
 
 @pytest.fixture(scope="module")
@@ -306,11 +308,12 @@ def test_keyed_server_refuses_keyless_requests_and_stop_leaves_no_process(engine
     assert not server.processes() and not _alive(pids)
 
 
-def test_a_server_killed_mid_answer_ends_the_answer_with_a_clear_error(engine, demo_server):
+def test_a_server_killed_mid_answer_ends_each_answer_with_a_clear_error(engine, demo_server):
     owner = EngineSession()
     server = owner.serve(port=0)
     session = EngineSession()
     session.connect(server.url)
+    whole = session.submit(PROMPTS, temperature=0, max_tokens=4000, ignore_eos=True, stream=False)
     handle = session.submit("Write a very long story about a dragon.", temperature=0.8, max_tokens=4000,
                             ignore_eos=True)[0]
     assert handle.wait_for_delta(after=3, timeout=120)
@@ -318,6 +321,10 @@ def test_a_server_killed_mid_answer_ends_the_answer_with_a_clear_error(engine, d
     with pytest.raises(ServerError, match="went away mid-answer"):
         handle.result(timeout=300)
     assert handle.snapshot().output_tokens >= 3  # what arrived is kept
+    for batched in whole:  # a batch sent whole had nothing yet: each ends with the same one paragraph
+        with pytest.raises(ServerError) as caught:
+            batched.result(timeout=120)
+        assert "\n" not in str(caught.value) and "went away" in str(caught.value)
     assert session.status().dead
     with pytest.raises(Exception, match="does not answer"):
         session.generate(QUESTION)
@@ -368,8 +375,6 @@ def test_managed_server_reports_its_processes_and_urls(demo_server):
 
 # ----- batches nobody watches: one HTTP request, answers whole ----------------------------------------
 
-PROMPTS = ["Name a color.", "Name a fruit.", "What is two plus two?", "Say hello in French.", QUESTION,
-           "Name a planet."]
 
 
 def test_whole_batches_give_the_streamed_and_in_process_greedy_answers(engine, remote):
@@ -457,21 +462,6 @@ def test_a_remote_cell_streams_its_answer_as_it_grows(demo_server, shell):
     updates = [c for c in publisher.calls if c["update"]]
     assert result.generation.output_tokens > 20
     assert len(updates) > 1  # the answer was redrawn while it grew, not drawn once at the end
-    session.unload()
-
-
-def test_a_server_gone_during_a_whole_batch_ends_each_request_with_one_paragraph(engine):
-    owner = EngineSession()
-    server = owner.serve(port=0)
-    session = EngineSession()
-    session.connect(server.url)
-    handles = session.submit(PROMPTS, temperature=0, max_tokens=4000, ignore_eos=True, stream=False)
-    os.killpg(server.process.pid, signal.SIGKILL)
-    for handle in handles:
-        with pytest.raises(ServerError) as caught:
-            handle.result(timeout=120)
-        assert "\n" not in str(caught.value) and "went away" in str(caught.value)
-    owner.stop_server()
     session.unload()
 
 
