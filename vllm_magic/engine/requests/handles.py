@@ -316,6 +316,8 @@ class RequestHandle:
     def snapshot(self) -> GenerationResult:
         """The result as it stands now (complete once ``done``)."""
         prompt = self._prompt  # the text, or a server's rendering that the result fetches when read
+        if not isinstance(prompt, str) and not (self.done or prompt.done()):
+            prompt = ""  # a running request's snapshot never waits for a server's rendering
         with self._cond:
             end = self._finished_at or time.perf_counter()
             ttft = None if self._first_token_at is None else self._first_token_at - self.submitted_at
