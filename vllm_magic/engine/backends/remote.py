@@ -270,11 +270,11 @@ class RemoteBackend(Backend):
             try:
                 from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(getattr(self, "root", self.config.model))
+                tokenizer = AutoTokenizer.from_pretrained(self.root)
             except Exception as exc:  # noqa: BLE001 - no transformers, no access to the model's files
                 raise RequestError(
                     f"vLLM's reasoning and tool call parsers read the model's tokenizer, and it could not be "
-                    f"loaded here from {getattr(self, 'root', self.config.model)!r} "
+                    f"loaded here from {self.root!r} "
                     f"({' '.join(str(exc).split())[:160]})") from None
             self._tokenizer = tokenizer
         return tokenizer
@@ -340,6 +340,7 @@ class RemoteBackend(Backend):
             mine = [renderer.prepare([prompt], raw, "")[0].token_ids for prompt, raw in self._PROBES]
         except Exception:  # noqa: BLE001 - no transformers here, no access to the model's files
             return None
+
         async def all_probes() -> list[Prepared]:
             return list(await asyncio.gather(*(self._prepare_one(prompt, raw, "") for prompt, raw in self._PROBES)))
 
@@ -347,7 +348,10 @@ class RemoteBackend(Backend):
             theirs = self._loop.run(all_probes(), timeout=CONNECT_TIMEOUT * 3)
         except Exception:  # noqa: BLE001 - the server's own rendering stays the way; it reports its errors
             return None
-        return renderer if mine == [p.token_ids for p in theirs] else None
+        if mine != [p.token_ids for p in theirs]:
+            return None
+        self.__dict__.setdefault("_tokenizer", tokenizer)  # the one the server uses: vLLM's parsers read it too
+        return renderer
 
     async def _prepare_one(self, item: PromptLike, raw: bool, system: str,
                            template: dict[str, Any] | None = None) -> Prepared:
