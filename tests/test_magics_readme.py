@@ -41,7 +41,7 @@ def test_readme_serving_examples_run(capsys, monkeypatch):
     from vllm_magic.magics import register, unregister
 
     text = README.read_text()
-    start, end = text.index("<!-- section: serving -->"), text.index("<!-- section: scaling -->")
+    start, end = text.index("<!-- section: serving -->"), text.index("<!-- section: persist -->")
     blocks = re.findall(r"```ipython\n(.*?)```", text[start:end], flags=re.S)
     assert blocks[0].strip() == "%vllm_serve" and blocks[-1].strip() == "%vllm_serve --stop"
     # A session of the test's own, so that the suite's in-process engine stays loaded beside it.

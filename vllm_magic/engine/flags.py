@@ -27,7 +27,8 @@ from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 from ..errors import ConfigError
 from .config import Parsers
 
-__all__ = ["FlagError", "MagicLine", "VllmFlags", "split_line", "load_flags", "remote_flags", "serve_flags"]
+__all__ = ["FlagError", "MagicLine", "VllmFlags", "split_line", "load_flags", "remote_flags", "serve_flags",
+           "parse_duration", "format_duration"]
 
 #: Flags read on this side before vLLM's parser sees the rest: the model (vLLM's parser would drop
 #: one equal to its default model) and the session's parser names (flag -> Parsers field).
@@ -235,6 +236,11 @@ def _serve_parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
     return parser, defaults
 
 
+def serve_has_flag(dest: str) -> bool:
+    """Whether the installed vLLM's ``vllm serve`` has the option stored as ``dest`` (``"uds"``)."""
+    return dest in _serve_parts()[2]
+
+
 def serve_cli_flags(kwargs: dict[str, Any]) -> list[str]:
     """``vllm serve`` flags for keyword arguments (engine or server ones): the inverse of parsing."""
     _, _, actions = _serve_parts()
@@ -263,3 +269,29 @@ def _engine_fields() -> frozenset[str]:
     from .compat import EngineArgs
 
     return frozenset(f.name for f in dataclass_fields(EngineArgs))
+
+
+def parse_duration(text: str) -> float | None:
+    """``90s``, ``15m``, ``2h`` or a number of minutes -> seconds; ``never`` -> None."""
+    text = str(text).strip().lower()
+    if text in ("never", "none", "off"):
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    scale = units.get(text[-1:], None)
+    number = text[:-1] if scale else text
+    try:
+        value = float(number) * (scale or 60)
+    except ValueError:
+        raise FlagError(f"--idle-timeout takes a duration such as 90s, 15m or 2h (or never), not {text!r}") from None
+    if value <= 0:
+        raise FlagError("--idle-timeout must be positive (or never)")
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``15 min``, ``2.5 h``: a duration as the status lines say it."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from ..errors import (ConfigError, EngineDiedError, EngineStartError, NoEngineError, PromptTooLongError,
                       RequestError, ServerError, SleepError)
@@ -136,9 +136,16 @@ class EngineSession:
 
     def load(self, model: str | os.PathLike | None = None, *, verbose: bool = False,
              progress: Callable[[str, float], None] | None = None, keep: bool = False,
+             persist: bool = False, idle_timeout: float | None | Literal["default"] = "default",
              **engine_kwargs: Any) -> LoadInfo:
         """Load ``model`` (None: the demo model) with vLLM engine arguments, or keep the live engine
         when it serves that request.
+
+        A persisted engine of this user that serves the request (one that outlives its kernel) is
+        attached to instead of starting one. ``persist=True`` starts such an engine when none
+        serves: vLLM's server in a process of its own, reached over a private socket, that ends
+        ``idle_timeout`` seconds (default 15 minutes; None: never) after the last kernel detached
+        and the last request finished, or on :meth:`unload` with ``stop=True``.
 
         A sleeping engine that serves the request (kept by ``keep=True``, or put to sleep with
         :meth:`sleep`) is woken instead of started. ``keep=True`` puts the engine loaded now to
@@ -155,8 +162,10 @@ class EngineSession:
         import_vllm(verbose)
         config = resolve_engine_config(model, **engine_kwargs)
         with self._lock:
-            if self.serves(config):
+            if self.serves(config) and (not persist or self._backend.persisted is not None):
                 backend = self._backend
+                if persist and idle_timeout != "default":
+                    backend.persisted.set_idle_timeout(idle_timeout)
                 woke = backend.asleep is not None
                 seconds = self._wake(backend) if woke else 0.0
                 summary = woken_line(backend, seconds) if woke else loaded_line(backend, already=True)
@@ -182,22 +191,60 @@ class EngineSession:
                 seconds = self._wake(sleeping)
                 return LoadInfo(sleeping.config, False, time.perf_counter() - start,
                                 woken_line(sleeping, seconds), kept=kept_line, woken=True)
-            self._backend = self._start(config, verbose, progress)
-            self.engines_created += 1
-            return LoadInfo(config, False, time.perf_counter() - start, loaded_line(self._backend),
-                            kept=kept_line)
+            backend, note, attached = self._start(config, verbose, progress, persist, idle_timeout)
+            self._backend = backend
+            self.engines_created += 0 if attached else 1
+            return LoadInfo(config, False, time.perf_counter() - start, loaded_line(backend, attached=attached),
+                            kept=kept_line, note=note, attached=attached)
 
     def _validate(self, config: EngineConfig) -> None:
         from .backends.local import LocalBackend
 
         LocalBackend.validate(config, self.log)
 
-    def _start(self, config: EngineConfig, verbose: bool, progress: Callable[[str, float], None] | None) -> Backend:
-        """A new in-process engine for ``config`` (the one place engines are started)."""
+    def _start(self, config: EngineConfig, verbose: bool, progress: Callable[[str, float], None] | None,
+               persist: bool = False, idle_timeout: Any = "default") -> tuple[Backend, str | None, bool]:
+        """An engine for ``config`` (the one place engines are started): a persisted engine that serves
+        it, attached; else a new persisted one (``persist``); else a new in-process engine. Returns it,
+        a line about a dead persisted engine that was replaced (or None), and whether it was attached."""
+        from .backends import persisted
         from .backends.local import LocalBackend
 
-        return LocalBackend.start(config, self.log, verbose=verbose, progress=progress,
-                                  on_finished=_weakly(self._finished))
+        timeout = persisted.DEFAULT_IDLE_TIMEOUT if idle_timeout == "default" else idle_timeout
+        with persisted.registry_lock():
+            engine, note = persisted.find(config)
+            started = engine is None and persist
+            if started:
+                engine = persisted.start(config, idle_timeout=timeout)
+        if engine is None:
+            backend = LocalBackend.start(config, self.log, verbose=verbose, progress=progress,
+                                         on_finished=_weakly(self._finished))
+            return backend, note, False
+        if persist and idle_timeout != "default" and not started:
+            engine.set_idle_timeout(idle_timeout)
+        return self._attach_persisted(engine, started, progress), note, not started
+
+    def _attach_persisted(self, engine: Any, started: bool, progress: Callable[[str, float], None] | None) -> Backend:
+        """Wait for a persisted engine to answer and attach to it (one started here and interrupted or
+        failed while starting is stopped: nothing is left)."""
+        from .backends.remote import RemoteBackend
+
+        t0 = time.perf_counter()
+        try:
+            engine.wait_ready(progress=progress)
+            backend = RemoteBackend.connect(engine.url, api_key=engine.api_key, model=engine.model_name,
+                                            on_finished=_weakly(self._finished))
+            backend.adopt(engine)
+        except BaseException:
+            if started:
+                engine.stop()
+            else:
+                engine.release()
+            raise
+        backend.load_seconds = time.perf_counter() - t0
+        self.log.mark(f"{'started' if started else 'attached to'} the persisted engine of {engine.config.model} "
+                      f"(pid {engine.pid}, log {engine.log_path})")
+        return backend
 
     def _kept_serving(self, config: EngineConfig) -> Backend | None:
         for backend in self._kept:
@@ -366,12 +413,20 @@ class EngineSession:
             server.stop()
             return server
 
-    def unload(self) -> bool:
+    def unload(self, stop: bool = False) -> bool:
         """Shut the engine down, and every sleeping engine kept, and wait until their processes
-        (and GPU memory) are gone.
+        (and GPU memory) are gone. A persisted engine is detached from (it ends by itself after its
+        idle timeout), or ended now with ``stop=True``, whoever else is attached.
 
         Returns False when nothing was loaded. Safe to call twice.
         """
+        if stop:
+            with self._lock:
+                engines = [b.persisted for b in [self._backend, *self._kept] if b is not None and b.persisted]
+                loaded = self.unload()
+                for engine in engines:
+                    engine.stop()
+                return loaded
         with self._lock:
             kept, self._kept = self._kept, []
             if self._backend is None and not kept:
@@ -384,6 +439,22 @@ class EngineSession:
             if self._backend is not None:
                 self._unload_current(baseline=min(baselines) if baselines else "own")
             return True
+
+    def stop_unattached(self) -> tuple[list[str], list[str]]:
+        """End this user's persisted engines that no kernel is attached to; returns their names, and
+        the names of those kept because kernels are attached."""
+        from .backends import persisted
+
+        stopped, kept = [], []
+        with persisted.registry_lock():
+            running = persisted.engines()
+        for engine in running:
+            if engine.kernels():
+                kept.append(engine.config.short_name)
+            else:
+                engine.stop()
+                stopped.append(engine.config.short_name)
+        return stopped, kept
 
     def _unload_current(self, baseline: Any = "own") -> None:
         backend, self._backend = self._backend, None
@@ -542,7 +613,8 @@ class EngineSession:
             submissions=self.submissions, requests_served=self.requests_served, tokens_out=self.tokens_out,
             requests_live=backend.live_count, vllm_version=backend.vllm_version,
             fingerprint=config.fingerprint, log_path=str(self.log.path), dead=dead,
-            server=self.url, asleep=backend.asleep, kept=kept)
+            server=self.url, asleep=backend.asleep, kept=kept,
+            persisted=None if backend.persisted is None or dead else backend.persisted.describe())
 
 def _weakly(method: Callable[[Any], None]) -> Callable[[Any], None]:
     """A callback that does not keep its object alive (the engine must not pin the session)."""

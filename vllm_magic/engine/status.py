@@ -6,12 +6,14 @@ Pure data and text: the session fills these from its backends (:func:`loaded_lin
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from .backends.base import Backend, SleepReport, UnloadReport
 from .config import EngineConfig, short_model_name
+from .flags import format_duration
 
 __all__ = ["LoadInfo", "KeptEngine", "SessionStatus", "UnloadReport", "loaded_line", "woken_line", "kept_engine"]
 
@@ -30,6 +32,10 @@ class LoadInfo:
     kept: str | None = None
     #: Whether the engine was a sleeping one, woken instead of started.
     woken: bool = False
+    #: A line about something noticed on the way (a persisted engine found dead and replaced), or None.
+    note: str | None = None
+    #: Whether a persisted engine that was running already was attached to, instead of a start.
+    attached: bool = False
 
 
 @dataclass
@@ -80,6 +86,8 @@ class SessionStatus:
     asleep: SleepReport | None = None
     #: Sleeping engines kept for switching back (``%vllm_load --keep``), most recent first.
     kept: list[KeptEngine] = field(default_factory=list)
+    #: For a persisted engine (one that outlives its kernel): since when, which kernels, when it ends.
+    persisted: str | None = None
 
     def _repr_markdown_(self) -> str:
         kept = "".join(f"\n- {k.describe()}" for k in self.kept)
@@ -104,6 +112,7 @@ class SessionStatus:
                      + "; %vllm_wake or the next request wakes it")
         rows = [
             ("model", f"`{self.model}`"), ("state", state), ("platform", self.platform),
+            *([("persisted", self.persisted)] if self.persisted else []),
             *([("server", self.server)] if self.server else []), ("vLLM", self.vllm_version),
             ("dtype", self.dtype), ("max model len", self.max_model_len),
             ("KV cache", f"{self.kv_cache_tokens} tokens" if self.kv_cache_tokens else "n/a"),
@@ -130,9 +139,23 @@ def woken_line(backend: Backend, seconds: float) -> str:
     return f"{backend.config.short_name} woken from sleep in {seconds:.1f} s ({backend.config.platform}, {backend.dtype})"
 
 
-def loaded_line(backend: Backend, already: bool = False) -> str:
+def loaded_line(backend: Backend, already: bool = False, attached: bool = False) -> str:
     """The load line: what runs where, how, and how long it took (or that it was already there)."""
     name, platform = backend.config.short_name, backend.config.platform
+    engine = backend.persisted
+    if engine is not None:
+        if already:
+            return f"{name} already attached (persisted engine on {platform}, pid {engine.pid})"
+        if attached:
+            others = len([k for k in engine.kernels() if k.get("pid") != os.getpid()])
+            return (f"{name} attached to the persisted engine on {platform} (running for "
+                    f"{format_duration(time.time() - engine.started)}, {others} other kernel(s) attached) "
+                    f"in {backend.load_seconds:.1f} s")
+        ends = ("it runs until %vllm_unload --stop" if engine.idle_timeout is None else
+                f"it ends {format_duration(engine.idle_timeout)} after the last kernel detached, or with "
+                "%vllm_unload --stop")
+        return (f"{name} loaded on {platform} in a persisted engine in {backend.load_seconds:.1f} s: it outlives "
+                f"this kernel ({ends})")
     if backend.kind == "remote":
         url = backend.url
         if already:
@@ -155,3 +178,4 @@ def kept_engine(backend: Backend) -> KeptEngine:
     host = backend.host_memory() if report is not None and report.level == 1 else None
     return KeptEngine(backend.config.model, report.level if report else 0, report.since if report else 0.0,
                       report.holds if report else "", host, dict(backend.config.requested))
+

@@ -67,6 +67,10 @@ class EngineBase(SamplingFields):  # type: ignore[misc, valid-type]
     vllm_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Further ``vllm.LLM`` engine arguments (``max_model_len``, ``gpu_memory_utilization``, ...).
     Values that differ from the live engine's make a different engine, which replaces the live one."""
+    persist: bool = False
+    """Run the engine in a process of its own that outlives the kernel (as ``%vllm_load --persist``):
+    after a restart, constructing the object again attaches to it in a moment. Without it, a running
+    persisted engine that serves this object is attached to all the same."""
     timeout: float | None = None
     """Seconds to wait for an answer; the request is aborted in the engine after that. None: no limit."""
     session: Any = Field(default=None, exclude=True)
@@ -131,7 +135,7 @@ class EngineBase(SamplingFields):  # type: ignore[misc, valid-type]
                 f"{type(self).__name__} was built for {self._wanted.short_name} but the live engine is "
                 f"{live.short_name} with other arguments; build a new one (or {type(self).__name__}"
                 ".from_session()) to use the live engine")
-        session.load(self._wanted.model, **self._wanted.requested)
+        session.load(self._wanted.model, persist=self.persist, **self._wanted.requested)
 
     def _live_session(self) -> EngineSession:
         """The session, with an engine that serves this object (reloaded after an unload)."""

@@ -18,7 +18,7 @@ from IPython.core.magic import Magics, line_magic, cell_magic, magics_class, no_
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Enum, Float, Unicode, link
 
-from ..engine.flags import MagicLine, load_flags, remote_flags, serve_flags
+from ..engine.flags import MagicLine, format_duration, load_flags, parse_duration, remote_flags, serve_flags
 from ..engine.requests.sampling import DEFAULTS_FIELDS, SamplingTraits
 from ..engine.session import EngineSession, get_session
 from .answer import display_code, display_widget, stream_results, usage_errors
@@ -91,6 +91,11 @@ class VllmMagics(Magics, SamplingTraits):
     @argument("--api-key", metavar="KEY", help="The API key of the --remote server.")
     @argument("--keep", action="store_true", help="Put the engine loaded now to sleep instead of unloading it "
               "(GPU): a later %%vllm_load of it wakes it in seconds. %%vllm_status lists sleeping engines.")
+    @argument("--persist", action="store_true", help="Run the engine in a process of its own that outlives the "
+              "kernel: after a restart, %%vllm_load of it attaches in a moment. It ends after --idle-timeout with no "
+              "kernel attached, or with %%vllm_unload --stop.")
+    @argument("--idle-timeout", metavar="DURATION", help="How long a --persist engine waits with no kernel attached "
+              "and no request before it ends: 90s, 15m (default), 2h, or never.")
     @argument("engine_flags", nargs="*", metavar="ENGINE FLAGS",
               help="Any `vllm serve` engine flag, same spelling: --max-model-len 2048, --dtype float16, "
                    "--tensor-parallel-size 2, --quantization awq, --enforce-eager, ... "
@@ -110,6 +115,13 @@ class VllmMagics(Magics, SamplingTraits):
         RAM cannot hold the weights, the engine sleeps at level 2 (weights reloaded on waking) or
         is unloaded, and the load says so. ``%vllm_unload`` frees them all.
 
+        With ``--persist`` the engine runs in a process of its own, reached over a socket only this
+        user can open, and outlives the kernel: after Restart Kernel, the same ``%vllm_load`` attaches
+        to it in a fraction of a second, and other kernels of this user attach to it too (one engine,
+        their requests batched together). It ends ``--idle-timeout`` (default 15 minutes) after the
+        last kernel detached and the last request finished, or with ``%vllm_unload --stop``. Any
+        ``%vllm_load`` that a running persisted engine serves attaches to it.
+
         With ``--remote URL`` the session uses a vLLM server elsewhere (``vllm serve`` on a GPU box,
         a multi-node deployment, ``%vllm_serve``) instead: every cell, widget and LangChain object
         works the same.
@@ -120,6 +132,7 @@ class VllmMagics(Magics, SamplingTraits):
             %vllm_load HuggingFaceTB/SmolLM2-360M-Instruct --max-model-len 4096
             %vllm_load Qwen/Qwen2.5-7B-Instruct-AWQ --quantization awq --gpu-memory-utilization 0.8
             %vllm_load Qwen/Qwen2.5-7B-Instruct --keep
+            %vllm_load Qwen/Qwen2.5-7B-Instruct --persist --idle-timeout 1h
             %vllm_load --remote http://gpu-box:8000 --api-key $KEY
             %vllm_load Qwen/Qwen3-0.6B --reasoning-parser qwen3 --tool-call-parser hermes
 
@@ -130,25 +143,30 @@ class VllmMagics(Magics, SamplingTraits):
         """
         args, split = split_vllm_line(self.vllm_load, line)
         if args.remote:
-            if args.keep:
-                raise UsageError("--keep keeps an engine of this kernel asleep; it does not go with --remote")
+            for flag in ("keep", "persist"):
+                if getattr(args, flag):
+                    raise UsageError(f"--{flag} is about an engine of this user; it does not go with --remote")
             self._attach(args, split)
             return
         if args.api_key:
             raise UsageError("--api-key goes with --remote URL (or %vllm_serve)")
+        if args.idle_timeout is not None and not args.persist:
+            raise UsageError("--idle-timeout says when a --persist engine ends: add --persist")
         with usage_errors():  # the session's parsers are not engine flags: choosing one never restarts the engine
             flags = load_flags(split.vllm, split.model)
+            idle = "default" if args.idle_timeout is None else parse_duration(args.idle_timeout)
         progress = LoadProgress(supports_updates(self.shell))
         # a bad configuration, vLLM's start failing, the demo model missing: one line each
         with usage_errors("loading interrupted; no engine is loaded (run %vllm_load again)"), closing(progress):
             info = self.session.load(flags.model, verbose=args.verbose, progress=progress, keep=args.keep,
-                                     **flags.engine)
+                                     persist=args.persist, idle_timeout=idle, **flags.engine)
         self.session.parsers = flags.parsers
         self._loaded(info, args)
 
     def _loaded(self, info: Any, args: Any) -> None:
-        if getattr(info, "kept", None):
-            print(info.kept)
+        for line in (getattr(info, "note", None), getattr(info, "kept", None)):
+            if line:
+                print(line)
         print(("✓ " if not info.already_loaded or getattr(info, "woken", False) else "") + info.summary)
         self.langchain_name = args.as_name
         self._publish_langchain(args.as_name)
@@ -259,15 +277,37 @@ class VllmMagics(Magics, SamplingTraits):
             self._publish_langchain(self.langchain_name)
         display_code(server.client_snippet())
 
+    @magic_arguments()
+    @argument("--stop", action="store_true", help="Also end the persisted engine this kernel is attached to "
+              "(whoever else is attached); with none attached, end those no kernel is attached to.")
     @line_magic
     def vllm_unload(self, line: str = "") -> None:
-        """Shut the engine down and free its memory (sleeping engines kept by --keep too)."""
+        """Shut the engine down and free its memory (sleeping engines kept by --keep too).
+
+        A persisted engine (``%vllm_load --persist``) is detached from and keeps running for other
+        kernels until its idle timeout; ``--stop`` ends it now.
+        """
+        args = parse_line(self.vllm_unload, line)
         name = self.session.config.short_name if self.session.loaded else None
         url = self.session.url
+        persisted = self.session.backend.persisted if self.session.loaded else None
         sleeping = [k.model for k in self.session.kept]
-        if self.session.unload():
-            done = [f"detached from the server at {url} (it keeps running)" if url else f"unloaded {name}"] \
-                if name else []
+        if args.stop and persisted is None and not sleeping:
+            self.session.unload()
+            print(self._stop_unattached(name))
+            return
+        if self.session.unload(stop=args.stop):
+            if persisted is not None and args.stop:
+                first = f"ended the persisted engine of {name}; no process of it is left"
+            elif persisted is not None:
+                ends = ("it runs until %vllm_unload --stop" if persisted.idle_timeout is None else
+                        f"it ends after {format_duration(persisted.idle_timeout)} with no kernel attached")
+                first = f"detached from the persisted engine of {name} ({ends}; %vllm_load attaches again)"
+            elif url:
+                first = f"detached from the server at {url} (it keeps running)"
+            else:
+                first = f"unloaded {name}"
+            done = [first] if name else []
             if sleeping:
                 from ..engine.config import short_model_name
 
@@ -276,6 +316,18 @@ class VllmMagics(Magics, SamplingTraits):
             print("; ".join(done))
         else:
             print("no model is loaded")
+
+    def _stop_unattached(self, unloaded: str | None) -> str:
+        """``%vllm_unload --stop`` with no persisted engine attached: end those no kernel is attached to."""
+        stopped, kept = self.session.stop_unattached()
+        parts = [f"unloaded {unloaded}"] if unloaded else []
+        if stopped:
+            parts.append("ended the persisted engine(s) of " + ", ".join(stopped) + " that no kernel was attached to")
+        if kept:
+            parts.append("kept " + ", ".join(kept) + " (kernels are attached: %vllm_unload --stop in one of them ends it)")
+        if not parts:
+            parts.append("no model is loaded and no persisted engine runs")
+        return "; ".join(parts)
 
     @magic_arguments()
     @argument("level", nargs="?", type=int, default=1, choices=(1, 2),

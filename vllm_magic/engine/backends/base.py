@@ -130,6 +130,8 @@ class Backend(abc.ABC):
     asleep: SleepReport | None = None
     #: Device memory in use before this engine started (what an unload waits to get back), or None.
     memory_before_load: int | None = None
+    #: The persisted engine it is attached to (a :class:`~.persisted.PersistedEngine`), or None.
+    persisted: Any = None
 
     # ----- requests ---------------------------------------------------------------------------------
     def prepare_requests(self, prompts: list[PromptLike], options: RequestOptions,

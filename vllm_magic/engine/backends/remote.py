@@ -30,8 +30,8 @@ import time
 import uuid
 from typing import Any, Callable, Coroutine
 
-from ...errors import PromptTooLongError, RequestError, ServerError
-from .base import Backend, ReadyRequest, UnloadReport
+from ...errors import PromptTooLongError, RequestError, ServerError, SleepError
+from .base import Backend, ReadyRequest, SleepReport, UnloadReport
 from ..config import EngineConfig
 from ..requests.handles import RequestHandle
 from ..requests.prompts import Prepared, PromptLike, PromptRenderer, conversation_of
@@ -46,10 +46,13 @@ CONNECT_TIMEOUT = 10.0
 
 
 def normalize_url(url: str) -> str:
-    """``host:port``, ``http://host:port/`` or an OpenAI ``base_url`` (``.../v1``) -> ``http://host:port``."""
+    """``host:port``, ``http://host:port/`` or an OpenAI ``base_url`` (``.../v1``) -> ``http://host:port``;
+    ``unix:/path/to/socket`` (a server started with ``--uds``) stays as it is."""
     url = url.strip().rstrip("/")
     if not url:
         raise RequestError("give the server's URL, e.g. http://127.0.0.1:8000")
+    if url.startswith("unix:"):
+        return url
     if "://" not in url:
         url = "http://" + url
     if url.endswith("/v1"):
@@ -147,10 +150,14 @@ class _Loop:
         self.thread.start()
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
+        limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
+
         async def make() -> Any:
-            return httpx.AsyncClient(
-                base_url=url, headers=headers, timeout=httpx.Timeout(CONNECT_TIMEOUT, read=None),
-                limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256))
+            timeout = httpx.Timeout(CONNECT_TIMEOUT, read=None)
+            if url.startswith("unix:"):  # a server on a Unix socket (a persisted engine)
+                return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=url[5:], limits=limits),
+                                         base_url="http://localhost", headers=headers, timeout=timeout)
+            return httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits)
 
         self.client = self.run(make())
 
@@ -194,6 +201,8 @@ class RemoteBackend(Backend):
         self.url = url
         self.api_key = api_key
         self.config = EngineConfig(model=model, engine_kwargs={}, platform=REMOTE_PLATFORM)
+        #: The name requests give as ``model`` (the server's served model name).
+        self.served_name = model
         self.root = model  # where the server loaded the model from (``connect`` reads it)
         self.dtype = "n/a"
         self.max_model_len = max_model_len
@@ -213,6 +222,8 @@ class RemoteBackend(Backend):
         self._failure: str | None = None
         self._structured_key = "structured_outputs" if _version_tuple(version) >= (0, 10, 2) else "guided"
         self._prefix = uuid.uuid4().hex[:8]  # request ids unique on a server that several sessions share
+        #: The persisted engine this is attached to (``%vllm_load --persist``), or None.
+        self.persisted: Any = None
 
     # ----- connecting ------------------------------------------------------------------------------
     @classmethod
@@ -261,6 +272,17 @@ class RemoteBackend(Backend):
         backend.root = str(entry.get("root") or name)  # where the server loaded the model from
         return backend
 
+    def adopt(self, engine: Any) -> None:
+        """Attach this kernel to the persisted engine it talks to: the session then sees the engine's
+        own configuration (the "serves" rule finds it again), its memory and its sleep routes."""
+        self.persisted = engine
+        self.config = engine.config
+        if not engine.derived:
+            engine.derived = {"max_model_len": self.max_model_len}
+            engine.write()
+        engine.lease()
+        self._sync_sleep()
+
     @property
     def tokenizer(self) -> Any:
         """The served model's tokenizer, loaded here from where the server loaded the model (a
@@ -282,7 +304,7 @@ class RemoteBackend(Backend):
     def attached_to(self, url: str, api_key: str | None, model: str | None) -> bool:
         api_key = api_key or os.environ.get("VLLM_API_KEY") or None
         return (normalize_url(url) == self.url and api_key == (self.api_key or None)
-                and model in (None, self.config.model))
+                and model in (None, self.served_name))
 
     # ----- requests --------------------------------------------------------------------------------
     def _params(self, defaults: Any, overrides: dict[str, Any], structured: dict[str, Any]) -> RemoteParams:
@@ -375,12 +397,12 @@ class RemoteBackend(Backend):
 
     async def _detokenize(self, tokens: list[int]) -> str:
         try:
-            return str((await self._call("/detokenize", {"model": self.config.model, "tokens": tokens}))["prompt"])
+            return str((await self._call("/detokenize", {"model": self.served_name, "tokens": tokens}))["prompt"])
         except Exception:  # noqa: BLE001 - a prompt that cannot be shown must not fail its answer
             return ""
 
     async def _tokenize(self, body: dict[str, Any]) -> list[int]:
-        answer = await self._call("/tokenize", {"model": self.config.model, **body})
+        answer = await self._call("/tokenize", {"model": self.served_name, **body})
         return list(answer["tokens"])
 
     async def _call(self, path: str, body: dict[str, Any]) -> Any:
@@ -401,7 +423,7 @@ class RemoteBackend(Backend):
         for handle, ready in requests:
             body = ready.params.body(self._structured_key)
             if ready.stream:
-                body = {"model": self.config.model, "prompt": ready.prompt.token_ids, "stream": True,
+                body = {"model": self.served_name, "prompt": ready.prompt.token_ids, "stream": True,
                         "return_token_ids": True, "request_id": f"{self._prefix}-{handle.request_id}", **body}
                 with self._live_lock:
                     self._live[handle.request_id] = self._loop.spawn(self._stream(handle, body))
@@ -409,7 +431,7 @@ class RemoteBackend(Backend):
                 whole.setdefault(json.dumps(body, sort_keys=True, default=str), []).append((handle, ready))
         for group in whole.values():
             handles = [handle for handle, _ in group]
-            body = {"model": self.config.model, "prompt": [ready.prompt.token_ids for _, ready in group],
+            body = {"model": self.served_name, "prompt": [ready.prompt.token_ids for _, ready in group],
                     "stream": False, "return_token_ids": True,
                     "request_id": f"{self._prefix}-{handles[0].request_id}-{len(handles)}",
                     **group[0][1].params.body(self._structured_key)}
@@ -540,7 +562,9 @@ class RemoteBackend(Backend):
 
     def death(self) -> str | None:
         """None while the server serves; after a network failure, asks ``/health`` again (a server
-        that came back is used again)."""
+        that came back is used again). A persisted engine whose process ended is dead at once."""
+        if self.persisted is not None and not self.persisted.alive:
+            return f"its process (pid {self.persisted.pid}) has ended"
         if self._failure is None:
             return None
         try:
@@ -553,20 +577,112 @@ class RemoteBackend(Backend):
         return f"the server at {self.url} is unhealthy (HTTP {response.status_code})"
 
     def died_message(self, reason: str) -> str:
+        if self.persisted is not None:
+            return (f"the persisted engine of {self.config.short_name} has ended ({reason}); %vllm_load "
+                    "--persist starts a new one")
         return f"{reason}; start it again, or run %vllm_load --remote URL (or %vllm_load MODEL)"
 
     def memory(self) -> tuple[int | None, str]:
-        return None, "on the server"
+        engine = self.persisted
+        if engine is None:
+            return None, "on the server"
+        pids = [p.pid for p in engine.processes()]
+        if self.config.platform == "cuda":
+            return _gpu_memory_of(pids), "GPU memory of the persisted engine's processes"
+        return self.host_memory(), "RSS of the persisted engine's processes"
+
+    def host_memory(self) -> int | None:
+        if self.persisted is None:
+            return None
+        total = 0
+        for proc in self.persisted.processes():
+            try:
+                total += proc.memory_info().rss
+            except Exception:  # noqa: BLE001 - it exited meanwhile
+                pass
+        return total or None
+
+    # ----- sleep mode (a persisted GPU engine: its server's sleep routes) ------------------------------
+    def sleep_refusal(self, level: int) -> str | None:
+        if self.persisted is None:
+            return super().sleep_refusal(level)
+        if level not in (1, 2):
+            return f"the sleep level is 1 (weights to host RAM) or 2 (weights discarded), not {level}"
+        if self.config.platform != "cuda":
+            return f"sleep mode needs an NVIDIA GPU (vLLM's sleep mode), and this engine runs on {self.config.platform}"
+        if not self.persisted.sleep_routes:
+            return ("this persisted engine was started without sleep mode (or on loopback, where its sleep routes "
+                    "stay closed): %vllm_unload --stop frees its memory")
+        if level == 2 and self.config.engine_kwargs.get("load_format") == "dummy":
+            return ("level 2 discards the weights, and dummy weights (--load-format dummy) cannot be loaded "
+                    "again: use level 1")
+        return None
+
+    def weight_bytes(self) -> int | None:
+        if self.persisted is None:
+            return None
+        from .local import estimate_weight_bytes
+
+        return estimate_weight_bytes(self.config.model, self.config.engine_kwargs.get("load_format"),
+                                     str(self.config.engine_kwargs.get("dtype", "bfloat16")))
+
+    def sleep(self, level: int = 1) -> SleepReport:
+        reason = self.sleep_refusal(level)
+        if reason is not None:
+            raise SleepError(reason)
+        if self.asleep is not None:
+            if self.asleep.level >= level:
+                return self.asleep
+            self.wake()
+        from .local import device_memory_used
+
+        self.abort_all()
+        before = device_memory_used("cuda")
+        t0 = time.perf_counter()
+        self._route("/sleep", {"level": level})
+        seconds = time.perf_counter() - t0
+        self.asleep = SleepReport(self.config.model, level, seconds, before, device_memory_used("cuda"),
+                                  time.monotonic())
+        return self.asleep
+
+    def wake(self) -> float:
+        if self.asleep is None:
+            return 0.0
+        t0 = time.perf_counter()
+        if self.asleep.level == 2:  # weights first, read again, then the KV cache (vLLM's recipe)
+            self._route("/wake_up", {"tags": "weights"})
+            self._route("/collective_rpc", None, body={"method": "reload_weights"})
+            self._route("/wake_up", {"tags": "kv_cache"})
+        else:
+            self._route("/wake_up", {})
+        self.asleep = None
+        return time.perf_counter() - t0
+
+    def _sync_sleep(self) -> None:
+        """A persisted engine another kernel put to sleep is woken by this one's attach."""
+        if self.persisted is None or not self.persisted.sleep_routes:
+            return
+        response = self._loop.run(self._loop.client.get("/is_sleeping"), timeout=CONNECT_TIMEOUT)
+        if response.status_code == 200 and response.json().get("is_sleeping"):
+            self._route("/wake_up", {})
+
+    def _route(self, path: str, params: dict[str, Any] | None, body: dict[str, Any] | None = None) -> None:
+        response = self._loop.run(self._loop.client.post(path, params=params, json=body, timeout=None))
+        if response.status_code != 200:
+            raise SleepError(f"the persisted engine refused {path}: {_error_text(response)}")
 
     def derived_args(self) -> dict[str, Any]:
         return {"max_model_len": self.max_model_len}
 
     def shutdown(self, baseline: Any = "own") -> UnloadReport:
-        """Disconnect: running requests are aborted; the server keeps running (nothing to wait for)."""
+        """Disconnect: running requests are aborted; the server keeps running (nothing to wait for).
+        A persisted engine loses this kernel's lease (it ends after its idle timeout unattached)."""
         try:
             self.abort_all()
         finally:
             self._loop.close()
+            if self.persisted is not None:
+                self.persisted.release()
         return UnloadReport(self.config.model, 0, 0, None, None)
 
 
@@ -646,6 +762,26 @@ def _network_reason(exc: BaseException) -> str:
     if isinstance(exc, httpx.TimeoutException):
         return "timed out"
     return text
+
+
+def _gpu_memory_of(pids: list[int]) -> int | None:
+    """GPU memory that the processes ``pids`` hold on all NVIDIA GPUs (NVML), or None."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            wanted, total = set(pids), 0
+            for index in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if proc.pid in wanted and proc.usedGpuMemory:
+                        total += proc.usedGpuMemory
+            return total or None
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML, or a driver that does not say
+        return None
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

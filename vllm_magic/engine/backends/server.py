@@ -79,23 +79,9 @@ class ManagedServer:
                 raise ConfigError(f"give --{key.replace('_', '-')} as %vllm_serve's own flag")
         check_host(host, api_key)
         port = pick_port(host, port)
-        if not config.engine_kwargs.get("served_model_name"):  # clients name it as people do, not by its path
-            server_kwargs.setdefault("served_model_name", [config.short_name])
-        flags = serve_cli_flags({**config.engine_kwargs, **server_kwargs})
-        argv = ["--model", config.model, *flags, "--host", host, "--port", str(port)]
-        env = dict(os.environ)
-        if api_key:
-            env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` shows it to everyone
-        if config.cpu_threads:
-            env[THREADS_BIND_VARIABLE] = config.cpu_threads
+        argv, env = server_command(config, server_kwargs, ["--host", host, "--port", str(port)], api_key)
         log = EngineLog(logs_dir() / f"server-{os.getpid()}-{port}.log")
-        log.path.write_text("")
-        log.mark(f"vllm serve {' '.join(shlex.quote(a) for a in argv)}")
-        with open(log.path, "ab") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "vllm_magic.engine.backends.server_process", str(os.getpid()), *argv],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True)  # its own group: the kernel's interrupts never reach it
+        process = launch(["vllm_magic.engine.backends.server_process", str(os.getpid())], argv, env, log)
         return cls(config, server_kwargs, host, port, api_key, process, log, argv)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT,
@@ -179,6 +165,32 @@ class ManagedServer:
 
     def __repr__(self) -> str:
         return f"<ManagedServer {self.model_name} at {self.url} {'running' if self.alive else 'stopped'}>"
+
+
+def server_command(config: EngineConfig, server_kwargs: dict[str, Any], address: list[str],
+                   api_key: str | None) -> tuple[list[str], dict[str, str]]:
+    """``vllm serve`` arguments and environment for ``config`` listening at ``address`` (its flags)."""
+    server_kwargs = dict(server_kwargs)
+    if not config.engine_kwargs.get("served_model_name"):  # clients name it as people do, not by its path
+        server_kwargs.setdefault("served_model_name", [config.short_name])
+    flags = serve_cli_flags({**config.engine_kwargs, **server_kwargs})
+    argv = ["--model", config.model, *flags, *address]
+    env = dict(os.environ)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` shows it to everyone
+    if config.cpu_threads:
+        env[THREADS_BIND_VARIABLE] = config.cpu_threads
+    return argv, env
+
+
+def launch(entry: list[str], argv: list[str], env: dict[str, str], log: EngineLog) -> subprocess.Popen:
+    """Run ``python -m ENTRY... ARGV`` as the leader of a new session (the kernel's interrupts never
+    reach it; its group is everything vLLM starts for it), writing to ``log`` (emptied first)."""
+    log.path.write_text("")
+    log.mark(f"vllm serve {' '.join(shlex.quote(a) for a in argv)}")
+    with open(log.path, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", *entry, *argv], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def check_host(host: str, api_key: str | None) -> None:
