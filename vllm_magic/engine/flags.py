@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from .config import Parsers
 
 __all__ = ["FlagError", "MagicLine", "VllmFlags", "split_line", "load_flags", "remote_flags", "serve_flags",
-           "parse_duration", "format_duration"]
+           "parse_duration", "format_duration", "parser_flags"]
 
 #: Flags read on this side before vLLM's parser sees the rest: the model (vLLM's parser would drop
 #: one equal to its default model) and the session's parser names (flag -> Parsers field).
@@ -107,6 +107,11 @@ def load_flags(argv: str | Sequence[str], model: str | None = None) -> VllmFlags
     model, parsers, rest = _take_ours(_words(argv), model)
     engine = _read(_engine_parser, rest, "unrecognized engine arguments: {}", _LOAD_HINT)
     return VllmFlags(model, engine, {}, parsers)
+
+
+def parser_flags(argv: str | Sequence[str]) -> Parsers:
+    """The session's parsers named on a ``%vllm_load`` line (vLLM is imported only to check names)."""
+    return _take_ours(_words(argv), None)[1]
 
 
 def remote_flags(argv: str | Sequence[str], model: str | None = None) -> VllmFlags:

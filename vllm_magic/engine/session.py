@@ -137,7 +137,7 @@ class EngineSession:
     def load(self, model: str | os.PathLike | None = None, *, verbose: bool = False,
              progress: Callable[[str, float], None] | None = None, keep: bool = False,
              persist: bool = False, idle_timeout: float | None | Literal["default"] = "default",
-             **engine_kwargs: Any) -> LoadInfo:
+             flag_words: Sequence[str] | None = None, **engine_kwargs: Any) -> LoadInfo:
         """Load ``model`` (None: the demo model) with vLLM engine arguments, or keep the live engine
         when it serves that request.
 
@@ -145,7 +145,9 @@ class EngineSession:
         attached to instead of starting one. ``persist=True`` starts such an engine when none
         serves: vLLM's server in a process of its own, reached over a private socket, that ends
         ``idle_timeout`` seconds (default 15 minutes; None: never) after the last kernel detached
-        and the last request finished, or on :meth:`unload` with ``stop=True``.
+        and the last request finished, or on :meth:`unload` with ``stop=True``. A persisted engine
+        started by exactly this request is attached to before vLLM is even imported here
+        (``flag_words``: the ``%vllm_load`` line's engine flags, recorded with the engine for that).
 
         A sleeping engine that serves the request (kept by ``keep=True``, or put to sleep with
         :meth:`sleep`) is woken instead of started. ``keep=True`` puts the engine loaded now to
@@ -159,6 +161,13 @@ class EngineSession:
         """
         start = time.perf_counter()
         quiet_vllm_environment(verbose)  # before any vLLM import and any engine's children start
+        from .backends.persisted import request_key
+
+        request = request_key(model, engine_kwargs)
+        if not keep:
+            info = self._attach_started(start, progress, persist, idle_timeout, request=request)
+            if info is not None:
+                return info
         import_vllm(verbose)
         config = resolve_engine_config(model, **engine_kwargs)
         with self._lock:
@@ -191,7 +200,8 @@ class EngineSession:
                 seconds = self._wake(sleeping)
                 return LoadInfo(sleeping.config, False, time.perf_counter() - start,
                                 woken_line(sleeping, seconds), kept=kept_line, woken=True)
-            backend, note, attached = self._start(config, verbose, progress, persist, idle_timeout)
+            backend, note, attached = self._start(config, verbose, progress, persist, idle_timeout,
+                                                  request, flag_words)
             self._backend = backend
             self.engines_created += 0 if attached else 1
             return LoadInfo(config, False, time.perf_counter() - start, loaded_line(backend, attached=attached),
@@ -203,7 +213,8 @@ class EngineSession:
         LocalBackend.validate(config, self.log)
 
     def _start(self, config: EngineConfig, verbose: bool, progress: Callable[[str, float], None] | None,
-               persist: bool = False, idle_timeout: Any = "default") -> tuple[Backend, str | None, bool]:
+               persist: bool = False, idle_timeout: Any = "default", request: dict[str, Any] | None = None,
+               flag_words: Sequence[str] | None = None) -> tuple[Backend, str | None, bool]:
         """An engine for ``config`` (the one place engines are started): a persisted engine that serves
         it, attached; else a new persisted one (``persist``); else a new in-process engine. Returns it,
         a line about a dead persisted engine that was replaced (or None), and whether it was attached."""
@@ -215,7 +226,8 @@ class EngineSession:
             engine, note = persisted.find(config)
             started = engine is None and persist
             if started:
-                engine = persisted.start(config, idle_timeout=timeout)
+                engine = persisted.start(config, idle_timeout=timeout, request=request,
+                                         words=None if flag_words is None else list(flag_words))
         if engine is None:
             backend = LocalBackend.start(config, self.log, verbose=verbose, progress=progress,
                                          on_finished=_weakly(self._finished))
@@ -223,6 +235,40 @@ class EngineSession:
         if persist and idle_timeout != "default" and not started:
             engine.set_idle_timeout(idle_timeout)
         return self._attach_persisted(engine, started, progress), note, not started
+
+    def attach_persisted(self, model: str | None, flag_words: Sequence[str], *, persist: bool = False,
+                         idle_timeout: Any = "default",
+                         progress: Callable[[str, float], None] | None = None) -> LoadInfo | None:
+        """Attach to the persisted engine that the ``%vllm_load`` line of ``model`` and ``flag_words``
+        started, without reading the flags (vLLM is not imported); None when there is none (then
+        :meth:`load` decides)."""
+        return self._attach_started(time.perf_counter(), progress, persist, idle_timeout, words=list(flag_words),
+                                    model=model)
+
+    def _attach_started(self, start: float, progress: Callable[[str, float], None] | None, persist: bool,
+                        idle_timeout: Any, request: dict[str, Any] | None = None, words: list[str] | None = None,
+                        model: str | None = None) -> LoadInfo | None:
+        """The fast path of a load: a running persisted engine that exactly this request started is
+        attached to (or already is); None to take the whole path."""
+        from .backends import persisted
+
+        with self._lock:
+            current = self._backend
+            if current is not None and (current.persisted is None or current.death() is not None):
+                return None
+            engine = persisted.find_request(request, words, model)
+            if engine is None or (current is not None and current.persisted.directory != engine.directory):
+                return None
+            if persist and idle_timeout != "default":
+                engine.set_idle_timeout(idle_timeout)
+            if current is not None:
+                if current.asleep is not None:
+                    return None  # waking goes the whole way
+                return LoadInfo(current.config, True, time.perf_counter() - start,
+                                loaded_line(current, already=True))
+            self._backend = self._attach_persisted(engine, False, progress)
+            return LoadInfo(engine.config, False, time.perf_counter() - start,
+                            loaded_line(self._backend, attached=True), attached=True)
 
     def _attach_persisted(self, engine: Any, started: bool, progress: Callable[[str, float], None] | None) -> Backend:
         """Wait for a persisted engine to answer and attach to it (one started here and interrupted or

@@ -18,7 +18,8 @@ from IPython.core.magic import Magics, line_magic, cell_magic, magics_class, no_
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Enum, Float, Unicode, link
 
-from ..engine.flags import MagicLine, format_duration, load_flags, parse_duration, remote_flags, serve_flags
+from ..engine.flags import (MagicLine, format_duration, load_flags, parse_duration, parser_flags, remote_flags,
+                            serve_flags)
 from ..engine.requests.sampling import DEFAULTS_FIELDS, SamplingTraits
 from ..engine.session import EngineSession, get_session
 from .answer import display_code, display_widget, stream_results, usage_errors
@@ -152,15 +153,26 @@ class VllmMagics(Magics, SamplingTraits):
             raise UsageError("--api-key goes with --remote URL (or %vllm_serve)")
         if args.idle_timeout is not None and not args.persist:
             raise UsageError("--idle-timeout says when a --persist engine ends: add --persist")
-        with usage_errors():  # the session's parsers are not engine flags: choosing one never restarts the engine
-            flags = load_flags(split.vllm, split.model)
+        with usage_errors():
             idle = "default" if args.idle_timeout is None else parse_duration(args.idle_timeout)
         progress = LoadProgress(supports_updates(self.shell))
         # a bad configuration, vLLM's start failing, the demo model missing: one line each
         with usage_errors("loading interrupted; no engine is loaded (run %vllm_load again)"), closing(progress):
-            info = self.session.load(flags.model, verbose=args.verbose, progress=progress, keep=args.keep,
-                                     persist=args.persist, idle_timeout=idle, **flags.engine)
-        self.session.parsers = flags.parsers
+            # The line that started a running persisted engine attaches to it without reading its flags
+            # with vLLM's parser: a restarted kernel answers without importing vLLM.
+            info = None if args.keep else self.session.attach_persisted(
+                split.model, split.vllm, persist=args.persist, idle_timeout=idle, progress=progress)
+            if info is None:
+                with usage_errors():  # the session's parsers are not engine flags: choosing one never restarts it
+                    flags = load_flags(split.vllm, split.model)
+                info = self.session.load(flags.model, verbose=args.verbose, progress=progress, keep=args.keep,
+                                         persist=args.persist, idle_timeout=idle, flag_words=split.vllm,
+                                         **flags.engine)
+                parsers = flags.parsers
+            else:
+                with usage_errors():
+                    parsers = parser_flags(split.vllm)
+        self.session.parsers = parsers
         self._loaded(info, args)
 
     def _loaded(self, info: Any, args: Any) -> None:

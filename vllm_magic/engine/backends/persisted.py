@@ -41,7 +41,8 @@ from .persisted_process import live_leases, process_alive
 from .processes import at_exit
 from .server import READY_TIMEOUT, _free_port, _group_processes, launch, pick_port, server_command
 
-__all__ = ["PersistedEngine", "DEFAULT_IDLE_TIMEOUT", "find", "start", "registry_lock", "engines", "http_client"]
+__all__ = ["PersistedEngine", "DEFAULT_IDLE_TIMEOUT", "find", "find_request", "request_key", "start",
+           "registry_lock", "engines", "http_client"]
 
 #: Seconds a persisted engine waits with no kernel attached and no request before it ends.
 DEFAULT_IDLE_TIMEOUT = 15 * 60.0
@@ -76,6 +77,10 @@ class PersistedEngine:
     sleep_routes: bool = False
     #: Whether it listens where outside clients reach it (``%vllm_serve --persist``).
     served: bool = False
+    #: The load request that started it, as given (:func:`request_key`), and the engine flags of the
+    #: ``%vllm_load`` line (None from Python): the same request finds it again without vLLM's import.
+    request: dict[str, Any] = field(default_factory=dict)
+    words: list[str] | None = None
 
     # ----- the record ------------------------------------------------------------------------------
     @classmethod
@@ -266,9 +271,34 @@ def find(config: EngineConfig, *, served: bool = False) -> tuple[PersistedEngine
     return None, dead
 
 
+def request_key(model: Any, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A load request as given (model and engine arguments), normalized without vLLM: a local
+    directory by its absolute path, the demo model as None, values as JSON has them."""
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if model and os.path.exists(os.path.expanduser(str(model))):
+        model = str(Path(str(model)).expanduser().resolve())
+    kwargs = {k: v for k, v in engine_kwargs.items() if v is not None and k != "model"}
+    return {"model": model or None, "kwargs": json.loads(json.dumps(kwargs, sort_keys=True, default=str))}
+
+
+def find_request(request: dict[str, Any] | None = None, words: list[str] | None = None,
+                 model: Any = None) -> PersistedEngine | None:
+    """A running persisted engine started by exactly this request (from Python: ``request``; from
+    a ``%vllm_load`` line: ``model`` and its engine flag ``words``), found without importing vLLM."""
+    wanted_model = request_key(model, {})["model"]
+    for engine in engines():
+        if request is not None and engine.request == request:
+            return engine
+        if words is not None and engine.words == list(words) and engine.request.get("model") == wanted_model:
+            return engine
+    return None
+
+
 def start(config: EngineConfig, *, idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
           server_kwargs: dict[str, Any] | None = None, host: str | None = None, port: int | None = None,
-          api_key: str | None = None) -> PersistedEngine:
+          api_key: str | None = None, request: dict[str, Any] | None = None,
+          words: list[str] | None = None) -> PersistedEngine:
     """Start a persisted engine for ``config``; returns at once (see :meth:`PersistedEngine.wait_ready`).
 
     Without ``host`` it is private: a Unix socket in its 0700 directory where vLLM has ``--uds``, else
@@ -308,7 +338,8 @@ def start(config: EngineConfig, *, idle_timeout: float | None = DEFAULT_IDLE_TIM
     model_name = (served_name[0] if isinstance(served_name, (list, tuple)) else served_name) or config.short_name
     engine = PersistedEngine(directory=directory, pid=0, create_time=0.0, config=config, url=url,
                              model_name=model_name, log_path=str(logs_dir() / f"persisted-{directory.name}.log"),
-                             idle_timeout=idle_timeout, sleep_routes=sleep_routes, served=served)
+                             idle_timeout=idle_timeout, sleep_routes=sleep_routes, served=served,
+                             request=request or {}, words=None if words is None else list(words))
     engine.lease()  # before it starts: its watchdog never sees it unattached while this kernel waits
     try:
         process = launch(["vllm_magic.engine.backends.persisted_process", str(directory)], argv, env,

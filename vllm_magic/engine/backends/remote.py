@@ -41,6 +41,9 @@ __all__ = ["RemoteBackend", "RemoteParams", "REMOTE_PLATFORM", "normalize_url"]
 
 #: The ``platform`` of a session attached to a server.
 REMOTE_PLATFORM = "remote"
+#: Batches of at most this many prompts to a persisted engine are rendered by it (``/tokenize``) until
+#: a larger batch made the local renderer.
+SERVER_RENDERED = 8
 #: Seconds to wait for a server to accept a connection or answer a short call.
 CONNECT_TIMEOUT = 10.0
 
@@ -318,7 +321,10 @@ class RemoteBackend(Backend):
 
     def render(self, prompts: list[PromptLike], raw: bool, system: str,
                template: dict[str, Any] | None = None) -> list[Prepared]:
-        local = self._local_renderer()
+        # A persisted engine renders a few prompts itself until a batch is worth importing transformers
+        # here (seconds, and on a small machine they would slow the engine's first answers after a restart).
+        lazy = self.persisted is not None and self._local is None and len(prompts) <= SERVER_RENDERED
+        local = None if lazy else self._local_renderer()
         if local is not None:  # the server's own rendering, done here: no request per prompt
             return local.prepare(prompts, raw, system, template)
         async def all_of() -> list[Prepared]:
