@@ -188,3 +188,34 @@ def test_persisted_engine_is_private_replaced_when_killed_and_ends_when_idle(tmp
               what="the idle engine to end and its directory to go")
     finally:
         kernel.shutdown()
+
+
+def test_persisted_server_serves_outside_clients_outlives_a_restart_and_stops_on_request(tmp_path, runtime):
+    import httpx
+
+    kernel = RealKernel(tmp_path)
+    try:
+        kernel.ok(SETUP)
+        served = kernel.ok("%vllm_serve --persist --port 0")
+        assert "by a persisted engine: it outlives this kernel" in served, served
+        engine = _only_engine(runtime)
+        assert engine.served and engine.url.startswith("http://127.0.0.1:")
+        pids = sorted(p.pid for p in engine.processes())
+        body = {"model": engine.model_name, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+        with httpx.Client(base_url=engine.url, timeout=60) as client:  # an outside client, as curl would be
+            answer = client.post("/v1/completions", json=body)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"].strip()
+
+        kernel.km.restart_kernel(now=False)
+        kernel.kc.wait_for_ready(timeout=120)
+        kernel.ok(SETUP)
+        again = kernel.ok("%vllm_serve --persist --port 0")
+        assert f"already served at {engine.base_url} by a persisted engine" in again, again
+        assert sorted(p.pid for p in _only_engine(runtime).processes()) == pids
+
+        stopped = kernel.ok("%vllm_serve --stop")
+        assert "stopped the server at" in stopped, stopped
+        assert _gone(pids)
+        assert not any(p.is_dir() for p in runtime.iterdir())
+    finally:
+        kernel.shutdown()

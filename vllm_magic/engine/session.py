@@ -397,7 +397,7 @@ class EngineSession:
     def serve(self, model: str | None = None, *, host: str = "127.0.0.1", port: int | None = None,
               api_key: str | None = None, handoff: bool = False, server_kwargs: dict[str, Any] | None = None,
               timeout: float | None = None, progress: Callable[[str, float], None] | None = None,
-              **engine_kwargs: Any) -> Any:
+              persist: bool = False, idle_timeout: Any = "default", **engine_kwargs: Any) -> Any:
         """Start vLLM's OpenAI-compatible server for a model, owned by this kernel; returns the
         :class:`~vllm_magic.engine.backends.server.ManagedServer` once it answers.
 
@@ -406,11 +406,20 @@ class EngineSession:
         are ``vllm serve``'s own options (``served_model_name``, ``tool_call_parser``, ...).
         ``handoff`` moves the loaded engine to the server: it is unloaded first (two copies may not
         fit one GPU), the server starts on its configuration, and the session attaches to it.
+        ``persist`` makes it a persisted engine (a :class:`~.backends.persisted.PersistedEngine`):
+        it outlives the kernel as :meth:`load`'s do, and a later ``serve(..., persist=True)`` of the
+        same configuration, from this kernel or another, finds it running (``found``).
         """
         from .backends.server import READY_TIMEOUT, ManagedServer, check_host, pick_port
 
         check_host(host, api_key)  # mistakes are refused before anything is unloaded
         with self._lock:
+            mine = self.server
+            if persist and mine is not None and mine.alive and getattr(mine, "served", False):
+                wanted = self.resolve(model, **engine_kwargs) if model is not None or engine_kwargs else mine.config
+                if mine.config.serves(wanted, lambda: mine.derived):
+                    mine.found = True
+                    return mine
             if self.server is not None and self.server.alive:
                 raise ConfigError(f"this kernel already serves {self.server.model_name} at {self.server.base_url}; "
                                   "stop it first (%vllm_serve --stop)")
@@ -430,6 +439,9 @@ class EngineSession:
                 if local is not None and config.platform == "cuda":
                     raise ConfigError("the engine loaded in this kernel holds the GPU: move it to the server "
                                       "with --handoff, or free it first with %vllm_unload")
+            if persist:
+                return self._serve_persisted(config, host, port, api_key, handoff, server_kwargs, timeout,
+                                             progress, idle_timeout)
             port = pick_port(host, port)
             if handoff:
                 self.unload()
@@ -446,6 +458,37 @@ class EngineSession:
             if handoff:
                 self.connect(server.url, api_key=api_key, model=server.model_name)
             return server
+
+    def _serve_persisted(self, config: EngineConfig, host: str, port: int | None, api_key: str | None,
+                         handoff: bool, server_kwargs: dict[str, Any] | None, timeout: float | None,
+                         progress: Callable[[str, float], None] | None, idle_timeout: Any) -> Any:
+        from .backends import persisted
+
+        with persisted.registry_lock():
+            engine, _ = persisted.find(config, served=True)
+            if engine is None:
+                if handoff:
+                    self.unload()
+                engine = persisted.start(
+                    config, idle_timeout=persisted.DEFAULT_IDLE_TIMEOUT if idle_timeout == "default" else idle_timeout,
+                    server_kwargs=server_kwargs, host=host, port=port, api_key=api_key)
+                engine.found = False
+            else:
+                engine.lease()
+                engine.found = True
+                if idle_timeout != "default":
+                    engine.set_idle_timeout(idle_timeout)
+        try:
+            engine.ready_seconds = engine.wait_ready(timeout or persisted.READY_TIMEOUT, progress)
+        except BaseException:
+            engine.release() if engine.found else engine.stop()
+            raise
+        self.server = engine
+        if handoff:
+            if self._backend is not None:
+                self.unload()
+            self._backend = self._attach_persisted(engine, False, progress)
+        return engine
 
     def stop_server(self) -> Any:
         """Stop the server this kernel started (detaching the session when it uses it); returns it,

@@ -222,6 +222,11 @@ class VllmMagics(Magics, SamplingTraits):
     @argument("--handoff", action="store_true", help="Move the engine loaded here to the server and use it "
               "from this session (one copy of the model, for one GPU).")
     @argument("--timeout", type=float, help="Seconds to wait for the server to answer (default 900).")
+    @argument("--persist", action="store_true", help="A server that outlives the kernel: a restarted kernel's "
+              "%%vllm_serve --persist finds it running; it ends after --idle-timeout with no kernel attached and "
+              "no request, or with %%vllm_serve --stop.")
+    @argument("--idle-timeout", metavar="DURATION", help="How long a --persist server waits idle before it ends: "
+              "90s, 15m (default), 2h, or never.")
     @argument("--status", action="store_true", help="Show the running server.")
     @argument("--logs", action="store_true", help="Show the end of the server's log.")
     @argument("--lines", type=int, default=40, help="How many log lines --logs shows (default 40).")
@@ -234,7 +239,8 @@ class VllmMagics(Magics, SamplingTraits):
         """Serve a model with vLLM's OpenAI-compatible server, owned by this kernel.
 
         Shows one progress line until the server answers, then its URL and client code. The server
-        stops with ``%vllm_serve --stop`` and with the kernel (also when the kernel is killed).
+        stops with ``%vllm_serve --stop`` and with the kernel (also when the kernel is killed); with
+        ``--persist`` it outlives the kernel instead, as ``%vllm_load --persist`` engines do.
         Outside programs (the ``openai`` client, LangChain's ``VLLMOpenAI``, curl) use it as any
         ``vllm serve``; ``%vllm_load --remote URL`` points this session at it.
 
@@ -244,6 +250,7 @@ class VllmMagics(Magics, SamplingTraits):
             %vllm_serve --handoff
             %vllm_serve Qwen/Qwen2.5-7B-Instruct --port 8001 --enable-auto-tool-choice --tool-call-parser hermes
             %vllm_serve --host 0.0.0.0 --api-key $KEY
+            %vllm_serve --persist --port 8000
             %vllm_serve --stop
         """
         args, split = split_vllm_line(self.vllm_serve, line)
@@ -273,17 +280,30 @@ class VllmMagics(Magics, SamplingTraits):
             print(f"stopped the server at {stopped.base_url}; no process of it is left"
                   + ("; the session has no engine now (%vllm_load starts one)" if attached else ""))
             return
+        if args.idle_timeout is not None and not args.persist:
+            raise UsageError("--idle-timeout says when a --persist server ends: add --persist")
         with usage_errors():
             flags = serve_flags(split.vllm, split.model)
+            idle = "default" if args.idle_timeout is None else parse_duration(args.idle_timeout)
         progress = LoadProgress(supports_updates(self.shell))
         unloaded = "; the engine was unloaded for the handoff (%vllm_load starts it again)" if args.handoff else ""
         with usage_errors(f"starting the server interrupted; it was stopped{unloaded}"), closing(progress):
             server = self.session.serve(flags.model, host=args.host, port=args.port, api_key=args.api_key,
                                         handoff=args.handoff, server_kwargs=flags.server, timeout=args.timeout,
-                                        progress=progress, **flags.engine)
+                                        progress=progress, persist=args.persist, idle_timeout=idle, **flags.engine)
         self._server_log = server.log
-        print(f"✓ {server.model_name} served at {server.base_url} (ready in {server.ready_seconds:.1f} s; "
-              "%vllm_serve --stop stops it)")
+        if args.persist and server.found:
+            print(f"✓ {server.model_name} already served at {server.base_url} by a persisted engine "
+                  f"(pid {server.pid}; %vllm_serve --stop ends it)")
+        elif args.persist:
+            ends = ("it runs until %vllm_serve --stop" if server.idle_timeout is None else
+                    f"it ends after {format_duration(server.idle_timeout)} with no kernel attached and no request, "
+                    "or with %vllm_serve --stop")
+            print(f"✓ {server.model_name} served at {server.base_url} (ready in {server.ready_seconds:.1f} s) "
+                  f"by a persisted engine: it outlives this kernel ({ends})")
+        else:
+            print(f"✓ {server.model_name} served at {server.base_url} (ready in {server.ready_seconds:.1f} s; "
+                  "%vllm_serve --stop stops it)")
         if args.handoff:
             print("this session now uses it: cells, widgets and llm work as before")
             self._publish_langchain(self.langchain_name)

@@ -39,7 +39,8 @@ from ..log import EngineLog
 from ..flags import format_duration
 from .persisted_process import live_leases, process_alive
 from .processes import at_exit
-from .server import READY_TIMEOUT, _free_port, _group_processes, launch, pick_port, server_command
+from .server import (READY_TIMEOUT, _free_port, _group_processes, check_host, client_snippet, launch, pick_port,
+                     server_command)
 
 __all__ = ["PersistedEngine", "DEFAULT_IDLE_TIMEOUT", "find", "find_request", "request_key", "start",
            "registry_lock", "engines", "http_client"]
@@ -82,6 +83,10 @@ class PersistedEngine:
     request: dict[str, Any] = field(default_factory=dict)
     words: list[str] | None = None
 
+    # Not part of the record: how this kernel came to it (``%vllm_serve --persist`` says so).
+    ready_seconds = None
+    found = False
+
     # ----- the record ------------------------------------------------------------------------------
     @classmethod
     def read(cls, directory: Path) -> "PersistedEngine | None":
@@ -117,6 +122,15 @@ class PersistedEngine:
     def log(self) -> EngineLog:
         return EngineLog(self.log_path)
 
+    @property
+    def base_url(self) -> str:
+        """The OpenAI clients' ``base_url`` (a served engine; a private one is reached over its socket)."""
+        return self.url + "/v1"
+
+    def client_snippet(self) -> str:
+        """Ready-to-run code for the official ``openai`` client against a served engine."""
+        return client_snippet(self.base_url, self.model_name, self.api_key)
+
     # ----- state -----------------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
@@ -146,7 +160,8 @@ class PersistedEngine:
                           for k in kernels) or "none"
         ends = ("never by itself" if self.idle_timeout is None
                 else f"after {format_duration(self.idle_timeout)} with no kernel attached and no request")
-        return (f"persisted since {time.strftime('%H:%M', time.localtime(self.started))} "
+        where = f"{self.model_name} served at {self.base_url} · " if self.served else ""
+        return (f"{where}persisted since {time.strftime('%H:%M', time.localtime(self.started))} "
                 f"({format_duration(time.time() - self.started)}), pid {self.pid}; kernels attached: {names}; "
                 f"ends {ends} (%vllm_unload --stop ends it now)")
 
@@ -314,6 +329,7 @@ def start(config: EngineConfig, *, idle_timeout: float | None = DEFAULT_IDLE_TIM
     (directory / "kernels").mkdir(mode=0o700)
     served = host is not None
     if served:
+        check_host(host, api_key)
         key = api_key
         port = pick_port(host, port)
         address, url = ["--host", host, "--port", str(port)], _http_url(host, port)

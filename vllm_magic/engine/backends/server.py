@@ -147,15 +147,7 @@ class ManagedServer:
 
     def client_snippet(self) -> str:
         """Ready-to-run code for the official ``openai`` client against this server."""
-        key = self.api_key and "os.environ[\"VLLM_API_KEY\"]"
-        lines = ["from openai import OpenAI", ""]
-        if key:
-            lines.insert(0, "import os")
-        lines += [f'client = OpenAI(base_url="{self.base_url}", api_key={key or chr(34) + "EMPTY" + chr(34)})',
-                  f'reply = client.chat.completions.create(model="{self.model_name}", '
-                  'messages=[{"role": "user", "content": "Hello!"}])',
-                  "print(reply.choices[0].message.content)"]
-        return "\n".join(lines)
+        return client_snippet(self.base_url, self.model_name, self.api_key)
 
     def describe(self) -> str:
         state = "running" if self.alive else f"exited (code {self.process.returncode})"
@@ -165,6 +157,19 @@ class ManagedServer:
 
     def __repr__(self) -> str:
         return f"<ManagedServer {self.model_name} at {self.url} {'running' if self.alive else 'stopped'}>"
+
+
+def client_snippet(base_url: str, model_name: str, api_key: str | None) -> str:
+    """Ready-to-run code for the official ``openai`` client against a server."""
+    key = api_key and "os.environ[\"VLLM_API_KEY\"]"
+    lines = ["from openai import OpenAI", ""]
+    if key:
+        lines.insert(0, "import os")
+    lines += [f'client = OpenAI(base_url="{base_url}", api_key={key or chr(34) + "EMPTY" + chr(34)})',
+              f'reply = client.chat.completions.create(model="{model_name}", '
+              'messages=[{"role": "user", "content": "Hello!"}])',
+              "print(reply.choices[0].message.content)"]
+    return "\n".join(lines)
 
 
 def server_command(config: EngineConfig, server_kwargs: dict[str, Any], address: list[str],
