@@ -410,12 +410,13 @@ class EngineSession:
         it outlives the kernel as :meth:`load`'s do, and a later ``serve(..., persist=True)`` of the
         same configuration, from this kernel or another, finds it running (``found``).
         """
+        from .backends.persisted import PersistedEngine
         from .backends.server import READY_TIMEOUT, ManagedServer, check_host, pick_port
 
         check_host(host, api_key)  # mistakes are refused before anything is unloaded
         with self._lock:
             mine = self.server
-            if persist and mine is not None and mine.alive and getattr(mine, "served", False):
+            if persist and isinstance(mine, PersistedEngine) and mine.alive:
                 wanted = self.resolve(model, **engine_kwargs) if model is not None or engine_kwargs else mine.config
                 if mine.config.serves(wanted, lambda: mine.derived):
                     mine.found = True
@@ -480,8 +481,11 @@ class EngineSession:
                     engine.set_idle_timeout(idle_timeout)
         try:
             engine.ready_seconds = engine.wait_ready(timeout or persisted.READY_TIMEOUT, progress)
-        except BaseException:
-            engine.release() if engine.found else engine.stop()
+        except BaseException:  # one started here is stopped; one found running is left to its other users
+            if engine.found:
+                engine.release()
+            else:
+                engine.stop()
             raise
         self.server = engine
         if handoff:

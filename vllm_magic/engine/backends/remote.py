@@ -280,6 +280,7 @@ class RemoteBackend(Backend):
         own configuration (the "serves" rule finds it again), its memory and its sleep routes."""
         self.persisted = engine
         self.config = engine.config
+        self.dtype = str(engine.config.engine_kwargs.get("dtype", "auto"))
         if not engine.derived:
             engine.derived = {"max_model_len": self.max_model_len}
             engine.write()
