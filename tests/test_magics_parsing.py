@@ -150,3 +150,25 @@ def test_help_of_the_magics_lists_our_flags_and_points_at_vllm_serve():
     for flag in ("-t TEMPERATURE, --temperature TEMPERATURE", "--stop TEXT", "--json SCHEMA", "--choice A,B,C",
                  "-c, --continue", "--out NAME", "--show-prompt", "--format {markdown,text,code,json}"):
         assert flag in cell_help
+
+
+@pytest.mark.parametrize("line, message", [
+    ("--idle-timeout 5m", "--idle-timeout says when a --persist engine ends: add --persist"),
+    ("--persist --idle-timeout soon", "--idle-timeout takes a duration such as 90s, 15m or 2h"),
+    ("--persist --remote http://127.0.0.1:1", "--persist is about an engine of this user"),
+])
+def test_persist_mistakes_are_one_line_before_anything_starts(line, message):
+    from ipython_capture import make_shell
+    from vllm_magic.engine.session import EngineSession
+    from vllm_magic.magics import register, unregister
+
+    shell, _ = make_shell()
+    session = EngineSession()
+    try:
+        register(shell, session=session)
+        with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+            shell.run_line_magic("vllm_load", line)
+        assert not session.loaded
+    finally:
+        unregister(shell, shutdown=False)
+        type(shell).clear_instance()
