@@ -12,12 +12,30 @@ with the stack of every thread, instead of hanging the run.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import tempfile
 
 import pytest
 
 import demo_engine
 from vllm_magic import get_session
+
+
+# Persisted engines (%vllm_load --persist) of this run live in a runtime directory of its own, inherited by
+# every kernel it starts (nbval's too): the run never attaches to, or stops, the user's own engines.
+RUNTIME = tempfile.mkdtemp(prefix="vmrt-")
+os.environ["VLLM_MAGIC_RUNTIME"] = RUNTIME
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from vllm_magic.engine.backends import persisted
+    from pathlib import Path
+
+    for engine in persisted.engines(Path(RUNTIME)):
+        engine.stop()
+    shutil.rmtree(RUNTIME, ignore_errors=True)
 
 
 def _nvidia_gpus() -> int:
