@@ -200,8 +200,8 @@ class EngineSession:
                 seconds = self._wake(sleeping)
                 return LoadInfo(sleeping.config, False, time.perf_counter() - start,
                                 woken_line(sleeping, seconds), kept=kept_line, woken=True)
-            backend, note, attached = self._start(config, verbose, progress, persist, idle_timeout,
-                                                  request, flag_words)
+            backend, note, attached = self._new_engine(config, verbose, progress, persist, idle_timeout,
+                                                       request, flag_words)
             self._backend = backend
             self.engines_created += 0 if attached else 1
             return LoadInfo(config, False, time.perf_counter() - start, loaded_line(backend, attached=attached),
@@ -212,14 +212,20 @@ class EngineSession:
 
         LocalBackend.validate(config, self.log)
 
-    def _start(self, config: EngineConfig, verbose: bool, progress: Callable[[str, float], None] | None,
-               persist: bool = False, idle_timeout: Any = "default", request: dict[str, Any] | None = None,
-               flag_words: Sequence[str] | None = None) -> tuple[Backend, str | None, bool]:
-        """An engine for ``config`` (the one place engines are started): a persisted engine that serves
-        it, attached; else a new persisted one (``persist``); else a new in-process engine. Returns it,
-        a line about a dead persisted engine that was replaced (or None), and whether it was attached."""
-        from .backends import persisted
+    def _start(self, config: EngineConfig, verbose: bool, progress: Callable[[str, float], None] | None) -> Backend:
+        """A new in-process engine for ``config`` (the one place in-process engines are started)."""
         from .backends.local import LocalBackend
+
+        return LocalBackend.start(config, self.log, verbose=verbose, progress=progress,
+                                  on_finished=_weakly(self._finished))
+
+    def _new_engine(self, config: EngineConfig, verbose: bool, progress: Callable[[str, float], None] | None,
+                    persist: bool = False, idle_timeout: Any = "default", request: dict[str, Any] | None = None,
+                    flag_words: Sequence[str] | None = None) -> tuple[Backend, str | None, bool]:
+        """An engine for ``config``: a persisted engine that serves it, attached; else a new persisted
+        one (``persist``); else a new in-process engine (:meth:`_start`). Returns it, a line about a
+        dead persisted engine that was replaced (or None), and whether it was attached."""
+        from .backends import persisted
 
         timeout = persisted.DEFAULT_IDLE_TIMEOUT if idle_timeout == "default" else idle_timeout
         with persisted.registry_lock():
@@ -229,9 +235,7 @@ class EngineSession:
                 engine = persisted.start(config, idle_timeout=timeout, request=request,
                                          words=None if flag_words is None else list(flag_words))
         if engine is None:
-            backend = LocalBackend.start(config, self.log, verbose=verbose, progress=progress,
-                                         on_finished=_weakly(self._finished))
-            return backend, note, False
+            return self._start(config, verbose, progress), note, False
         if persist and idle_timeout != "default" and not started:
             engine.set_idle_timeout(idle_timeout)
         return self._attach_persisted(engine, started, progress), note, not started
