@@ -51,12 +51,16 @@ def main(argv: list[str] | None = None) -> None:
         out["wake_s"] = round(session.wake(), 2)
         out["same_after_wake"] = ask() == greedy
         t0 = time.perf_counter()
-        switched = session.load(args.model, keep=True, **{**engine_args, "max_model_len": 1024})
+        # Another engine that the first request's arguments do not accept (its memory share differs),
+        # so that loading the first one again must wake the persisted engine.
+        other = {**engine_args, "gpu_memory_utilization": round(engine_args.get("gpu_memory_utilization", 0.4) / 2, 2)}
+        switched = session.load(args.model, keep=True, **other)
         out["switch_s"], out["switch_kept"] = round(time.perf_counter() - t0, 1), switched.kept
         t0 = time.perf_counter()
         back = session.load(args.model, **engine_args)
         out["switch_back_s"], out["switch_back_line"] = round(time.perf_counter() - t0, 1), back.summary
         out["same_after_switch_back"] = ask() == greedy
+        out["switched_back_to_persisted"] = session.backend.persisted is engine
         session.unload()
         t0 = time.perf_counter()
         again = session.load(args.model, persist=True, **engine_args)
