@@ -37,10 +37,10 @@ from ...paths import logs_dir, runtime_dir
 from ..config import EngineConfig
 from ..log import EngineLog
 from ..flags import format_duration
-from .persisted_process import live_leases, process_alive
+from .persisted_process import http_client, live_leases, process_alive
 from .processes import at_exit
-from .server import (READY_TIMEOUT, _free_port, _group_processes, check_host, client_snippet, launch, pick_port,
-                     server_command)
+from .server import (READY_TIMEOUT, _free_port, _group_processes, check_host, client_snippet, launch, local_url,
+                     pick_port, server_command)
 
 __all__ = ["PersistedEngine", "DEFAULT_IDLE_TIMEOUT", "find", "find_request", "request_key", "start",
            "registry_lock", "engines", "http_client"]
@@ -332,7 +332,7 @@ def start(config: EngineConfig, *, idle_timeout: float | None = DEFAULT_IDLE_TIM
         check_host(host, api_key)
         key = api_key
         port = pick_port(host, port)
-        address, url = ["--host", host, "--port", str(port)], _http_url(host, port)
+        address, url = ["--host", host, "--port", str(port)], local_url(host, port)
     else:
         key = secrets.token_urlsafe(24)
         socket_path = directory / "engine.sock"
@@ -373,26 +373,12 @@ def start(config: EngineConfig, *, idle_timeout: float | None = DEFAULT_IDLE_TIM
     return engine
 
 
-def http_client(url: str, **kwargs: Any) -> Any:
-    """An ``httpx`` client for ``url``: ``http://host:port`` or ``unix:/path/to/socket``."""
-    import httpx
-
-    if url.startswith("unix:"):
-        return httpx.Client(transport=httpx.HTTPTransport(uds=url[5:]), base_url="http://localhost", **kwargs)
-    return httpx.Client(base_url=url, **kwargs)
-
-
 # ----- helpers ----------------------------------------------------------------------------------------
 
 def _has_uds() -> bool:
     from ..flags import serve_has_flag
 
     return serve_has_flag("uds")
-
-
-def _http_url(host: str, port: int) -> str:
-    host = "127.0.0.1" if host in ("0.0.0.0", "", "localhost") else ("::1" if host == "::" else host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _abandoned(directory: Path) -> bool:

@@ -131,17 +131,9 @@ def _idle_timeout(directory: Path) -> float | None:
 
 def _requests_seen(directory: Path) -> tuple[float, float] | None:
     """(requests running or waiting, requests finished so far) from the server's metrics, or None."""
-    import httpx
-
     try:
         record = json.loads((directory / "engine.json").read_text())
-        url = record["url"]
-        if url.startswith("unix:"):
-            client = httpx.Client(transport=httpx.HTTPTransport(uds=url[5:]), base_url="http://localhost",
-                                  timeout=2.0)
-        else:
-            client = httpx.Client(base_url=url, timeout=2.0)
-        with client:
+        with http_client(record["url"], timeout=2.0) as client:
             text = client.get("/metrics").text
     except Exception:  # noqa: BLE001 - starting, or no metrics: only the leases count then
         return None
@@ -153,6 +145,15 @@ def _requests_seen(directory: Path) -> tuple[float, float] | None:
         elif name == "vllm:request_success_total":
             done += _value(line)
     return live, done
+
+
+def http_client(url: str, **kwargs: Any) -> Any:
+    """An ``httpx`` client for ``url``: ``http://host:port`` or ``unix:/path/to/socket``."""
+    import httpx
+
+    if url.startswith("unix:"):
+        return httpx.Client(transport=httpx.HTTPTransport(uds=url[5:]), base_url="http://localhost", **kwargs)
+    return httpx.Client(base_url=url, **kwargs)
 
 
 def _value(line: str) -> float:

@@ -630,8 +630,7 @@ class RemoteBackend(Backend):
             return None
         from .local import estimate_weight_bytes
 
-        return estimate_weight_bytes(self.config.model, self.config.engine_kwargs.get("load_format"),
-                                     str(self.config.engine_kwargs.get("dtype", "bfloat16")))
+        return estimate_weight_bytes(self.config.model, self.config.engine_kwargs.get("load_format"), self.dtype)
 
     def sleep(self, level: int = 1) -> SleepReport:
         reason = self.sleep_refusal(level)

@@ -123,8 +123,7 @@ class ManagedServer:
     @property
     def url(self) -> str:
         """Where clients on this machine reach it (``http://127.0.0.1:8000``)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "localhost") else ("::1" if self.host == "::" else self.host)
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return local_url(self.host, self.port)
 
     @property
     def base_url(self) -> str:
@@ -157,6 +156,12 @@ class ManagedServer:
 
     def __repr__(self) -> str:
         return f"<ManagedServer {self.model_name} at {self.url} {'running' if self.alive else 'stopped'}>"
+
+
+def local_url(host: str, port: int) -> str:
+    """Where clients on this machine reach a server listening on ``host``:``port``."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "localhost") else ("::1" if host == "::" else host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def client_snippet(base_url: str, model_name: str, api_key: str | None) -> str:
