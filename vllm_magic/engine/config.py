@@ -22,7 +22,7 @@ from .compat import import_vllm
 from .platform import parallel_sizes, platform_defaults, platform_name
 
 __all__ = ["EngineConfig", "Parsers", "ConfigError", "resolve_engine_config", "short_model_name",
-           "FETCH_ONLY_ARGS"]
+           "FETCH_ONLY_ARGS", "OWN_ENGINE_ARGS"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,8 @@ class EngineConfig:
             if key in FETCH_ONLY_ARGS:
                 continue
             value = wanted.engine_kwargs.get(key, wanted.requested[key])
-            if self.engine_kwargs.get(key, defaults.get(key, _MISSING)) == value:
+            default = _MISSING if key in _PLANNED_ARGS and self.platform == "cuda" else defaults.get(key, _MISSING)
+            if self.engine_kwargs.get(key, default) == value:
                 continue
             if key not in self.engine_kwargs and derived is not None:
                 known = derived() if known is None else known
@@ -87,12 +88,17 @@ class EngineConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def llm_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``vllm.LLM``."""
-        return {"model": self.model, **self.engine_kwargs}
+        """Keyword arguments for ``vllm.LLM`` (vllm-magic's own engine options left out)."""
+        return {"model": self.model, **{k: v for k, v in self.engine_kwargs.items() if k not in OWN_ENGINE_ARGS}}
 
 
 #: Engine arguments that say how to fetch or trust the weights, not what the running engine is.
 FETCH_ONLY_ARGS = frozenset({"trust_remote_code", "download_dir"})
+#: Engine options of vllm-magic's own, not vLLM's: ``concurrency``, the full-length sequences a GPU
+#: engine's KV cache is sized for (:mod:`.gpu_memory`).
+OWN_ENGINE_ARGS = frozenset({"concurrency"})
+#: On a GPU these are sized by :mod:`.gpu_memory` when not given, not left at vLLM's defaults.
+_PLANNED_ARGS = frozenset({"gpu_memory_utilization", "kv_cache_memory_bytes"})
 _MISSING = object()
 
 
@@ -144,7 +150,10 @@ def _engine_arg_defaults() -> dict[str, Any]:
 
     from .compat import EngineArgs
 
-    return {f.name: f.default for f in fields(EngineArgs) if f.default is not MISSING}
+    from .gpu_memory import DEFAULT_CONCURRENCY
+
+    defaults = {f.name: f.default for f in fields(EngineArgs) if f.default is not MISSING}
+    return {**defaults, "concurrency": DEFAULT_CONCURRENCY}
 
 
 def _demo_model() -> str:
@@ -191,6 +200,11 @@ def _check_known(engine_kwargs: dict[str, Any]) -> None:
     known = {f.name for f in fields(EngineArgs)}
     # LLM() also takes a few of its own (e.g. "seed" is an EngineArgs field; these are not).
     known |= {"hf_overrides", "compilation_config", "mm_processor_kwargs", "kv_cache_memory_bytes"}
-    unknown = sorted(set(engine_kwargs) - known)
+    unknown = sorted(set(engine_kwargs) - known - OWN_ENGINE_ARGS)
     if unknown:
         raise ConfigError(f"unknown engine argument(s): {', '.join(unknown)}")
+    concurrency = engine_kwargs.get("concurrency")
+    if concurrency is not None and (not isinstance(concurrency, int) or isinstance(concurrency, bool)
+                                    or concurrency < 1):
+        raise ConfigError(f"concurrency is how many full-length sequences the KV cache holds: a whole number "
+                          f"of at least 1, not {concurrency!r}")

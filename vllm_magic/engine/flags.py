@@ -103,10 +103,12 @@ def split_line(tokens: Sequence[str], own: Mapping[str, bool]) -> MagicLine:
 
 def load_flags(argv: str | Sequence[str], model: str | None = None) -> VllmFlags:
     """Read ``%vllm_load``'s ``vllm serve`` flags: the model, the session's parsers (checked
-    against vLLM's) and the engine arguments given. ``model`` is the one named first on the line."""
+    against vLLM's) and the engine arguments given, ``--concurrency`` (vllm-magic's) among them.
+    ``model`` is the one named first on the line."""
     model, parsers, rest = _take_ours(_words(argv), model)
+    own, rest = _take_engine_options(rest)
     engine = _read(_engine_parser, rest, "unrecognized engine arguments: {}", _LOAD_HINT)
-    return VllmFlags(model, engine, {}, parsers)
+    return VllmFlags(model, {**engine, **own}, {}, parsers)
 
 
 def parser_flags(argv: str | Sequence[str]) -> Parsers:
@@ -129,9 +131,10 @@ def serve_flags(argv: str | Sequence[str], model: str | None = None) -> VllmFlag
     (parser flags included: the server applies them itself)."""
     words = _words(argv)
     model, rest = _take_model(words, model)
+    own, rest = _take_engine_options(rest)
     given = _read(_serve_parser, rest, "unrecognized flags: {} (`vllm serve --help` lists them)", _SERVE_HINT)
     engine = _engine_fields() if given else frozenset()  # vLLM is imported only when flags were given
-    return VllmFlags(model, {k: v for k, v in given.items() if k in engine},
+    return VllmFlags(model, {**{k: v for k, v in given.items() if k in engine}, **own},
                      {k: v for k, v in given.items() if k not in engine})
 
 
@@ -162,6 +165,29 @@ def _take_ours(argv: list[str], model: str | None) -> tuple[str | None, Parsers,
     except ConfigError as exc:  # a name vLLM's parsers lack, or no vLLM here to run them
         raise FlagError(str(exc)) from None
     return model, parsers, kept
+
+
+#: vllm-magic's own engine options, spelled as flags (``--concurrency 32``): read here, not by vLLM.
+_ENGINE_OPTION_FLAGS = {"--concurrency": "concurrency"}
+
+
+def _take_engine_options(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """vllm-magic's own engine options (whole numbers) and the other flags."""
+    own: dict[str, Any] = {}
+    rest: list[str] = []
+    for flag, value in _pairs(argv, _ENGINE_OPTION_FLAGS, "a whole number"):
+        if flag is None:
+            rest.append(value)
+            continue
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number < 1:
+            raise FlagError(f"{flag} takes a whole number of at least 1 (full-length sequences the KV cache "
+                            f"holds), not {value!r}")
+        own[_ENGINE_OPTION_FLAGS[flag]] = number
+    return own, rest
 
 
 def _take_model(argv: list[str], model: str | None) -> tuple[str | None, list[str]]:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Sequence
 from ..errors import (ConfigError, EngineDiedError, EngineStartError, NoEngineError, PromptTooLongError,
                       RequestError, ServerError, SleepError)
 from .backends.base import Backend, RequestOptions, SleepReport, UnloadReport
-from .compat import import_vllm
+from .compat import import_vllm, version_line, vllm_version
 from .config import EngineConfig, Parsers, resolve_engine_config
 from .listeners import Listeners
 from .log import EngineLog, quiet_vllm_environment
@@ -34,7 +34,7 @@ from .requests.handles import GenerationResult, RequestHandle
 from .requests.prompts import PromptLike, as_prompt_list
 from .requests.reasoning import ReasoningSplitter
 from .requests.sampling import SamplingDefaults
-from .status import GiB, KeptEngine, LoadInfo, SessionStatus, kept_engine, loaded_line, woken_line
+from .status import GiB, KeptEngine, LoadInfo, SessionStatus, kept_engine, loaded_line, woken_line, gpu_line
 
 __all__ = [
     "EngineSession", "get_session", "LoadInfo", "SessionStatus", "UnloadReport", "NoEngineError",
@@ -169,6 +169,9 @@ class EngineSession:
             if info is not None:
                 return info
         import_vllm(verbose)
+        version = version_line(vllm_version())
+        if version is not None and "older" in version:
+            raise ConfigError(version)
         config = resolve_engine_config(model, **engine_kwargs)
         with self._lock:
             if self.serves(config) and (not persist or self._backend.persisted is not None):
@@ -204,6 +207,7 @@ class EngineSession:
                                                        request, flag_words)
             self._backend = backend
             self.engines_created += 0 if attached else 1
+            note = "; ".join(line for line in (note, version) if line) or None
             return LoadInfo(config, False, time.perf_counter() - start, loaded_line(backend, attached=attached),
                             kept=kept_line, note=note, attached=attached)
 
@@ -711,7 +715,8 @@ class EngineSession:
             requests_live=backend.live_count, vllm_version=backend.vllm_version,
             fingerprint=config.fingerprint, log_path=str(self.log.path), dead=dead,
             server=self.url, asleep=backend.asleep, kept=kept,
-            persisted=None if backend.persisted is None or dead else backend.persisted.describe())
+            persisted=None if backend.persisted is None or dead else backend.persisted.describe(),
+            gpu=None if dead else gpu_line(backend))
 
 def _weakly(method: Callable[[Any], None]) -> Callable[[Any], None]:
     """A callback that does not keep its object alive (the engine must not pin the session)."""

@@ -15,7 +15,8 @@ from .backends.base import Backend, SleepReport, UnloadReport
 from .config import EngineConfig, short_model_name
 from .flags import format_duration
 
-__all__ = ["LoadInfo", "KeptEngine", "SessionStatus", "UnloadReport", "loaded_line", "woken_line", "kept_engine"]
+__all__ = ["LoadInfo", "KeptEngine", "SessionStatus", "UnloadReport", "loaded_line", "woken_line", "kept_engine",
+           "gpu_line"]
 
 GiB = 1 << 30
 
@@ -88,6 +89,8 @@ class SessionStatus:
     kept: list[KeptEngine] = field(default_factory=list)
     #: For a persisted engine (one that outlives its kernel): since when, which kernels, when it ends.
     persisted: str | None = None
+    #: NVIDIA GPU: how the engine was sized (its KV cache) and each card's free memory, or None.
+    gpu: str | None = None
 
     def _repr_markdown_(self) -> str:
         kept = "".join(f"\n- {k.describe()}" for k in self.kept)
@@ -116,7 +119,7 @@ class SessionStatus:
             *([("server", self.server)] if self.server else []), ("vLLM", self.vllm_version),
             ("dtype", self.dtype), ("max model len", self.max_model_len),
             ("KV cache", f"{self.kv_cache_tokens} tokens" if self.kv_cache_tokens else "n/a"),
-            ("memory", mem), ("uptime", f"{self.uptime:.0f} s"), ("load time", f"{self.load_seconds:.1f} s"),
+            ("memory", mem), *([("GPU", self.gpu)] if self.gpu else []), ("uptime", f"{self.uptime:.0f} s"), ("load time", f"{self.load_seconds:.1f} s"),
             ("requests served", self.requests_served), ("tokens out", self.tokens_out),
             ("requests running", self.requests_live),
             ("engine args", ", ".join(f"{k}={v}" for k, v in sorted(self.engine_args.items())) or "-"),
@@ -132,6 +135,19 @@ class SessionStatus:
             return f"SessionStatus(model={self.model!r}, asleep=level {self.asleep.level}, kept={len(self.kept)})"
         return (f"SessionStatus(model={self.model!r}, platform={self.platform!r}, requests_served="
                 f"{self.requests_served}, tokens_out={self.tokens_out})")
+
+
+def gpu_line(backend: Backend) -> str | None:
+    """The status's GPU row: the engine's KV cache sizing (where vllm-magic sized it) and the free
+    memory of each card, or None off NVIDIA GPUs."""
+    if backend.config.platform != "cuda":
+        return None
+    from .gpu_memory import cards
+
+    plan = backend.memory_plan
+    parts = [plan.describe() + "; --concurrency N or --gpu-memory-utilization F sizes it"] if plan else []
+    parts += [card.describe() for card in cards()]
+    return "; ".join(parts) or None
 
 
 def woken_line(backend: Backend, seconds: float) -> str:

@@ -100,7 +100,8 @@ class VllmMagics(Magics, SamplingTraits):
     @argument("engine_flags", nargs="*", metavar="ENGINE FLAGS",
               help="Any `vllm serve` engine flag, same spelling: --max-model-len 2048, --dtype float16, "
                    "--tensor-parallel-size 2, --quantization awq, --enforce-eager, ... "
-                   "(run `vllm serve --help` for the full list).")
+                   "(run `vllm serve --help` for the full list); and --concurrency N, the full-length "
+                   "sequences a GPU engine's KV cache holds (default 16).")
     @line_magic
     def vllm_load(self, line: str = "") -> None:
         """Load a model into the kernel's engine, or reuse it when it is already loaded.
@@ -109,6 +110,12 @@ class VllmMagics(Magics, SamplingTraits):
         (``%vllm_log``). Re-running the same cell says "already loaded" at once. The live engine is
         kept when it runs the model with every flag given (flags left out keep its values); another
         model or another value shuts it down first.
+
+        On an NVIDIA GPU the engine takes what it needs, so that notebooks can share the card: a KV
+        cache for ``--concurrency`` (default 16) sequences of the full context, at most half the
+        memory free after the weights. ``--gpu-memory-utilization 0.9`` sizes it as ``vllm serve``
+        does (90% of the card); ``--kv-cache-memory-bytes 8G`` sets the KV cache. A model that does
+        not fit says so in one line: what is free, who holds the rest, what to pass.
 
         With ``--keep`` (NVIDIA GPU) the engine loaded now goes to sleep instead of being shut
         down: its weights wait in host RAM and a later ``%vllm_load`` of it wakes it in seconds.

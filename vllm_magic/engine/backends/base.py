@@ -132,6 +132,8 @@ class Backend(abc.ABC):
     memory_before_load: int | None = None
     #: The persisted engine it is attached to (a :class:`~.persisted.PersistedEngine`), or None.
     persisted: Any = None
+    #: How much of a shared GPU it was given (a :class:`~..gpu_memory.MemoryPlan`), or None.
+    memory_plan: Any = None
 
     # ----- requests ---------------------------------------------------------------------------------
     def prepare_requests(self, prompts: list[PromptLike], options: RequestOptions,

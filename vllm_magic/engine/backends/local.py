@@ -21,6 +21,9 @@ from typing import Any, Callable
 from ...errors import ConfigError, EngineStartError, SleepError
 from .base import Backend, ReadyRequest, SleepReport, UnloadReport
 from ..config import EngineConfig
+from ..gpu_memory import (MemoryPlan, device_memory_used, estimate_weight_bytes, gpu_memory_of,
+                          memory_error_line)
+from .. import gpu_memory
 from ..platform import thread_binding_for_start
 from .driver import EngineDriver
 from ..requests.handles import RequestHandle
@@ -47,9 +50,12 @@ class LocalBackend(Backend):
     kind = "local"
 
     def __init__(self, llm: Any, config: EngineConfig, children: set[int], load_seconds: float,
-                 memory_before_load: int | None, on_finished: Callable[[RequestHandle], None]) -> None:
+                 memory_before_load: int | None, on_finished: Callable[[RequestHandle], None],
+                 memory_plan: MemoryPlan | None = None) -> None:
         self._llm = llm
         self.config = config
+        #: How much of a shared GPU the engine was given (None: vLLM's own sizing, or not a GPU).
+        self.memory_plan = memory_plan
         self.children = children
         self.load_seconds = load_seconds
         self.memory_before_load = memory_before_load
@@ -101,6 +107,9 @@ class LocalBackend(Backend):
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         memory_before = device_memory_used(config.platform)
         t0 = time.perf_counter()
+        # Sized for a shared GPU; a start that cannot fit is refused here, in one line.
+        plan = gpu_memory.plan(config, log)
+        sized = plan.engine_kwargs() if plan is not None else {}
         interrupted = _InterruptRecorder()
         llm = None
         try:
@@ -112,9 +121,10 @@ class LocalBackend(Backend):
                     interrupts_reach_engine_start(), thread_binding_for_start(config):
                 from ..compat import LLM
 
-                llm = LLM(**config.llm_kwargs())
+                llm = LLM(**{**config.llm_kwargs(), **sized})
                 # vLLM (re)configures its logger while the engine starts: take it over afterwards.
                 log.route_python_logger(verbose)
+                log.route_library_warnings()
             if interrupted.seen:  # vLLM swallowed the interrupt: the user still asked to stop
                 raise KeyboardInterrupt
         except BaseException as exc:
@@ -133,11 +143,15 @@ class LocalBackend(Backend):
                 raise EngineStartError(_SCRIPT_NEEDS_MAIN_GUARD) from None
             reasons = log.errors_since(offset)
             message = short_reason(exc)
+            no_room = memory_error_line(config, " ".join([message, *reasons]), plan)
+            if no_room is not None:
+                raise gpu_memory.DoesNotFit(no_room + "; %vllm_log shows vLLM's full log") from None
             detail = "\n".join(r for r in reasons if r not in message)
             raise EngineStartError(
                 f"vLLM could not start {config.model}: {message}" + (f"\n{detail}" if detail else "")
                 + "\nThe session is empty; %vllm_log shows vLLM's full log.") from None
-        return cls(llm, config, _engine_processes(before), time.perf_counter() - t0, memory_before, on_finished)
+        return cls(llm, config, _engine_processes(before), time.perf_counter() - t0, memory_before, on_finished,
+                   plan)
 
     # ----- requests --------------------------------------------------------------------------------
     @property
@@ -218,7 +232,8 @@ class LocalBackend(Backend):
 
     def memory(self) -> tuple[int | None, str]:
         if self.config.platform == "cuda":
-            return device_memory_used("cuda"), "GPU memory in use"
+            # The engine's own processes: what the kernel itself holds (the user's tensors) is not the engine's.
+            return gpu_memory_of(sorted(self.children) or [os.getpid()]), "GPU memory of the engine's processes"
         return self.host_memory() or 0, "RSS of engine processes"
 
     def host_memory(self) -> int | None:
@@ -456,52 +471,6 @@ def _engine_processes(before: set[int]) -> set[int]:
             continue
         pids.add(proc.pid)
     return pids
-
-
-def device_memory_used(platform: str) -> int | None:
-    """Bytes in use on all NVIDIA GPUs together, through NVML (creates no CUDA context), or None."""
-    if platform != "cuda":
-        return None
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return sum(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used
-                       for i in range(pynvml.nvmlDeviceGetCount()))
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return None
-
-
-def estimate_weight_bytes(model: str, load_format: str | None, dtype: str) -> int | None:
-    """About how many bytes a model's weights take on the device: the size of its weight files, or
-    for dummy weights a count of a Llama-like model's parameters from ``config.json``; None when
-    neither can be read."""
-    from pathlib import Path
-
-    path = Path(model)
-    if not path.is_dir():
-        return None
-    if load_format != "dummy":
-        size = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.pt", "*.gguf")
-                   for f in path.glob(pattern))
-        if size:
-            return size
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-        hidden, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-        heads = cfg["num_attention_heads"]
-        kv_heads = cfg.get("num_key_value_heads", heads)
-        head_dim = cfg.get("head_dim") or hidden // heads
-        mlp = cfg.get("intermediate_size", 4 * hidden)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    params = layers * (attention + 3 * hidden * mlp) + vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
-    width = 4 if "32" in dtype else 2
-    return params * width
 
 
 def _wait_for_device_memory(platform: str, baseline: int | None, timeout: float = 15.0) -> int | None:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Coroutine
 from ...errors import PromptTooLongError, RequestError, ServerError, SleepError
 from .base import Backend, ReadyRequest, SleepReport, UnloadReport
 from ..config import EngineConfig
+from ..gpu_memory import gpu_memory_of
 from ..requests.handles import RequestHandle
 from ..requests.prompts import Prepared, PromptLike, PromptRenderer, conversation_of
 from ..requests.sampling import SAMPLING_FIELDS, json_schema_of, sampling_values
@@ -595,7 +596,7 @@ class RemoteBackend(Backend):
             return None, "on the server"
         pids = [p.pid for p in engine.processes()]
         if self.config.platform == "cuda":
-            return _gpu_memory_of(pids), "GPU memory of the persisted engine's processes"
+            return gpu_memory_of(pids), "GPU memory of the persisted engine's processes"
         return self.host_memory(), "RSS of the persisted engine's processes"
 
     def host_memory(self) -> int | None:
@@ -628,7 +629,7 @@ class RemoteBackend(Backend):
     def weight_bytes(self) -> int | None:
         if self.persisted is None:
             return None
-        from .local import estimate_weight_bytes
+        from ..gpu_memory import estimate_weight_bytes
 
         return estimate_weight_bytes(self.config.model, self.config.engine_kwargs.get("load_format"), self.dtype)
 
@@ -640,7 +641,7 @@ class RemoteBackend(Backend):
             if self.asleep.level >= level:
                 return self.asleep
             self.wake()
-        from .local import device_memory_used
+        from ..gpu_memory import device_memory_used
 
         self.abort_all()
         before = device_memory_used("cuda")
@@ -768,26 +769,6 @@ def _network_reason(exc: BaseException) -> str:
     if isinstance(exc, httpx.TimeoutException):
         return "timed out"
     return text
-
-
-def _gpu_memory_of(pids: list[int]) -> int | None:
-    """GPU memory that the processes ``pids`` hold on all NVIDIA GPUs (NVML), or None."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            wanted, total = set(pids), 0
-            for index in range(pynvml.nvmlDeviceGetCount()):
-                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-                for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                    if proc.pid in wanted and proc.usedGpuMemory:
-                        total += proc.usedGpuMemory
-            return total or None
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no NVML, or a driver that does not say
-        return None
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

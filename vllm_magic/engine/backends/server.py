@@ -183,7 +183,11 @@ def server_command(config: EngineConfig, server_kwargs: dict[str, Any], address:
     server_kwargs = dict(server_kwargs)
     if not config.engine_kwargs.get("served_model_name"):  # clients name it as people do, not by its path
         server_kwargs.setdefault("served_model_name", [config.short_name])
-    flags = serve_cli_flags({**config.engine_kwargs, **server_kwargs})
+    from .. import gpu_memory
+
+    plan = gpu_memory.plan(config)  # a shared GPU: sized as in-kernel engines are; DoesNotFit in one line
+    engine = {k: v for k, v in config.llm_kwargs().items() if k != "model"}
+    flags = serve_cli_flags({**engine, **(plan.engine_kwargs() if plan else {}), **server_kwargs})
     argv = ["--model", config.model, *flags, *address]
     env = dict(os.environ)
     if api_key:
