@@ -15,8 +15,9 @@ import os
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..paths import logs_dir
 
@@ -36,7 +37,8 @@ _STAGE_HINTS = (
 
 
 def quiet_vllm_environment(verbose: bool = False) -> None:
-    """Set vLLM's logging variables before vLLM is imported (children inherit them)."""
+    """Set vLLM's logging variables, and its grammar compile timeout, before vLLM is imported (children
+    inherit them; values the user set win)."""
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
     if verbose:
         os.environ["VLLM_LOGGING_LEVEL"] = os.environ.get("VLLM_MAGIC_LOG_LEVEL", "INFO")
@@ -45,6 +47,28 @@ def quiet_vllm_environment(verbose: bool = False) -> None:
     # Progress bars of weight loading would otherwise be the loudest thing in the cell.
     os.environ.setdefault("TQDM_MININTERVAL", "5")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # vLLM gives a --regex/--json grammar 5 s to compile (a guard for servers against hostile patterns),
+    # then drops the request with nothing to show: a notebook's own pattern compiled in 2.5 s on an
+    # idle 2-core machine and timed out when another engine was busy.
+    os.environ.setdefault("VLLM_REGEX_COMPILATION_TIMEOUT_S", "60")
+
+
+#: Packages whose warnings belong in the engine log (path segments of the file that warns).
+_LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in (
+    "vllm", "torch", "triton", "xgrammar", "llguidance", "outlines", "outlines_core", "transformers",
+    "flashinfer", "tokenizers", "lm_format_enforcer", "compressed_tensors"))
+_shown_before: Any = None
+_routing_log: list["EngineLog | None"] = [None]
+
+
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    log = _routing_log[0]
+    if log is None or log.verbose or not any(part in filename for part in _LIBRARIES):
+        _shown_before(message, category, filename, lineno, file, line)
+        return
+    with contextlib.suppress(OSError), open(log.path, "a") as f:
+        f.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 class _TeeToCurrentStderr(logging.StreamHandler):
@@ -91,6 +115,19 @@ class EngineLog:
             self._stream_handler = self._stream_handler or _TeeToCurrentStderr()
             logger.addHandler(self._stream_handler)
         logger.propagate = False
+
+    def route_library_warnings(self) -> None:
+        """Send Python warnings raised inside vLLM and the libraries it drives (torch, Triton, the
+        structured-output backends, transformers) to the file for good, or to the cell when verbose;
+        a request's first use of a kernel or a grammar warned into the cell on GPUs. Other warnings,
+        the user's own among them, are shown as before."""
+        global _shown_before
+        if _shown_before is not None:
+            _routing_log[0] = self
+            return
+        _shown_before = warnings.showwarning
+        _routing_log[0] = self
+        warnings.showwarning = _show_warning
 
     @contextlib.contextmanager
     def capture(self, verbose: bool = False) -> Iterator[None]:

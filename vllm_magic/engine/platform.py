@@ -4,7 +4,8 @@ CPU's compute threads, the CPU's compute dtype.
 * :func:`platform_name`: ``"cpu"`` or vLLM's device type, decided once per process.
 * :func:`platform_defaults`: the user's engine arguments over the platform's defaults (CPU: float32
   unless the weights are quantized for 16 bits, eager mode, a bounded KV cache, the model run inside
-  the engine process; NVIDIA GPU: vLLM's own defaults plus sleep mode), and on CPU where the compute
+  the engine process; NVIDIA GPU: vLLM's own defaults plus sleep mode, and float32 for the float32
+  checkpoints vllm-magic prepares, the demo model among them), and on CPU where the compute
   threads of each rank run.
 * :func:`thread_binding_for_start`: that binding, in the environment while the engine starts.
 """
@@ -171,7 +172,7 @@ def platform_defaults(platform: str, model: str, user: dict[str, Any]) -> tuple[
     Raises :class:`ConfigError` when a CPU engine has more ranks than this process has cores.
     """
     if platform != "cpu":
-        return _with_platform_defaults(platform, user), None
+        return _with_platform_defaults(platform, user, dtype=_prepared_float32(model, user)), None
     threads = cpu_thread_binding(user)
     return _with_platform_defaults(platform, user, threads, _cpu_dtype(model, user)), threads
 
@@ -194,6 +195,19 @@ def _cpu_dtype(model: str, user: dict[str, Any]) -> str:
     return own if own in supported else supported[0]
 
 
+def _prepared_float32(model: str, user: dict[str, Any]) -> str | None:
+    """``"float32"`` for an unquantized float32 checkpoint that vllm-magic prepared (the demo model and
+    its variants), where the user gave no dtype; None otherwise. vLLM would run such a checkpoint in
+    16 bits on a GPU, and the tutorials' greedy answers would then differ from a CPU's (float32)
+    after a dozen tokens; in float32 the 135M demo model costs a GPU nothing worth saving."""
+    if "dtype" in user or not (Path(model) / "vllm-magic-manifest.json").is_file():
+        return None
+    checkpoint = _checkpoint_config(model)
+    if checkpoint.get("quantization_config"):
+        return None
+    return "float32" if (checkpoint.get("torch_dtype") or checkpoint.get("dtype")) == "float32" else None
+
+
 def _checkpoint_config(model: str) -> dict[str, Any]:
     """A local model directory's config.json (empty for hub ids and unreadable files)."""
     try:
@@ -205,6 +219,8 @@ def _checkpoint_config(model: str) -> dict[str, Any]:
 def _with_platform_defaults(platform: str, user: dict[str, Any], threads: str | None = None,
                             dtype: str | None = None) -> dict[str, Any]:
     if platform == "cuda":
+        if dtype:
+            user = {"dtype": dtype, **user}
         # vLLM's own defaults, plus sleep mode (%vllm_sleep, %vllm_load --keep): it allocates the
         # weights and KV cache through vLLM's CuMem pool so that they can be freed and taken back;
         # its cost at load and decode is in docs/benchmarks.md. PyTorch's expandable segments
