@@ -86,6 +86,13 @@ def test_interrupt_during_load_leaves_no_engine_then_loading_works(kernel):
     assert "Paris" in _answer_of(kernel.execute(GREEDY))
 
 
+def _described(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.pid} {' '.join(proc.cmdline())[:160]}"
+    except psutil.Error:
+        return str(proc.pid)
+
+
 def test_sigkill_of_the_kernel_leaves_no_engine_process(tmp_path):
     kernel = RealKernel(tmp_path)
     try:
@@ -96,7 +103,7 @@ def test_sigkill_of_the_kernel_leaves_no_engine_process(tmp_path):
         # Nothing is signalled by the test: the processes must notice that their kernel is gone.
         _, alive = psutil.wait_procs(processes, timeout=120)
         alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
-        assert not alive, f"processes outlived their kernel: {[(p.pid, p.name()) for p in alive]}"
+        assert not alive, f"processes outlived their kernel: {[_described(p) for p in alive]}"
     finally:
         for proc in kernel.processes() if psutil.pid_exists(kernel.pid) else []:
             proc.kill()

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .processes import kill_group_later
+
 #: Seconds between two looks at the engine's directory.
 POLL = 1.0
 #: Seconds vLLM's server gets to stop after SIGTERM before the group is killed.
@@ -81,6 +83,7 @@ def watch(directory: Path) -> None:
 def end(directory: Path) -> None:
     """SIGTERM to this process, SIGKILL to its group after :data:`STOP_GRACE`; the directory goes."""
     shutil.rmtree(directory, ignore_errors=True)  # a kernel looking now no longer finds it
+    kill_group_later(os.getpgid(0), STOP_GRACE)  # also when this process exits sooner (see processes)
     with contextlib.suppress(OSError):
         os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(STOP_GRACE)

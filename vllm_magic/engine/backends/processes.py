@@ -37,7 +37,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-__all__ = ["engine_processes_guarded", "end_processes", "watch_parent", "at_exit"]
+__all__ = ["engine_processes_guarded", "end_processes", "watch_parent", "kill_group_later", "at_exit"]
 
 #: Seconds an engine gets to shut down after its kernel died before its session is killed.
 SHUTDOWN_GRACE = 5.0
@@ -131,13 +131,29 @@ def watch_parent(parent_pid: int) -> None:
     SIGTERM to this process first (vLLM stops its engine core and workers on it), SIGKILL to the
     whole group :data:`SHUTDOWN_GRACE` seconds later. This process must lead its own group."""
     _wait_for_exit(parent_pid)
+    group = os.getpgid(0)
+    # The group kill must also happen when this process exits sooner, as vLLM's shutdown makes it do:
+    # what it leaves in the group (torch's compile workers notice a dead parent only once a minute)
+    # would outlive the kernel. A small process of the group does it; it ends with the group.
+    kill_group_later(group, SHUTDOWN_GRACE)
     # The kernel is gone: shut the engine down the way vLLM expects (its SIGTERM handler stops the
     # engine core and its workers), then make sure of it.
     with contextlib.suppress(OSError):
         os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(SHUTDOWN_GRACE)
     with contextlib.suppress(OSError):
-        os.killpg(os.getpgid(0), signal.SIGKILL)
+        os.killpg(group, signal.SIGKILL)
+
+
+def kill_group_later(group: int, seconds: float) -> None:
+    """SIGKILL to process group ``group`` in ``seconds``, from a small process of that group."""
+    import subprocess
+    import sys
+
+    code = f"import os, signal, time; time.sleep({seconds}); os.killpg({group}, signal.SIGKILL)"
+    with contextlib.suppress(OSError):
+        subprocess.Popen([sys.executable, "-I", "-S", "-c", code], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
 
 
 def _wait_for_exit(parent_pid: int) -> None:
