@@ -58,6 +58,15 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    # Tests marked browser drive JupyterLab in Chromium through Playwright, which `make test` installs; a
+    # machine without it (the GPU machine: no Playwright, no network to get Chromium) skips them, saying so.
+    import importlib.util
+
+    if importlib.util.find_spec("playwright") is None:
+        no_browser = pytest.mark.skip(reason="no browser here: Playwright is not installed")
+        for item in items:
+            if item.get_closest_marker("browser"):
+                item.add_marker(no_browser)
     # Tests marked gpu run on an NVIDIA GPU only: the one reason a test here may be skipped.
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     config.stash[_GPU_SKIPPED] = 0
