@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
+import re
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -139,22 +140,36 @@ def vllm_version() -> str:
 SUPPORTED_VLLM = ((0, 26), (0, 32))
 
 
+def version_tuple(version: str) -> tuple[int, ...] | None:
+    """``"0.32.1+cpu"`` as ``(0, 32, 1)``, a pre-release by its release numbers (``"0.10.2rc1"``:
+    ``(0, 10, 2)``); None for a version without major and minor numbers (``"unknown"``, ``"main"``)."""
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts) if len(parts) >= 2 else None
+
+
+def version_too_old(version: str) -> bool:
+    """Whether ``version`` is older than :data:`SUPPORTED_VLLM` (a load refuses it)."""
+    mine = version_tuple(version)
+    return mine is not None and mine[:2] < SUPPORTED_VLLM[0]
+
+
 def version_line(version: str) -> str | None:
     """One line for a vLLM outside :data:`SUPPORTED_VLLM`, or None inside it (and for versions that
     cannot be read, such as source builds)."""
-    parts = []
-    for piece in version.split("+")[0].split(".")[:2]:
-        if not piece.isdigit():
-            return None
-        parts.append(int(piece))
-    if len(parts) < 2:
+    mine = version_tuple(version)
+    if mine is None:
         return None
-    (low, high), mine = SUPPORTED_VLLM, tuple(parts)
+    (low, high) = SUPPORTED_VLLM
     span = f"{low[0]}.{low[1]}-{high[0]}.{high[1]}"
-    if mine < low:
+    if version_too_old(version):
         return (f"vLLM {version} is older than vllm-magic supports ({span}): pip install -U "
                 f"'vllm>={low[0]}.{low[1]},<{high[0]}.{high[1] + 1}'")
-    if mine > high:
+    if mine[:2] > high:
         return (f"vLLM {version} is newer than vllm-magic was tested with ({span}); if something fails, "
                 f"pip install 'vllm<{high[0]}.{high[1] + 1}'")
     return None

@@ -19,6 +19,7 @@ this user where they are), and what to pass. NVML is read directly: no CUDA cont
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -134,10 +135,9 @@ def does_not_fit_line(config: Any, plan: MemoryPlan | None, card: CardMemory | N
     advice = ["free some (%vllm_unload or %vllm_sleep in the notebooks that hold it)"]
     if plan is not None:
         weights = plan.weight_bytes or 0
-        sequences = plan.kv_cache_bytes / max(1, plan.per_token_bytes * plan.max_model_len)
         need = (f": it needs about {(weights + plan.kv_cache_bytes + OVERHEAD_BYTES) / GiB:.1f} GiB "
                 f"({weights / GiB:.1f} of weights, {plan.kv_cache_bytes / GiB:.1f} of KV cache for "
-                f"{sequences:g} sequence(s) of {plan.max_model_len:,} tokens, {OVERHEAD_BYTES / GiB:.0f} of overhead)")
+                f"{plan.sequences:g} sequence(s) of {plan.max_model_len:,} tokens, {OVERHEAD_BYTES / GiB:.0f} of overhead)")
         room = card.free - weights - OVERHEAD_BYTES
         fits = (room // plan.per_token_bytes) // 256 * 256 if room > 0 else 0
         if 256 <= fits < plan.max_model_len:
@@ -158,8 +158,10 @@ def memory_error_line(config: Any, message: str, plan: MemoryPlan | None) -> str
     """The one-line :func:`does_not_fit_line` for a start that failed for lack of GPU memory, or None."""
     if config.platform != "cuda" or not any(words in message for words in _MEMORY_ERRORS):
         return None
+    if plan is not None:
+        return does_not_fit_line(config, plan)
     visible = cards()
-    return does_not_fit_line(config, plan, plan.card if plan is not None else (visible[0] if visible else None))
+    return does_not_fit_line(config, None, visible[0] if visible else None)
 
 
 def _engine_shape(config: Any, log: Any) -> tuple[int, int, int | None] | None:
@@ -167,14 +169,10 @@ def _engine_shape(config: Any, log: Any) -> tuple[int, int, int | None] | None:
     vLLM's own configuration of the engine (nothing is started), or None when vLLM cannot say."""
     from .compat import EngineArgs
 
-    kwargs = {k: v for k, v in config.llm_kwargs().items()}
+    kwargs = config.llm_kwargs()
     try:
-        args = EngineArgs(**kwargs)
-        if log is not None:
-            with log.capture(False):
-                vllm_config = args.create_engine_config()
-        else:
-            vllm_config = args.create_engine_config()
+        with log.capture(False) if log is not None else contextlib.nullcontext():
+            vllm_config = EngineArgs(**kwargs).create_engine_config()
     except Exception:  # noqa: BLE001 - vLLM refuses it: the start says why, in vLLM's words
         return None
     model, parallel, cache = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config

@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Sequence
 from ..errors import (ConfigError, EngineDiedError, EngineStartError, NoEngineError, PromptTooLongError,
                       RequestError, ServerError, SleepError)
 from .backends.base import Backend, RequestOptions, SleepReport, UnloadReport
-from .compat import import_vllm, version_line, vllm_version
+from .compat import import_vllm, version_line, version_too_old, vllm_version
 from .config import EngineConfig, Parsers, resolve_engine_config
 from .listeners import Listeners
 from .log import EngineLog, quiet_vllm_environment
@@ -169,8 +169,9 @@ class EngineSession:
             if info is not None:
                 return info
         import_vllm(verbose)
-        version = version_line(vllm_version())
-        if version is not None and "older" in version:
+        installed = vllm_version()
+        version = version_line(installed)
+        if version_too_old(installed):
             raise ConfigError(version)
         config = resolve_engine_config(model, **engine_kwargs)
         with self._lock:

@@ -21,9 +21,8 @@ from typing import Any, Callable
 from ...errors import ConfigError, EngineStartError, SleepError
 from .base import Backend, ReadyRequest, SleepReport, UnloadReport
 from ..config import EngineConfig
-from ..gpu_memory import (MemoryPlan, device_memory_used, estimate_weight_bytes, gpu_memory_of,
-                          memory_error_line)
-from .. import gpu_memory
+from ..gpu_memory import (DoesNotFit, MemoryPlan, device_memory_used, estimate_weight_bytes, gpu_memory_of,
+                          memory_error_line, plan as plan_gpu_memory)
 from ..platform import thread_binding_for_start
 from .driver import EngineDriver
 from ..requests.handles import RequestHandle
@@ -108,7 +107,7 @@ class LocalBackend(Backend):
         memory_before = device_memory_used(config.platform)
         t0 = time.perf_counter()
         # Sized for a shared GPU; a start that cannot fit is refused here, in one line.
-        plan = gpu_memory.plan(config, log)
+        plan = plan_gpu_memory(config, log)
         sized = plan.engine_kwargs() if plan is not None else {}
         interrupted = _InterruptRecorder()
         llm = None
@@ -145,7 +144,7 @@ class LocalBackend(Backend):
             message = short_reason(exc)
             no_room = memory_error_line(config, " ".join([message, *reasons]), plan)
             if no_room is not None:
-                raise gpu_memory.DoesNotFit(no_room + "; %vllm_log shows vLLM's full log") from None
+                raise DoesNotFit(no_room + "; %vllm_log shows vLLM's full log") from None
             detail = "\n".join(r for r in reasons if r not in message)
             raise EngineStartError(
                 f"vLLM could not start {config.model}: {message}" + (f"\n{detail}" if detail else "")

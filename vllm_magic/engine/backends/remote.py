@@ -32,6 +32,7 @@ from typing import Any, Callable, Coroutine
 
 from ...errors import PromptTooLongError, RequestError, ServerError, SleepError
 from .base import Backend, ReadyRequest, SleepReport, UnloadReport
+from ..compat import version_tuple
 from ..config import EngineConfig
 from ..gpu_memory import gpu_memory_of
 from ..requests.handles import RequestHandle
@@ -224,7 +225,7 @@ class RemoteBackend(Backend):
         self._local_lock = threading.Lock()
         self._live_lock = threading.Lock()
         self._failure: str | None = None
-        self._structured_key = "structured_outputs" if _version_tuple(version) >= (0, 10, 2) else "guided"
+        self._structured_key = "structured_outputs" if (version_tuple(version) or (0,)) >= (0, 10, 2) else "guided"
         self._prefix = uuid.uuid4().hex[:8]  # request ids unique on a server that several sessions share
         #: The persisted engine this is attached to (``%vllm_load --persist``), or None.
         self.persisted: Any = None
@@ -769,11 +770,3 @@ def _network_reason(exc: BaseException) -> str:
     if isinstance(exc, httpx.TimeoutException):
         return "timed out"
     return text
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts) if parts else (0,)
