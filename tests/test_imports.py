@@ -18,11 +18,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vllm_magic"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors, paths", ("vllm_magic.errors", "vllm_magic.paths")),
     ("demo", ("vllm_magic.demo.*",)),
+    # Hub downloads need neither vLLM nor an engine: a model is fetched before vLLM is imported.
+    ("hub", ("vllm_magic.hub.*",)),
     # The engine log sits beside compat: compat's import_vllm sends what vLLM prints while it is
     # imported to the log file, and the log imports nothing of the engine.
     ("engine.compat", ("vllm_magic.engine.compat", "vllm_magic.engine.log")),
     ("engine", ("vllm_magic.engine.config", "vllm_magic.engine.platform", "vllm_magic.engine.listeners",
-                "vllm_magic.engine.flags", "vllm_magic.engine.gpu_memory")),
+                "vllm_magic.engine.flags", "vllm_magic.engine.gpu_memory", "vllm_magic.engine.model_list")),
     ("engine.requests", ("vllm_magic.engine.requests.*",)),
     ("engine.backends", ("vllm_magic.engine.backends.*",)),
     ("engine.session", ("vllm_magic.engine.session", "vllm_magic.engine.status", "vllm_magic.engine")),

@@ -12,7 +12,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def _ipython_blocks() -> list[str]:
     text = README.read_text()
-    start, end = text.index("<!-- section: quickstart -->"), text.index("<!-- section: langchain -->")
+    start, end = text.index("<!-- section: quickstart -->"), text.index("<!-- section: hub -->")
     return re.findall(r"```ipython\n(.*?)```", text[start:end], flags=re.S)
 
 

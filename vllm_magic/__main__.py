@@ -1,6 +1,8 @@
 """Command line: ``python -m vllm_magic demo-model`` prepares the demo model (``--awq``: its AWQ
 checkpoint), ``tiny-model`` the demo model reshaped for tensor parallel;
-``python -m vllm_magic demo`` runs the quickstart notebook headless and prints what each cell showed.
+``python -m vllm_magic demo`` runs the quickstart notebook headless and prints what each cell showed;
+``download ORG/NAME`` fetches a Hub model into the Hugging Face cache (on a machine with network,
+for notebooks that run where there is none); ``models`` lists what the cache holds.
 """
 
 from __future__ import annotations
@@ -55,6 +57,37 @@ def _prepare(prepare, args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(path)
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from .hub import HubError, directory_size, fetch, format_bytes, is_repo_id
+
+    if not is_repo_id(args.model):
+        print(f"error: {args.model} is not a Hugging Face model id (org/name)", file=sys.stderr)
+        return 2
+    last = [0.0]
+
+    def progress(stage: str, elapsed: float) -> None:
+        if elapsed - last[0] >= 5 or not last[0]:  # a line every few seconds: logs stay readable
+            last[0] = elapsed
+            print(f"{stage} · {elapsed:.0f} s", file=sys.stderr, flush=True)
+
+    try:
+        path = fetch(args.model, args.revision, args.download_dir, progress=None if args.quiet else progress)
+    except HubError as exc:  # DownloadInterrupted included
+        print(f"error: {exc}", file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 1
+    if not args.quiet:
+        print(f"{args.model}: {format_bytes(directory_size(path))}", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .engine.model_list import list_models
+
+    print(repr(list_models(args.download_dir)))
     return 0
 
 
@@ -136,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="run the quickstart notebook headless and print its outputs")
     p.add_argument("--notebook", help="another notebook to run")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("download", help="download a Hugging Face Hub model into the cache and print its directory")
+    p.add_argument("model", help="the model id, org/name")
+    p.add_argument("--revision", help="branch, tag or commit (default: main)")
+    p.add_argument("--download-dir", help="the Hugging Face cache to use (default: HF_HOME's)")
+    p.add_argument("--quiet", action="store_true", help="print only the directory")
+    p.set_defaults(func=_download)
+    p = sub.add_parser("models", help="list the models of the Hugging Face cache and the demo models")
+    p.add_argument("--download-dir", help="the Hugging Face cache to list (default: HF_HOME's)")
+    p.set_defaults(func=_models)
     p = sub.add_parser("notebooks", help="copy the tutorial notebooks into a directory")
     p.add_argument("dest", help="where to put them")
     p.set_defaults(func=_notebooks)

@@ -127,6 +127,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def supported_architectures() -> frozenset[str]:
+    """The model architectures (``config.json``'s ``architectures``) the installed vLLM runs."""
+    import_vllm()
+    from vllm import ModelRegistry
+
+    return frozenset(ModelRegistry.get_supported_archs())
+
+
 def vllm_version() -> str:
     """vLLM's version (``"0.32.0"``)."""
     import_vllm()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError
+from ..hub import cached_snapshot, hub_cache_dir, is_repo_id
 from .compat import import_vllm
 from .platform import parallel_sizes, platform_defaults, platform_name
 
@@ -36,6 +37,14 @@ class EngineConfig:
     requested: dict[str, Any] = field(default_factory=dict, compare=False)
     #: CPU: where the engine's compute threads run (``VLLM_CPU_OMP_THREADS_BIND``); None elsewhere.
     cpu_threads: str | None = field(default=None, compare=False)
+    #: A Hub model's snapshot in the local cache, which the engine loads (vLLM never downloads
+    #: itself); None for a local directory, or a Hub model not downloaded yet (:mod:`..hub`).
+    weights: str | None = field(default=None, compare=False)
+
+    @property
+    def files(self) -> str:
+        """Where the model's files are: its snapshot for a Hub model, else ``model``."""
+        return self.weights or self.model
 
     @property
     def parallel_summary(self) -> str:
@@ -87,9 +96,23 @@ class EngineConfig:
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    @property
+    def needs_download(self) -> bool:
+        """A Hub model whose files are not in the local cache yet."""
+        return self.weights is None and not os.path.isdir(self.model) and is_repo_id(self.model)
+
     def llm_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``vllm.LLM`` (vllm-magic's own engine options left out)."""
-        return {"model": self.model, **{k: v for k, v in self.engine_kwargs.items() if k not in OWN_ENGINE_ARGS}}
+        """Keyword arguments for ``vllm.LLM`` (vllm-magic's own engine options left out). A Hub model
+        runs from its cached snapshot, under its Hub name."""
+        kwargs = {"model": self.files, **{k: v for k, v in self.engine_kwargs.items() if k not in OWN_ENGINE_ARGS}}
+        if self.weights:
+            for key in ("revision", "download_dir"):  # they said where the snapshot comes from: it is here
+                kwargs.pop(key, None)
+            kwargs.setdefault("served_model_name", self.model)
+            if kwargs.get("tokenizer") in (None, self.model):
+                kwargs["tokenizer"] = self.weights
+                kwargs.pop("tokenizer_revision", None)
+        return kwargs
 
 
 #: Engine arguments that say how to fetch or trust the weights, not what the running engine is.
@@ -186,10 +209,14 @@ def resolve_engine_config(model: str | os.PathLike | None = None, **engine_kwarg
             raise ConfigError(f"no such model directory: {model}")
         model = str(path.resolve())
     _check_known(engine_kwargs)
+    weights = None
+    if not os.path.isdir(model) and is_repo_id(model):  # a Hub model: its cached snapshot, found offline
+        snapshot = cached_snapshot(model, engine_kwargs.get("revision"), hub_cache_dir(engine_kwargs.get("download_dir")))
+        weights = str(snapshot) if snapshot is not None else None
     platform = platform_name()
-    kwargs, threads = platform_defaults(platform, model, engine_kwargs)
+    kwargs, threads = platform_defaults(platform, weights or model, engine_kwargs)
     return EngineConfig(model=model, engine_kwargs=kwargs, platform=platform, requested=dict(engine_kwargs),
-                        cpu_threads=threads)
+                        cpu_threads=threads, weights=weights)
 
 
 def _check_known(engine_kwargs: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from .config import Parsers
 
 __all__ = ["FlagError", "MagicLine", "VllmFlags", "split_line", "load_flags", "remote_flags", "serve_flags",
-           "parse_duration", "format_duration", "parser_flags"]
+           "parse_duration", "format_duration", "parser_flags", "hub_flags"]
 
 #: Flags read on this side before vLLM's parser sees the rest: the model (vLLM's parser would drop
 #: one equal to its default model) and the session's parser names (flag -> Parsers field).
@@ -139,6 +139,17 @@ def serve_flags(argv: str | Sequence[str], model: str | None = None) -> VllmFlag
 
 
 # ----- the one reading of vLLM's flags --------------------------------------------------------------
+
+#: The flags that say which files of a Hub model to fetch (engine argument names), read without vLLM.
+_HUB_FLAGS = {"--revision": "revision", "--download-dir": "download_dir", "--download_dir": "download_dir"}
+
+
+def hub_flags(argv: str | Sequence[str], model: str | None = None) -> tuple[str | None, dict[str, str]]:
+    """The model and the flags that say where its Hub files come from (``revision``,
+    ``download_dir``), read without vLLM's parser: a model is downloaded before vLLM is imported."""
+    model, rest = _take_model(_words(argv), model)
+    return model, {_HUB_FLAGS[flag]: value for flag, value in _pairs(rest, _HUB_FLAGS, "a value") if flag}
+
 
 def _words(argv: str | Sequence[str]) -> list[str]:
     if not isinstance(argv, str):

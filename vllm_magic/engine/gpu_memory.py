@@ -184,7 +184,7 @@ def _engine_shape(config: Any, log: Any) -> tuple[int, int, int | None] | None:
         return None
     width = _dtype_bytes(cache.cache_dtype if cache.cache_dtype not in (None, "auto") else model.dtype)
     per_token = (1 if getattr(model, "use_mla", False) else 2) * layers * heads * head * width
-    weights = estimate_weight_bytes(_local_copy(config.model, kwargs), kwargs.get("load_format"), str(model.dtype))
+    weights = estimate_weight_bytes(config.files, kwargs.get("load_format"), str(model.dtype))
     ranks = int(parallel.tensor_parallel_size or 1) * int(parallel.pipeline_parallel_size or 1)
     return int(model.max_model_len), int(per_token), None if weights is None else weights // ranks
 
@@ -214,19 +214,6 @@ def estimate_weight_bytes(model: str, load_format: str | None, dtype: str) -> in
     params = layers * (attention + 3 * hidden * mlp) + vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
     width = 4 if "32" in dtype else 2
     return params * width
-
-
-def _local_copy(model: str, kwargs: dict[str, Any]) -> str:
-    """A Hub model's snapshot in the local cache (its weights can be measured there), else ``model``."""
-    if os.path.isdir(model):
-        return model
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(model, revision=kwargs.get("revision"), cache_dir=kwargs.get("download_dir"),
-                                 local_files_only=True)
-    except Exception:  # noqa: BLE001 - not cached (or no huggingface_hub): weights unknown
-        return model
 
 
 def _dtype_bytes(dtype: Any) -> int:

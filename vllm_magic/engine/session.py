@@ -128,6 +128,11 @@ class EngineSession:
         import_vllm()
         return resolve_engine_config(model, **engine_kwargs)
 
+    def _serves_name(self, model: str | os.PathLike) -> bool:
+        """Whether the live engine runs ``model`` (by name): its files are here, whatever else differs."""
+        backend = self._backend
+        return backend is not None and backend.config.model == os.fspath(model)
+
     def serves(self, wanted: EngineConfig) -> bool:
         """Whether the live engine serves a load request for ``wanted`` (the rule ``load`` uses)."""
         backend = self._backend
@@ -168,6 +173,9 @@ class EngineSession:
             info = self._attach_started(start, progress, persist, idle_timeout, request=request)
             if info is not None:
                 return info
+        if model is not None and not self._serves_name(model):  # before vLLM's import: fails in seconds
+            self.download(model, revision=engine_kwargs.get("revision"),
+                          download_dir=engine_kwargs.get("download_dir"), progress=progress)
         import_vllm(verbose)
         installed = vllm_version()
         version = version_line(installed)
@@ -190,6 +198,8 @@ class EngineSession:
                 if reason is not None:
                     raise SleepError(f"--keep puts the loaded engine to sleep: {reason}; leave --keep out to "
                                      "replace it")
+            if sleeping is None:
+                config = self._downloaded(config, progress)  # while the old engine still serves
             if sleeping is None and current is not None:
                 self._validate(config)  # refuse a bad configuration while the old engine runs
             kept_line = None
@@ -211,6 +221,44 @@ class EngineSession:
             note = "; ".join(line for line in (note, version) if line) or None
             return LoadInfo(config, False, time.perf_counter() - start, loaded_line(backend, attached=attached),
                             kept=kept_line, note=note, attached=attached)
+
+    def download(self, model: str, *, revision: str | None = None, download_dir: str | None = None,
+                 progress: Callable[[str, float], None] | None = None) -> str | None:
+        """Make sure a Hugging Face Hub model's files are in the local cache, downloading them now
+        when they are not, and return its snapshot directory; None for a model that is not a Hub
+        id (a local directory). A complete cached snapshot is used without any network call.
+
+        ``progress(stage, elapsed)`` is called about twice a second while it downloads. Raises
+        :class:`~vllm_magic.hub.HubError` in one line (unreachable, gated, missing, no room on
+        disk) and :class:`~vllm_magic.hub.DownloadInterrupted` on Ctrl-C (a later download resumes).
+        Needs no vLLM: a model can be fetched where vLLM is not installed.
+        """
+        from ..hub import fetch, is_repo_id
+
+        model = os.fspath(model)
+        if os.path.isdir(os.path.expanduser(model)) or not is_repo_id(model):
+            return None
+        return str(fetch(model, revision, download_dir, progress=progress))
+
+    @staticmethod
+    def hub_snapshot(model: str, *, revision: str | None = None, download_dir: str | None = None) -> str | None:
+        """A Hub model's complete snapshot in the local cache, or None (no network call)."""
+        from ..hub import cached_snapshot, hub_cache_dir, is_repo_id
+
+        if not is_repo_id(model) or os.path.isdir(os.path.expanduser(model)):
+            return None
+        found = cached_snapshot(model, revision, hub_cache_dir(download_dir))
+        return None if found is None else str(found)
+
+    def _downloaded(self, config: EngineConfig, progress: Callable[[str, float], None] | None) -> EngineConfig:
+        """``config`` with its Hub model's files in the local cache: downloaded now (:meth:`download`)
+        when they are not."""
+        if not config.needs_download:
+            return config
+        kwargs = config.requested
+        self.download(config.model, revision=kwargs.get("revision"), download_dir=kwargs.get("download_dir"),
+                      progress=progress)
+        return resolve_engine_config(config.model, **kwargs)  # the platform's defaults read the files now
 
     def _validate(self, config: EngineConfig) -> None:
         from .backends.local import LocalBackend
@@ -445,7 +493,7 @@ class EngineSession:
             else:
                 if model is None and local is not None:
                     model, engine_kwargs = local.config.model, {**local.config.requested, **engine_kwargs}
-                config = self.resolve(model, **engine_kwargs)
+                config = self._downloaded(self.resolve(model, **engine_kwargs), progress)
                 if local is not None and config.platform == "cuda":
                     raise ConfigError("the engine loaded in this kernel holds the GPU: move it to the server "
                                       "with --handoff, or free it first with %vllm_unload")

@@ -122,6 +122,8 @@ class EngineBase(SamplingFields):  # type: ignore[misc, valid-type]
         if self._wanted is None:
             model, requested = engine_request(self.model, self.tensor_parallel_size, self.trust_remote_code,
                                               self.dtype, self.download_dir, self.vllm_kwargs)
+            if model is not None:  # a Hub model's files first: fails in seconds, before vLLM is imported
+                _download(session, model, requested)
             wanted = session.resolve(model, **requested)
             needed = without_needless_fetch_args(wanted.model, requested)
             if needed != requested:  # so that the engine it loads is the one %vllm_load would load
@@ -252,6 +254,28 @@ def engine_request(model: str | None, tensor_parallel_size: int | None, trust_re
     if model in DEMO_MODEL_ALIASES or model == "":
         model = None
     return model, requested
+
+
+def _download(session: EngineSession, model: str, requested: dict[str, Any]) -> None:
+    """Fetch a Hub model that is not in the local cache, with the magics' progress line in a notebook."""
+    where = {"revision": requested.get("revision"), "download_dir": requested.get("download_dir")}
+    if session.hub_snapshot(model, **where) is not None:
+        return
+    progress = None
+    try:
+        from IPython import get_ipython
+
+        from ..magics.display import LoadProgress, supports_updates
+
+        shell = get_ipython()
+        progress = LoadProgress(supports_updates(shell)) if shell is not None else None
+    except ImportError:
+        pass
+    try:
+        session.download(model, progress=progress, **where)
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def without_needless_fetch_args(model_path: str, requested: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ kernel and the engine stay usable.
 
 from __future__ import annotations
 
+import time
 from contextlib import closing
 from typing import Any, Callable
 
@@ -18,10 +19,11 @@ from IPython.core.magic import Magics, line_magic, cell_magic, magics_class, no_
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Enum, Float, Unicode, link
 
-from ..engine.flags import (MagicLine, format_duration, load_flags, parse_duration, parser_flags, remote_flags,
-                            serve_flags)
+from ..engine.flags import (MagicLine, format_duration, hub_flags, load_flags, parse_duration, parser_flags,
+                            remote_flags, serve_flags)
 from ..engine.requests.sampling import DEFAULTS_FIELDS, SamplingTraits
 from ..engine.session import EngineSession, get_session
+from ..hub import directory_size, format_bytes
 from .answer import display_code, display_widget, stream_results, usage_errors
 from .args import parse_line, sampling_args, sampling_overrides, split_vllm_line
 from .cells import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch
@@ -170,6 +172,10 @@ class VllmMagics(Magics, SamplingTraits):
             info = None if args.keep else self.session.attach_persisted(
                 split.model, split.vllm, persist=args.persist, idle_timeout=idle, progress=progress)
             if info is None:
+                with usage_errors():  # a Hub model's files first: no vLLM import before a download fails
+                    model, hub = hub_flags(split.vllm, split.model)
+                    if model is not None:
+                        self.session.download(model, progress=progress, **hub)
                 with usage_errors():  # the session's parsers are not engine flags: choosing one never restarts it
                     flags = load_flags(split.vllm, split.model)
                 info = self.session.load(flags.model, verbose=args.verbose, progress=progress, keep=args.keep,
@@ -397,6 +403,51 @@ class VllmMagics(Magics, SamplingTraits):
             seconds = self.session.wake()
         name = self.session.config.short_name
         print(f"✓ {name} awake in {seconds:.1f} s" if asleep is not None else f"{name} is awake")
+
+    @magic_arguments()
+    @argument("model", help="Hugging Face model id (org/name).")
+    @argument("--revision", metavar="REV", help="Branch, tag or commit (default: main).")
+    @argument("--download-dir", metavar="DIR", help="The Hugging Face cache to use (default: HF_HOME's).")
+    @line_magic
+    def vllm_download(self, line: str = "") -> None:
+        """Download a Hub model into the Hugging Face cache without starting an engine.
+
+        Shows bytes and files done, rate and time left while it downloads; Ctrl-C stops it and a
+        later download (or ``%vllm_load``) resumes where it stopped. A model already complete in
+        the cache is not fetched again, and no network is used. ``HF_TOKEN`` opens gated and
+        private models; ``HF_ENDPOINT`` names a mirror.
+
+        Examples::
+
+            %vllm_download HuggingFaceTB/SmolLM2-360M-Instruct
+            %vllm_download Qwen/Qwen2.5-0.5B-Instruct --revision main
+        """
+        args = parse_line(self.vllm_download, line)
+        progress = LoadProgress(supports_updates(self.shell))
+        with usage_errors(), closing(progress):
+            start = time.perf_counter()
+            cached = self.session.hub_snapshot(args.model, revision=args.revision, download_dir=args.download_dir)
+            path = cached or self.session.download(args.model, revision=args.revision,
+                                                   download_dir=args.download_dir, progress=progress)
+        if path is None:
+            raise UsageError(f"{args.model} is not a Hugging Face model id (org/name); a local directory needs no "
+                             "download")
+        size = format_bytes(directory_size(path))
+        if cached:
+            print(f"{args.model} is in the cache ({size}): {path}")
+        else:
+            print(f"✓ {args.model} downloaded ({size}) in {time.perf_counter() - start:.1f} s: {path}")
+
+    @magic_arguments()
+    @argument("--download-dir", metavar="DIR", help="The Hugging Face cache to list (default: HF_HOME's).")
+    @line_magic
+    def vllm_models(self, line: str = "") -> Any:
+        """The models this machine can load without a network: the Hugging Face cache's (size,
+        architecture, whether the installed vLLM runs it, unfinished downloads) and the demo models."""
+        args = parse_line(self.vllm_models, line)
+        from ..engine.model_list import list_models
+
+        return list_models(args.download_dir)
 
     @line_magic
     def vllm_status(self, line: str = "") -> Any:

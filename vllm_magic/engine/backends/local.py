@@ -271,7 +271,7 @@ class LocalBackend(Backend):
         return self.config.engine_kwargs.get("load_format") != "dummy"
 
     def weight_bytes(self) -> int | None:
-        return estimate_weight_bytes(self.config.model, self.config.engine_kwargs.get("load_format"), self.dtype)
+        return estimate_weight_bytes(self.config.files, self.config.engine_kwargs.get("load_format"), self.dtype)
 
     def sleep(self, level: int = 1) -> SleepReport:
         reason = self.sleep_refusal(level)

@@ -632,7 +632,7 @@ class RemoteBackend(Backend):
             return None
         from ..gpu_memory import estimate_weight_bytes
 
-        return estimate_weight_bytes(self.config.model, self.config.engine_kwargs.get("load_format"), self.dtype)
+        return estimate_weight_bytes(self.config.files, self.config.engine_kwargs.get("load_format"), self.dtype)
 
     def sleep(self, level: int = 1) -> SleepReport:
         reason = self.sleep_refusal(level)

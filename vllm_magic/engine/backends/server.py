@@ -188,7 +188,7 @@ def server_command(config: EngineConfig, server_kwargs: dict[str, Any], address:
     plan = gpu_memory.plan(config)  # a shared GPU: sized as in-kernel engines are; DoesNotFit in one line
     engine = {k: v for k, v in config.llm_kwargs().items() if k != "model"}
     flags = serve_cli_flags({**engine, **(plan.engine_kwargs() if plan else {}), **server_kwargs})
-    argv = ["--model", config.model, *flags, *address]
+    argv = ["--model", config.files, *flags, *address]
     env = dict(os.environ)
     if api_key:
         env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` shows it to everyone
