@@ -1,9 +1,9 @@
 """A stand-in for the Hugging Face Hub: a real HTTP server on 127.0.0.1 serving model repos from local folders.
 
-``huggingface_hub`` (2.4.0, the version in the project's venv) downloads from it exactly as from
-huggingface.co when pointed at its ``url`` (``endpoint=standin.url``, or ``HF_ENDPOINT``, which huggingface_hub
-reads once, at import). Only the plain-HTTP download path exists here: no ``X-Xet-*`` header is ever sent, so the
-client never tries Xet storage (hf_xet is installed, and would try to reach a CAS server that is not there).
+vllm-magic's downloader (``vllm_magic.hub``) and huggingface_hub (checked with 2.4.0) download from it exactly as
+from huggingface.co when pointed at its ``url`` (``HF_ENDPOINT``; huggingface_hub reads that once, at import, so
+pass it ``endpoint=standin.url``). Only the plain-HTTP download path exists here: no ``X-Xet-*`` header is ever
+sent, so no client tries Xet storage.
 
 Routes, as huggingface_hub 2.4.0 calls them (the client code read: hf_api.py, file_download.py,
 _snapshot_download.py, utils/_http.py):
@@ -370,8 +370,7 @@ class HubStandIn:
     def drop_after(self, nbytes: int) -> None:
         """Once ``nbytes`` content bytes in total were sent, stop listening (new connections are refused) and
         close every connection, downloads in flight included: the server is gone mid-download (exactly ``nbytes``
-        were sent). huggingface_hub 2.4.0 retries the cut download 5 times, 1 s apart, then raises
-        ``httpx2.ConnectError`` from snapshot_download/hf_hub_download (~5 s); its temporary file is deleted."""
+        were sent)."""
         with self._cond:
             self._drop_at = nbytes
             reached = self._sent_total >= nbytes

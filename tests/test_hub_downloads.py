@@ -19,6 +19,7 @@ from IPython.core.error import UsageError
 from hub_standin import HubStandIn
 from vllm_magic.hub import DownloadInterrupted, HubError, cached_snapshot, fetch, hub_cache_dir
 from vllm_magic.hub import download as download_module
+from vllm_magic.engine.model_list import list_models
 from vllm_magic.hub.cache import complete_model
 from vllm_magic.hub.download import _files_to_fetch
 
@@ -116,6 +117,8 @@ def test_interrupted_download_keeps_its_bytes_and_the_next_one_resumes_with_a_ra
         fetch(SMALL, progress=progress)
     assert isinstance(info.value, KeyboardInterrupt)
     assert partial() and cached_snapshot(SMALL) is None  # nothing half-written in the snapshot
+    row = next(r for r in list_models().rows if r.name == SMALL)
+    assert re.fullmatch(r"not yet: [\d.]+ MB of an unfinished download \(loading it resumes\)", row.runs), row
     hub.release()
 
     snapshot = fetch(SMALL)
@@ -296,3 +299,19 @@ def test_revision_and_download_dir_are_honoured_and_the_engine_gets_the_snapshot
     assert "revision" not in kwargs and "download_dir" not in kwargs
     argv, _env = server_command(config, {}, ["--port", "8123"], None)
     assert argv[:2] == ["--model", str(snapshot)] and "--served-model-name" in argv
+
+
+def test_command_line_download_prints_the_directory_and_refuses_in_one_line(hub, small_repo):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "vllm_magic", "download", SMALL], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ))
+    assert run.returncode == 0, run.stderr
+    snapshot = Path(run.stdout.strip())
+    assert snapshot == cached_snapshot(SMALL) and run.stderr.strip().endswith(f"{SMALL}: {_total(small_repo)}")
+    _same_files(snapshot, small_repo)
+    missing = subprocess.run([sys.executable, "-m", "vllm_magic", "download", "acme/nothing-here"],
+                             capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert missing.returncode == 1 and missing.stderr.startswith("error: no model acme/nothing-here on ")
+    assert len(missing.stderr.strip().splitlines()) == 1 and missing.stdout == ""

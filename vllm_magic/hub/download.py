@@ -290,7 +290,9 @@ def fetch(repo_id: str, revision: str | None = None, download_dir: str | os.Path
 def _download(plan: DownloadPlan, token: str | None, progress: Callable[[str, float], None] | None) -> Path:
     request = {"repo_id": plan.repo_id, "commit": plan.commit, "cache": str(plan.cache), "endpoint": plan.endpoint,
                "files": [{"name": f.name, "size": f.size, "blob": f.blob} for f in plan.files]}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    package_root = str(Path(__file__).resolve().parents[2])  # this vllm_magic, installed or not
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     env.pop("HF_TOKEN", None)
     if token:
         env["HF_TOKEN"] = token  # not on the command line, where `ps` shows it to everyone
