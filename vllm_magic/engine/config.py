@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError
-from ..hub import cached_snapshot, hub_cache_dir, is_repo_id
+from ..hub import is_hub_model, local_snapshot
 from .compat import import_vllm
 from .platform import parallel_sizes, platform_defaults, platform_name
 
@@ -99,7 +99,7 @@ class EngineConfig:
     @property
     def needs_download(self) -> bool:
         """A Hub model whose files are not in the local cache yet."""
-        return self.weights is None and not os.path.isdir(self.model) and is_repo_id(self.model)
+        return self.weights is None and is_hub_model(self.model)
 
     def llm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``vllm.LLM`` (vllm-magic's own engine options left out). A Hub model
@@ -209,10 +209,9 @@ def resolve_engine_config(model: str | os.PathLike | None = None, **engine_kwarg
             raise ConfigError(f"no such model directory: {model}")
         model = str(path.resolve())
     _check_known(engine_kwargs)
-    weights = None
-    if not os.path.isdir(model) and is_repo_id(model):  # a Hub model: its cached snapshot, found offline
-        snapshot = cached_snapshot(model, engine_kwargs.get("revision"), hub_cache_dir(engine_kwargs.get("download_dir")))
-        weights = str(snapshot) if snapshot is not None else None
+    # A Hub model: its cached snapshot, found offline.
+    snapshot = local_snapshot(model, engine_kwargs.get("revision"), engine_kwargs.get("download_dir"))
+    weights = None if snapshot is None else str(snapshot)
     platform = platform_name()
     kwargs, threads = platform_defaults(platform, weights or model, engine_kwargs)
     return EngineConfig(model=model, engine_kwargs=kwargs, platform=platform, requested=dict(engine_kwargs),

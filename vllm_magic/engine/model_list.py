@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import paths
 from ..demo.model import DEMO_MODEL_NAME
 from ..demo.variants import AWQ_MODEL_NAME, TINY_MODEL_NAME
-from ..hub import cached_models, format_bytes, hub_cache_dir
+from ..hub import cached_models, directory_size, format_bytes, hub_cache_dir
 
 __all__ = ["ModelRow", "ModelList", "list_models"]
 
@@ -78,7 +78,7 @@ def list_models(download_dir: str | None = None) -> ModelList:
     for name, what, prepare in _DEMO_MODELS:
         directory = paths.model_dir(name)
         prepared = (directory / "config.json").is_file()
-        size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file()) if prepared else 0
+        size = directory_size(directory) if prepared else 0
         where = f"{what}; {directory}" if prepared else f"{what}; not prepared ({prepare})"
         rows.append(ModelRow(name, size, "LlamaForCausalLM", "yes" if supported is None or
                              "LlamaForCausalLM" in supported else "no", where))

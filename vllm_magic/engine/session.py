@@ -233,21 +233,19 @@ class EngineSession:
         disk) and :class:`~vllm_magic.hub.DownloadInterrupted` on Ctrl-C (a later download resumes).
         Needs no vLLM: a model can be fetched where vLLM is not installed.
         """
-        from ..hub import fetch, is_repo_id
+        from ..hub import fetch, is_hub_model
 
         model = os.fspath(model)
-        if os.path.isdir(os.path.expanduser(model)) or not is_repo_id(model):
+        if not is_hub_model(model):
             return None
         return str(fetch(model, revision, download_dir, progress=progress))
 
     @staticmethod
     def hub_snapshot(model: str, *, revision: str | None = None, download_dir: str | None = None) -> str | None:
         """A Hub model's complete snapshot in the local cache, or None (no network call)."""
-        from ..hub import cached_snapshot, hub_cache_dir, is_repo_id
+        from ..hub import local_snapshot
 
-        if not is_repo_id(model) or os.path.isdir(os.path.expanduser(model)):
-            return None
-        found = cached_snapshot(model, revision, hub_cache_dir(download_dir))
+        found = local_snapshot(model, revision, download_dir)
         return None if found is None else str(found)
 
     def _downloaded(self, config: EngineConfig, progress: Callable[[str, float], None] | None) -> EngineConfig:

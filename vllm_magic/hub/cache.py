@@ -19,7 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CachedModel", "cached_models", "cached_snapshot", "directory_size", "hub_cache_dir", "is_repo_id", "repo_folder",
+__all__ = ["CachedModel", "cached_models", "cached_snapshot", "directory_size", "hub_cache_dir", "is_hub_model",
+           "is_repo_id", "local_snapshot", "repo_folder",
            "WEIGHT_SUFFIXES"]
 
 #: Files that hold a model's weights, in the order vLLM prefers them.
@@ -31,6 +32,11 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 def is_repo_id(name: str) -> bool:
     """Whether ``name`` reads as a Hub repository id (``org/name``), not a path."""
     return bool(_REPO_ID.fullmatch(name)) and ".." not in name
+
+
+def is_hub_model(name: str) -> bool:
+    """Whether ``name`` names a Hub model: an ``org/name`` id that is not a local directory."""
+    return is_repo_id(name) and not os.path.isdir(os.path.expanduser(name))
 
 
 def hub_cache_dir(download_dir: str | os.PathLike | None = None) -> Path:
@@ -61,6 +67,15 @@ def cached_snapshot(repo_id: str, revision: str | None = None, cache: Path | Non
         return None
     snapshot = folder / "snapshots" / commit
     return snapshot if complete_model(snapshot) else None
+
+
+def local_snapshot(model: str, revision: str | None = None,
+                   download_dir: str | os.PathLike | None = None) -> Path | None:
+    """The complete cached snapshot of a Hub model in the cache ``download_dir`` names (see
+    :func:`hub_cache_dir`); None for a model that is not a Hub model or not complete there."""
+    if not is_hub_model(model):
+        return None
+    return cached_snapshot(model, revision, hub_cache_dir(download_dir))
 
 
 def complete_model(directory: Path) -> bool:

@@ -259,11 +259,10 @@ def engine_request(model: str | None, tensor_parallel_size: int | None, trust_re
 def _download(session: EngineSession, model: str, requested: dict[str, Any]) -> None:
     """Fetch a Hub model that is not in the local cache, with the magics' progress line in a notebook
     (only then: a local directory or a cached model shows nothing)."""
-    from ..hub import is_repo_id
+    from ..hub import is_hub_model
 
     where = {"revision": requested.get("revision"), "download_dir": requested.get("download_dir")}
-    if (os.path.isdir(os.path.expanduser(model)) or not is_repo_id(model)
-            or session.hub_snapshot(model, **where) is not None):
+    if not is_hub_model(model) or session.hub_snapshot(model, **where) is not None:
         return
     progress = None
     try:
