@@ -30,6 +30,7 @@ from .compat import import_vllm, version_line, version_too_old, vllm_version
 from .config import EngineConfig, Parsers, resolve_engine_config
 from .listeners import Listeners
 from .log import EngineLog, quiet_vllm_environment
+from .requests.grid import GRID_LIMIT, Grid, check_grid_size, grid_settings
 from .requests.handles import GenerationResult, RequestHandle
 from .requests.prompts import PromptLike, as_prompt_list
 from .requests.reasoning import ReasoningSplitter
@@ -638,19 +639,53 @@ class EngineSession:
         iterate, with each answer in one piece at its end. An engine in this process streams anyway.
         """
         backend = self._require()
+        options = self._options(sampling, raw, system, json_schema, regex, choice, tools, chat_template_kwargs,
+                                stream, overrides)
+        requests = self._requests(backend, as_prompt_list(prompts), options)
+        return self._add(backend, requests)
+
+    def grid(self, prompts: PromptLike | Sequence[PromptLike], axes: dict[str, Sequence[Any]], *,
+             raw: bool | None = None, system: str | None = None, stream: bool = False, **overrides: Any) -> Grid:
+        """Every prompt under every combination of sampling settings, in one submission.
+
+        ``axes`` maps sampling options to the values to try (``{"temperature": [0, 0.7, 1.2],
+        "top_p": [0.9, 1.0]}``: 6 settings); ``overrides`` hold for all of them. Returns a
+        :class:`~vllm_magic.engine.requests.grid.Grid` (``results()`` waits, ``to_pandas()``, an HTML
+        table in a notebook). Each answer carries its logprobs (``logprobs=0`` unless asked for
+        more: the table's mean logprob). Checked before anything is submitted: the options, the
+        values' ranges, and the count against what the engine runs at once.
+        """
+        backend = self._require()
         items = as_prompt_list(prompts)
+        settings = grid_settings(axes, overrides)
+        check_grid_size(len(items), len(settings), backend.max_num_seqs or GRID_LIMIT)
+        requests = []
+        for setting in settings:
+            merged = {"logprobs": 0, **overrides, **setting}
+            options = self._options(None, raw, system, None, None, None, None, None, stream, merged)
+            requests.append(self._requests(backend, items, options))
+        handles = self._add(backend, [r for group in requests for r in group])
+        return Grid(items, settings, [handles[i * len(items):(i + 1) * len(items)] for i in range(len(settings))])
+
+    def _options(self, sampling: Any, raw: bool | None, system: str | None, json_schema: Any, regex: str | None,
+                 choice: list[str] | None, tools: list[dict] | None, chat_template_kwargs: dict[str, Any] | None,
+                 stream: bool, overrides: dict[str, Any]) -> RequestOptions:
         structured = {k: v for k, v in (("json_schema", json_schema), ("regex", regex), ("choice", choice))
                       if v is not None}
         if sampling is not None and (overrides or structured):
             raise TypeError("pass either a SamplingParams or sampling options, not both")
-        options = RequestOptions(
+        return RequestOptions(
             raw=self.defaults.raw if raw is None else raw,
             system=self.defaults.system_prompt if system is None else system,
             overrides=overrides, structured=structured, sampling=sampling, tools=tools,
             template=chat_template_kwargs, stream=stream)
+
+    def _requests(self, backend: Backend, items: list[PromptLike],
+                  options: RequestOptions) -> list[tuple[RequestHandle, Any]]:
+        """The handles and ready requests of one batch, checked, nothing submitted yet."""
         self._check(backend, options)
         ready = backend.prepare_requests(items, options, self.defaults)  # the one crossing before add
-        parse = json.loads if json_schema is not None else None
+        parse = json.loads if options.structured.get("json_schema") is not None else None
         reasoning = self._parsers.reasoning
         tokenizer = backend.tokenizer if reasoning else None
         requests = []
@@ -658,8 +693,12 @@ class EngineSession:
             splitter = ReasoningSplitter(reasoning, tokenizer) if reasoning else None
             handle = RequestHandle(f"vm-{next(self._ids)}", request.prompt.text, request.prompt.token_ids,
                                    request.params.n, self._abort_one, parse, sampling_params=request.params,
-                                   splitter=splitter)
+                                   splitter=splitter, logprobs_mode=backend.logprobs_mode)
             requests.append((handle, request))
+        return requests
+
+    def _add(self, backend: Backend, requests: list[tuple[RequestHandle, Any]]) -> list[RequestHandle]:
+        """Submit ready requests to the engine together (they join before its next step)."""
         if backend.asleep is not None:  # a request to a sleeping engine wakes it: nobody asks to be told to
             with self._lock:
                 if backend.asleep is not None and self._backend is backend:
@@ -681,6 +720,12 @@ class EngineSession:
         if thinking is not None and template is not None and "enable_thinking" not in template:
             raise RequestError("--think/--no-think (enable_thinking) switch thinking in the chat template, and "
                                "this model's template has no such switch")
+        for name, flag in (("logprobs", "--logprobs"), ("prompt_logprobs", "--prompt-logprobs")):
+            wanted = options.overrides.get(name)
+            if wanted is None and options.sampling is not None:
+                wanted = getattr(options.sampling, name, None)
+            if wanted is not None:
+                check_logprobs(name, flag, wanted, backend.max_logprobs)
         budget = options.overrides.get("thinking_token_budget")
         if budget is not None:
             if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
@@ -764,6 +809,19 @@ class EngineSession:
             server=self.url, asleep=backend.asleep, kept=kept,
             persisted=None if backend.persisted is None or dead else backend.persisted.describe(),
             gpu=None if dead else gpu_line(backend))
+
+def check_logprobs(name: str, flag: str, wanted: Any, limit: int | None) -> None:
+    """Refuse a logprobs count the engine would refuse, in one line naming the flag that raises it."""
+    if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < -1:
+        raise RequestError(f"{flag} ({name}) is how many alternatives to return per token, 0 or more "
+                           f"(-1: the whole vocabulary), not {wanted!r}")
+    if limit is None or limit == -1:
+        return
+    if wanted == -1 or wanted > limit:
+        asked = "the whole vocabulary" if wanted == -1 else str(wanted)
+        raise RequestError(f"{flag} {wanted}: this engine returns at most {limit} logprobs per token (vLLM's "
+                           f"max_logprobs), not {asked}; load it with --max-logprobs {max(wanted, -1)} to allow more")
+
 
 def _weakly(method: Callable[[Any], None]) -> Callable[[Any], None]:
     """A callback that does not keep its object alive (the engine must not pin the session)."""

@@ -22,7 +22,7 @@ __all__ = ["sampling_args", "sampling_overrides", "parse_line", "split_vllm_line
 # Short spellings of the most used sampling flags.
 _SHORT_FLAGS = {"temperature": "-t", "max_tokens": "-m", "n": "-n"}
 # Per-call options without a flag: benchmarks and code set them, a cell has no use for them.
-_NO_FLAG = ("ignore_eos", "logprobs", "thinking_token_budget")
+_NO_FLAG = ("ignore_eos", "thinking_token_budget")
 
 
 def _flag_for(name: str) -> Callable:
@@ -33,6 +33,8 @@ def _flag_for(name: str) -> Callable:
     if name == "stop":
         return argument(*flags, action="append", metavar="TEXT",
                         help="A string that ends the answer (not included); repeat for several.")
+    if name in ("logprobs", "prompt_logprobs"):
+        return argument(*flags, type=option_type(name), metavar="K", help=option_help(name))
     return argument(*flags, type=option_type(name), help=option_help(name))
 
 

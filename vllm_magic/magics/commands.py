@@ -21,13 +21,14 @@ from traitlets import Bool, Enum, Float, Unicode, link
 
 from ..engine.flags import (MagicLine, format_duration, hub_flags, load_flags, parse_duration, parser_flags,
                             remote_flags, serve_flags)
+from ..engine.requests.grid import parse_grid_flag
 from ..engine.requests.sampling import DEFAULTS_FIELDS, SamplingTraits
 from ..engine.session import EngineSession, get_session
 from ..hub import directory_size, format_bytes
 from .answer import display_code, display_widget, stream_results, usage_errors
 from .args import parse_line, sampling_args, sampling_overrides, split_vllm_line
 from .cells import PromptError, interpolate, parse_choices, resolve_json_schema, split_batch
-from .display import FORMATS, LoadProgress, supports_updates
+from .display import FORMATS, GridProgress, LoadProgress, supports_updates
 
 __all__ = ["VllmMagics", "register", "unregister"]
 
@@ -35,6 +36,8 @@ __all__ = ["VllmMagics", "register", "unregister"]
 #: A cell of more prompts than this (a ``---`` batch) may show each answer once it is complete: a
 #: ``--remote`` server then sends the batch whole, in one request (an engine in this kernel streams anyway).
 STREAMED_PROMPTS = 8
+#: Alternatives per token that ``--explore`` asks for when the cell gives no ``--logprobs``.
+EXPLORER_ALTERNATIVES = 5
 
 
 @magics_class
@@ -519,6 +522,12 @@ class VllmMagics(Magics, SamplingTraits):
     @argument("--quiet", action="store_true", help="Hide the stats line.")
     @argument("--show-prompt", action="store_true", help="Show the prompt as sent, after the chat template.")
     @argument("--out", metavar="NAME", help="Also store the result (a list for a batch) in NAME.")
+    @argument("--explore", action="store_true", help="Show the answer in a token explorer: tokens coloured by "
+              "probability, their alternatives, and branches from any of them (asks for --logprobs 5 unless given).")
+    @argument("--grid", action="append", metavar="OPTION=V1,V2",
+              help="Answer under each value of a sampling option (e.g. --grid temperature=0,0.7,1.2); several "
+              "--grid flags make every combination. The cell's prompts x settings go in one submission and show "
+              "as a table; the value is a Grid (grid.to_pandas()).")
     @no_var_expand
     @cell_magic
     def vllm(self, line: str, cell: str) -> Any:
@@ -548,6 +557,10 @@ class VllmMagics(Magics, SamplingTraits):
             raise UsageError("--continue takes one prompt, not a '---' batch")
         if args.cont and args.raw:
             raise UsageError("--continue needs the chat template; drop --raw")
+        if args.grid:
+            return self._grid(args, prompts, structured)
+        if args.explore and args.logprobs is None:
+            args.logprobs = EXPLORER_ALTERNATIVES
         items: list[Any] = prompts
         if args.cont:
             items = [self._conversation_with(prompts[0], args.system)]
@@ -563,6 +576,28 @@ class VllmMagics(Magics, SamplingTraits):
             for handle in handles:
                 handle.abort()
             raise
+
+    def _grid(self, args: Any, prompts: list[str], structured: dict[str, Any]) -> Any:
+        """``--grid``: the cell's prompts under every combination of the grid's values, one submission,
+        shown as a table (the cell's value is the :class:`~vllm_magic.engine.requests.grid.Grid`)."""
+        clash = [flag for flag, given in (("--continue", args.cont), ("--explore", args.explore),
+                                          ("--json/--regex/--choice", bool(structured))) if given]
+        if clash:
+            raise UsageError(f"--grid compares plain answers side by side; drop {', '.join(clash)}")
+        with usage_errors():
+            axes: dict[str, list[Any]] = {}
+            for spec in args.grid:
+                name, values = parse_grid_flag(spec)
+                if name in axes:
+                    raise UsageError(f"--grid {name} is given twice; put all its values in one flag")
+                axes[name] = values
+            grid = self.session.grid(prompts, axes, raw=args.raw, system=args.system, **sampling_overrides(args))
+        with usage_errors(interrupted="interrupted: the grid's requests were aborted in the engine"):
+            progress = GridProgress(grid, live=supports_updates(self.shell))
+            progress.wait()
+        if args.out:
+            self.shell.user_ns[args.out] = grid
+        return grid
 
     def _structured(self, args: Any, namespace: dict) -> tuple[dict, Callable[[str], Any] | None]:
         given = [flag for flag in ("json", "regex", "choice") if getattr(args, flag)]
@@ -602,6 +637,9 @@ class VllmMagics(Magics, SamplingTraits):
             handles, prompts, items, parse, fmt=args.format or ("json" if args.json else self.output_format),
             live=supports_updates(self.shell), interval=self.stream_interval, show_prompt=args.show_prompt,
             quiet=args.quiet)
+        if args.explore and not interrupted:
+            for result in results:
+                display_widget(result.explore())
         if args.cont and not interrupted:
             self.conversation = results[0].messages + [{"role": "assistant", "content": results[0].text}]
         value: Any = results if len(results) > 1 else results[0]

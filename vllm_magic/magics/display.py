@@ -70,6 +70,38 @@ class LoadProgress:
             self._line.close()
 
 
+class GridProgress:
+    """One line while a grid runs (``⏳ grid: 5 of 12 answers · 3 s``), emptied when it is done."""
+
+    def __init__(self, grid: Any, live: bool) -> None:
+        self.grid = grid
+        self._line = _LiveLine() if live else None
+
+    def wait(self) -> None:
+        """Wait for every answer of the grid; Ctrl-C stops all of its requests."""
+        start = time.monotonic()
+        handles = [h for row in self.grid.handles for h in row]
+        try:
+            while True:
+                done = sum(h.done for h in handles)
+                if self._line is not None:
+                    self._line.update({"text/plain": f"⏳ grid: {done} of {len(handles)} answers · "
+                                                     f"{time.monotonic() - start:.0f} s"})
+                pending = next((h for h in handles if not h.done), None)
+                if pending is None:
+                    break
+                try:
+                    pending.result(timeout=0.5)
+                except TimeoutError:
+                    pass
+        except KeyboardInterrupt:
+            self.grid.abort()
+            raise
+        finally:
+            if self._line is not None:
+                self._line.close()
+
+
 # ----- answers ------------------------------------------------------------------------------------
 
 def answer_bundle(text: str, format: str = "markdown", *, parsed: Any = None, label: str | None = None,

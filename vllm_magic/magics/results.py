@@ -50,6 +50,19 @@ class VllmResult:
     ttft = _from_generation("ttft", "Seconds from submission to the first generated text.")
     elapsed = _from_generation("elapsed", "Seconds from submission to the end.")
     tokens_per_second = _from_generation("tokens_per_second", "Decode rate after the first token.")
+    logprobs = _from_generation("logprobs", "Per answer token (``--logprobs K``): its id, text, logprob, rank and the "
+                                "top K alternatives (:class:`~vllm_magic.engine.requests.logprobs.TokenLogprobs`); "
+                                "None unless asked for.")
+    prompt_logprobs = _from_generation("prompt_logprobs", "Per prompt token (``--prompt-logprobs K``), None for the "
+                                       "first; None unless asked for.")
+    perplexity = _from_generation("perplexity", "exp(-mean logprob) of the answer's tokens (needs --logprobs).")
+    mean_logprob = _from_generation("mean_logprob", "The mean logprob of the answer's tokens (needs --logprobs).")
+    prompt_perplexity = _from_generation("prompt_perplexity", "The perplexity of the prompt's tokens (needs "
+                                         "--prompt-logprobs).")
+    logprobs_kind = _from_generation("logprobs_kind", "Which probabilities the logprobs are, in words: the model's "
+                                     "raw ones or those after temperature and top-p (vLLM's logprobs_mode).")
+    cached_tokens = _from_generation("cached_tokens", "Prompt tokens served from vLLM's prefix cache (None where the "
+                                     "engine does not say).")
 
     @property
     def texts(self) -> list[str]:
@@ -61,9 +74,17 @@ class VllmResult:
         """Tokens, timings and rates as a dict (handy for a DataFrame of many results)."""
         return {"prompt_tokens": self.prompt_tokens, "tokens": self.tokens, "ttft": self.ttft,
                 "elapsed": self.elapsed, "tokens_per_second": self.tokens_per_second,
+                "cached_tokens": self.cached_tokens, "mean_logprob": self.mean_logprob,
                 "finish_reason": self.finish_reason, "interrupted": self.interrupted}
 
     # ----- display -------------------------------------------------------------------------------
+    def explore(self, session: Any = None) -> Any:
+        """A :class:`~vllm_magic.widgets.explorer.TokenExplorer` of this answer: its tokens coloured by
+        probability, their alternatives, and branches from any of them (needs ``--logprobs K``)."""
+        from ..widgets.explorer import TokenExplorer
+
+        return TokenExplorer(self, session)
+
     def show(self, format: str = "markdown") -> None:
         """Render the answer again (``markdown``, ``text``, ``code`` or ``json``)."""
         from IPython.display import display

@@ -134,6 +134,14 @@ class Backend(abc.ABC):
     persisted: Any = None
     #: How much of a shared GPU it was given (a :class:`~..gpu_memory.MemoryPlan`), or None.
     memory_plan: Any = None
+    #: The most logprobs per token it returns (vLLM's ``max_logprobs``; -1: the whole vocabulary),
+    #: and which ones (vLLM's ``logprobs_mode``); None where a server elsewhere decides.
+    max_logprobs: int | None = None
+    logprobs_mode: str | None = None
+    #: The most sequences it runs at once (vLLM's ``max_num_seqs``), or None where unknown.
+    max_num_seqs: int | None = None
+    #: Tokens per KV cache block: the prefix cache serves whole blocks (None where unknown).
+    block_size: int | None = None
 
     # ----- requests ---------------------------------------------------------------------------------
     def prepare_requests(self, prompts: list[PromptLike], options: RequestOptions,

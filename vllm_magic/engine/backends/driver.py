@@ -17,6 +17,7 @@ from typing import Any, Callable
 from ..compat import abort_requests
 from ...errors import EngineDiedError
 from ..requests.handles import RequestHandle
+from ..requests.logprobs import from_vllm_positions
 
 __all__ = ["EngineDriver"]
 
@@ -167,9 +168,19 @@ class EngineDriver:
             handle = self._live.get(output.request_id)
             if handle is None:
                 continue  # a leftover of an aborted request
+            params = handle.sampling_params
             for completion in output.outputs:
-                handle.push(completion.index, completion.text, list(completion.token_ids or ()),
-                             completion.finish_reason)
+                token_ids = list(completion.token_ids or ())
+                logprobs = completion.logprobs
+                if logprobs is not None:  # asked for: the positions of this delta's tokens
+                    logprobs = from_vllm_positions(token_ids, logprobs, getattr(params, "logprobs", None))
+                handle.push(completion.index, completion.text, token_ids, completion.finish_reason, logprobs)
+            if not handle.prompt_noted:
+                prompt_logprobs = getattr(output, "prompt_logprobs", None)
+                handle.note_prompt(
+                    None if not prompt_logprobs else from_vllm_positions(
+                        handle.prompt_token_ids, prompt_logprobs, getattr(params, "prompt_logprobs", None)),
+                    getattr(output, "num_cached_tokens", None))
             if output.finished:
                 self._finish(handle)
 

@@ -68,6 +68,10 @@ class LocalBackend(Backend):
         #: started with vLLM's reasoning config knows where thinking ends (vLLM 0.26 has no budget).
         self._reasoning_config = bool(reasoning is not None and getattr(reasoning, "enabled", False))
         cache = llm.llm_engine.vllm_config.cache_config
+        self.max_logprobs = getattr(model_config, "max_logprobs", None)
+        self.logprobs_mode = str(getattr(model_config, "logprobs_mode", "raw_logprobs"))
+        self.max_num_seqs = getattr(llm.llm_engine.vllm_config.scheduler_config, "max_num_seqs", None)
+        self.block_size = getattr(cache, "block_size", None)
         blocks = getattr(cache, "num_gpu_blocks", None)
         self.kv_cache_tokens = int(blocks * cache.block_size) if blocks else None
         self.renderer = PromptRenderer(llm.get_tokenizer(), self.max_model_len)

@@ -36,7 +36,8 @@ from ..compat import version_tuple
 from ..config import EngineConfig
 from ..gpu_memory import gpu_memory_of
 from ..requests.handles import RequestHandle
-from ..requests.prompts import Prepared, PromptLike, PromptRenderer, conversation_of
+from ..requests.logprobs import from_openai_completion, from_server_prompt_logprobs, openai_ids
+from ..requests.prompts import Prepared, PromptLike, PromptRenderer, TokenPrompt, conversation_of
 from ..requests.sampling import SAMPLING_FIELDS, json_schema_of, sampling_values
 
 __all__ = ["RemoteBackend", "RemoteParams", "REMOTE_PLATFORM", "normalize_url"]
@@ -225,6 +226,7 @@ class RemoteBackend(Backend):
         self._local_lock = threading.Lock()
         self._live_lock = threading.Lock()
         self._failure: str | None = None
+        self._texts: dict[int, str] = {}  # token id -> its text (logprobs name tokens by id)
         self._structured_key = "structured_outputs" if (version_tuple(version) or (0,)) >= (0, 10, 2) else "guided"
         self._prefix = uuid.uuid4().hex[:8]  # request ids unique on a server that several sessions share
         #: The persisted engine this is attached to (``%vllm_load --persist``), or None.
@@ -386,6 +388,9 @@ class RemoteBackend(Backend):
 
     async def _prepare_one(self, item: PromptLike, raw: bool, system: str,
                            template: dict[str, Any] | None = None) -> Prepared:
+        if isinstance(item, TokenPrompt):  # sent as is; its text fetched only if somebody reads it
+            tokens = list(item.token_ids)
+            return Prepared(_PromptText(self._loop, lambda: self._detokenize(tokens)), tokens)
         if isinstance(item, str) and raw:
             tokens = await self._tokenize({"prompt": item})
             return Prepared(item, tokens)
@@ -428,22 +433,26 @@ class RemoteBackend(Backend):
         return params
 
     def add(self, requests: list[tuple[RequestHandle, ReadyRequest]]) -> None:
-        whole: dict[str, list[tuple[RequestHandle, ReadyRequest]]] = {}
+        whole: dict[str, tuple[dict[str, Any], list[tuple[RequestHandle, ReadyRequest]]]] = {}
         for handle, ready in requests:
             body = ready.params.body(self._structured_key)
-            if ready.stream:
+            if body.get("logprobs") is not None or body.get("prompt_logprobs") is not None:
+                body["return_tokens_as_token_ids"] = True  # alternatives by id: a branch continues from one
+            # vLLM sends prompt logprobs only in a whole answer, not in a stream's chunks
+            if ready.stream and body.get("prompt_logprobs") is None:
                 body = {"model": self.served_name, "prompt": ready.prompt.token_ids, "stream": True,
+                        "stream_options": {"include_usage": True},  # its usage tells the cached prompt tokens
                         "return_token_ids": True, "request_id": f"{self._prefix}-{handle.request_id}", **body}
                 with self._live_lock:
                     self._live[handle.request_id] = self._loop.spawn(self._stream(handle, body))
             else:  # requests of one sampling setting share one HTTP request
-                whole.setdefault(json.dumps(body, sort_keys=True, default=str), []).append((handle, ready))
-        for group in whole.values():
+                whole.setdefault(json.dumps(body, sort_keys=True, default=str), (body, []))[1].append((handle, ready))
+        for options, group in whole.values():
             handles = [handle for handle, _ in group]
             body = {"model": self.served_name, "prompt": [ready.prompt.token_ids for _, ready in group],
                     "stream": False, "return_token_ids": True,
                     "request_id": f"{self._prefix}-{handles[0].request_id}-{len(handles)}",
-                    **group[0][1].params.body(self._structured_key)}
+                    **options}
             sharing = {handle.request_id for handle in handles}
             with self._live_lock:
                 future = self._loop.spawn(self._whole(handles, body, group[0][1].params.n or 1))
@@ -468,11 +477,19 @@ class RemoteBackend(Backend):
                 for handle in handles:
                     handle.finish(error=error)
                 return
-            for choice in response.json().get("choices", ()):
+            answer = response.json()
+            cached = _cached_tokens(answer) if len(handles) == 1 else None  # usage covers the whole batch
+            for choice in answer.get("choices", ()):
                 prompt, index = divmod(int(choice.get("index", 0)), n)
                 if prompt < len(handles):
-                    handles[prompt].push(index, choice.get("text") or "", list(choice.get("token_ids") or ()),
-                                         choice.get("finish_reason"))
+                    handle = handles[prompt]
+                    token_ids = list(choice.get("token_ids") or ())
+                    if not handle.prompt_noted:
+                        prompt_logprobs = choice.get("prompt_logprobs")
+                        handle.note_prompt(None if not prompt_logprobs else from_server_prompt_logprobs(
+                            prompt_logprobs, handle.prompt_token_ids, body.get("prompt_logprobs")), cached)
+                    handle.push(index, choice.get("text") or "", token_ids, choice.get("finish_reason"),
+                                await self._logprobs(choice, token_ids, body))
             for handle in handles:
                 handle.finish(then=self._on_finished)
         except httpx.HTTPError as exc:
@@ -512,9 +529,13 @@ class RemoteBackend(Backend):
                         message = error.get("message", error) if isinstance(error, dict) else error
                         handle.finish(error=RequestError(f"the server stopped the request: {message}"))
                         return
+                    cached = _cached_tokens(chunk)
+                    if cached is not None:
+                        handle.note_prompt(cached_tokens=cached)
                     for choice in chunk.get("choices", ()):
-                        handle.push(int(choice.get("index", 0)), choice.get("text") or "",
-                                     list(choice.get("token_ids") or ()), choice.get("finish_reason"))
+                        token_ids = list(choice.get("token_ids") or ())
+                        handle.push(int(choice.get("index", 0)), choice.get("text") or "", token_ids,
+                                    choice.get("finish_reason"), await self._logprobs(choice, token_ids, body))
             handle.finish(then=self._on_finished)
         except asyncio.CancelledError:  # aborted here: closing the stream made the server abort it
             handle.finish(aborted=True, then=self._on_finished)
@@ -527,6 +548,29 @@ class RemoteBackend(Backend):
         finally:
             with self._live_lock:
                 self._live.pop(handle.request_id, None)
+
+    async def _logprobs(self, choice: dict[str, Any], token_ids: list[int], body: dict[str, Any]) -> Any:
+        """One choice's logprobs as :class:`TokenLogprobs` (None when the request did not ask)."""
+        logprobs = choice.get("logprobs")
+        if body.get("logprobs") is None or not logprobs:
+            return None
+        return from_openai_completion(logprobs, token_ids, body.get("logprobs"),
+                                      await self._token_texts(openai_ids(logprobs)))
+
+    async def _token_texts(self, ids: set[int]) -> dict[int, str]:
+        """Each token id's text: from the model's tokenizer here when this process renders prompts
+        itself, else from the server (``/detokenize``, once per id: the texts are kept)."""
+        texts = self._texts
+        missing = [tid for tid in ids if tid not in texts]
+        if missing:
+            local = self._local if isinstance(self._local, PromptRenderer) else None
+            if local is not None:
+                for tid in missing:
+                    texts[tid] = local.tokenizer.decode([tid])
+            else:
+                found = await asyncio.gather(*(self._detokenize([tid]) for tid in missing))
+                texts.update(zip(missing, found))
+        return {tid: texts[tid] for tid in ids}
 
     def abort(self, request_ids: list[str]) -> None:
         cancel, alone = [], []
@@ -731,6 +775,15 @@ async def _get_json(client: Any, path: str, url: str, api_key: str | None) -> An
         return response.json()
     except ValueError:
         raise ServerError(f"{url} answered {path} with something that is not JSON: not a vLLM server") from None
+
+
+def _cached_tokens(answer: dict[str, Any]) -> int | None:
+    """The prompt tokens served from the server's prefix cache, where its usage says (a server
+    started with ``--enable-prompt-tokens-details``)."""
+    usage = answer.get("usage") or {}
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens")
+    return int(cached) if isinstance(cached, int) else None
 
 
 async def _settled(future: "asyncio.Future[Any]") -> None:

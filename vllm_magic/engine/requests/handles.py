@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from ...errors import EngineDiedError
+from .logprobs import TokenLogprobs, mean_logprob, mode_label, perplexity
 
 __all__ = ["Completion", "GenerationResult", "RequestHandle", "EngineDiedError"]
 
@@ -30,6 +31,9 @@ class Completion:
     finish_reason: str | None = None
     #: The model's thinking, apart from ``text`` (with a reasoning parser; "" otherwise).
     reasoning: str = ""
+    #: Per generated token (thinking included): its log probability, rank and the top alternatives,
+    #: when the request asked for ``logprobs``; None otherwise.
+    logprobs: list[TokenLogprobs] | None = None
 
 
 class _PromptField:
@@ -71,6 +75,38 @@ class GenerationResult:
     aborted: bool = False
     error: str | None = None
     parsed: Any = None
+    #: Per prompt token (None for the first, which nothing predicts), when the request asked for
+    #: ``prompt_logprobs``; None otherwise.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    #: Prompt tokens served from vLLM's prefix cache (None where the engine does not say).
+    cached_tokens: int | None = None
+    #: vLLM's ``logprobs_mode`` of the engine: which probabilities the logprobs are (None: a server's).
+    logprobs_mode: str | None = None
+
+    @property
+    def logprobs(self) -> list[TokenLogprobs] | None:
+        """The first completion's per-token logprobs (None unless the request asked for them)."""
+        return self.completions[0].logprobs if self.completions else None
+
+    @property
+    def mean_logprob(self) -> float | None:
+        """The mean log probability of the first completion's tokens (None without logprobs)."""
+        return mean_logprob(self.logprobs or ())
+
+    @property
+    def perplexity(self) -> float | None:
+        """``exp(-mean logprob)`` of the first completion's tokens (None without logprobs)."""
+        return perplexity(self.logprobs or ())
+
+    @property
+    def prompt_perplexity(self) -> float | None:
+        """The perplexity of the prompt's tokens under the model (None without prompt logprobs)."""
+        return perplexity(self.prompt_logprobs or ())
+
+    @property
+    def logprobs_kind(self) -> str:
+        """Which probabilities :attr:`logprobs` are, in words (raw or after temperature and top-p)."""
+        return mode_label(self.logprobs_mode)
 
     @property
     def text(self) -> str:
@@ -117,6 +153,11 @@ class GenerationResult:
         rate = self.tokens_per_second
         if rate is not None:
             parts.append(f"{rate:.1f} tok/s")
+        perplexity = self.perplexity
+        if perplexity is not None:
+            parts.append(f"perplexity {perplexity:.2f}")
+        if self.cached_tokens:
+            parts.append(f"{self.cached_tokens} of {self.prompt_tokens} prompt tokens cached")
         if self.aborted:
             parts.append("⏹ interrupted")
         elif self.finish_reason == "length":
@@ -136,13 +177,18 @@ class RequestHandle:
 
     def __init__(self, request_id: str, prompt: Any, prompt_token_ids: list[int], n: int,
                  abort: Callable[[str], None], parse: Callable[[str], Any] | None = None,
-                 sampling_params: Any = None, splitter: Any = None) -> None:
+                 sampling_params: Any = None, splitter: Any = None, logprobs_mode: str | None = None) -> None:
         self.request_id = request_id
         #: The ``SamplingParams`` the engine runs this request with.
         self.sampling_params = sampling_params
         self._prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.submitted_at = time.perf_counter()
+        self.logprobs_mode = logprobs_mode
+        self._prompt_logprobs: list[TokenLogprobs | None] | None = None
+        self._cached_tokens: int | None = None
+        #: Whether the engine's word on the prompt (:meth:`note_prompt`) arrived: it comes once, first.
+        self.prompt_noted = False
         self._completions = [Completion(index=i) for i in range(n)]
         # (completion index, text, whether it is reasoning) in arrival order
         self._deltas: list[tuple[int, str, bool]] = []
@@ -161,8 +207,20 @@ class RequestHandle:
         self._async_done_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
 
     # ----- written by the backend (its driver thread, or its HTTP loop) ---------------------------
-    def push(self, index: int, text: str, token_ids: list[int], finish_reason: str | None) -> None:
-        """Add completion ``index``'s next text and token ids (``finish_reason`` when it ended)."""
+    def note_prompt(self, prompt_logprobs: list[TokenLogprobs | None] | None = None,
+                    cached_tokens: int | None = None) -> None:
+        """Record what the engine says about the prompt: its logprobs, its tokens served from cache."""
+        with self._cond:
+            if prompt_logprobs is not None:
+                self._prompt_logprobs = list(prompt_logprobs)
+            if cached_tokens is not None:
+                self._cached_tokens = int(cached_tokens)
+            self.prompt_noted = True
+
+    def push(self, index: int, text: str, token_ids: list[int], finish_reason: str | None,
+             logprobs: list[TokenLogprobs] | None = None) -> None:
+        """Add completion ``index``'s next text and token ids (``finish_reason`` when it ended), and
+        their logprobs where the request asked for them."""
         with self._cond:
             if self._finished_at is not None:
                 return
@@ -179,6 +237,10 @@ class RequestHandle:
                     self._deltas.append((index, reasoning, True))
             completion.text += text
             completion.token_ids.extend(token_ids)
+            if logprobs is not None:
+                if completion.logprobs is None:
+                    completion.logprobs = []
+                completion.logprobs.extend(logprobs)
             if finish_reason is not None:
                 completion.finish_reason = finish_reason
                 if self._splitter is not None:  # the parser's split of the whole answer is the final word
@@ -321,12 +383,15 @@ class RequestHandle:
         with self._cond:
             end = self._finished_at or time.perf_counter()
             ttft = None if self._first_token_at is None else self._first_token_at - self.submitted_at
-            completions = [Completion(c.index, c.text, list(c.token_ids), c.finish_reason, c.reasoning)
+            completions = [Completion(c.index, c.text, list(c.token_ids), c.finish_reason, c.reasoning,
+                                      None if c.logprobs is None else list(c.logprobs))
                            for c in self._completions]
             result = GenerationResult(
                 request_id=self.request_id, prompt=prompt, prompt_token_ids=list(self.prompt_token_ids),
                 completions=completions, ttft=ttft, elapsed=end - self.submitted_at, aborted=self._aborted,
-                error=None if self._error is None else str(self._error))
+                error=None if self._error is None else str(self._error),
+                prompt_logprobs=None if self._prompt_logprobs is None else list(self._prompt_logprobs),
+                cached_tokens=self._cached_tokens, logprobs_mode=self.logprobs_mode)
         if self._parse is not None and self.done and not self._aborted and result.text:
             try:
                 result.parsed = self._parse(result.text)

@@ -16,11 +16,37 @@ from typing import Any, Sequence
 
 from ...errors import PromptTooLongError, RequestError
 
-__all__ = ["Message", "PromptLike", "Prepared", "PromptRenderer", "as_prompt_list", "conversation_of",
-           "template_messages"]
+__all__ = ["Message", "PromptLike", "Prepared", "PromptRenderer", "TokenPrompt", "as_prompt_list",
+           "conversation_of", "template_messages", "token_prompt_of"]
 
 Message = dict[str, str]
-PromptLike = str | Sequence[Message]
+
+
+@dataclass(frozen=True)
+class TokenPrompt:
+    """A prompt given as token ids, sent as they are: no chat template, no tokenizer (a branch of
+    an answer continues from exactly its tokens). vLLM's ``{"prompt_token_ids": [...]}`` dict is
+    taken as one too."""
+
+    token_ids: tuple[int, ...]
+
+    def __init__(self, token_ids: Sequence[int]) -> None:
+        ids = tuple(int(t) for t in token_ids)
+        if not ids:
+            raise RequestError("a token prompt needs at least one token id")
+        object.__setattr__(self, "token_ids", ids)
+
+
+PromptLike = str | Sequence[Message] | TokenPrompt
+
+
+def token_prompt_of(item: Any) -> TokenPrompt | None:
+    """``item`` as a :class:`TokenPrompt` when it is one (or vLLM's ``prompt_token_ids`` dict), else None."""
+    if isinstance(item, TokenPrompt):
+        return item
+    if isinstance(item, dict) and "prompt_token_ids" in item:
+        return TokenPrompt(item["prompt_token_ids"])
+    return None
 
 
 @dataclass(frozen=True)
@@ -37,11 +63,12 @@ class Prepared:
 
 def as_prompt_list(prompts: Any) -> list[PromptLike]:
     """One prompt, one conversation, or a list of either -> a list of prompts."""
-    if isinstance(prompts, str):
-        return [prompts]
+    if isinstance(prompts, str) or token_prompt_of(prompts) is not None:
+        return [token_prompt_of(prompts) or prompts]
     prompts = list(prompts)
-    if prompts and isinstance(prompts[0], dict):
+    if prompts and isinstance(prompts[0], dict) and token_prompt_of(prompts[0]) is None:
         return [prompts]  # one conversation
+    prompts = [token_prompt_of(p) or p for p in prompts]
     if not prompts:
         raise RequestError("no prompts given")
     return prompts
@@ -90,9 +117,15 @@ class PromptRenderer:
         """Every prompt's text and token ids; raises :class:`PromptTooLongError` when one cannot
         leave room for a single answer token. ``template``: further chat template arguments."""
         texts: list[str | None] = [None] * len(items)
-        special = [True] * len(items)  # whether encoding adds the model's special tokens
+        special: list[bool | None] = [True] * len(items)  # whether encoding adds the model's special tokens
         chats: list[tuple[int, list[Message]]] = []
+        given: dict[int, list[int]] = {}
         for i, item in enumerate(items):
+            if isinstance(item, TokenPrompt):  # sent as is; its text only shown
+                given[i] = list(item.token_ids)
+                texts[i] = self.tokenizer.decode(given[i])
+                special[i] = None
+                continue
             if isinstance(item, str) and raw:
                 texts[i] = item
                 continue
@@ -105,7 +138,7 @@ class PromptRenderer:
         if chats:
             for (i, _), text in zip(chats, self._render_chats([m for _, m in chats], template or {})):
                 texts[i] = text
-        token_lists: list[list[int]] = [[] for _ in items]
+        token_lists: list[list[int]] = [given.get(i, []) for i in range(len(items))]
         for flag in (True, False):
             group = [i for i in range(len(items)) if special[i] is flag]
             if group:

@@ -77,7 +77,10 @@ DEFAULTS_FIELDS = _declared(SamplingTraits, config=True)
 PER_CALL_FIELDS: dict[str, tuple[type, str]] = {
     "n": (int, "Number of answers to sample for each prompt."),
     "ignore_eos": (bool, "Keep generating after the end-of-sequence token (benchmarks)."),
-    "logprobs": (int, "Number of log probabilities vLLM returns per output token."),
+    "logprobs": (int, "Also return each answer token's log probability and its K most likely alternatives "
+                 "(0: the token's own only)."),
+    "prompt_logprobs": (int, "Also return each prompt token's log probability and its K most likely "
+                        "alternatives (0: the token's own only)."),
     "thinking_token_budget": (int, "Most tokens a reasoning model may think for (vLLM's thinking budget; the "
                               "engine needs vLLM's reasoning config)."),
 }

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ...errors import ConfigError, RequestError
-from .prompts import conversation_of
+from .prompts import TokenPrompt, conversation_of
 
 __all__ = ["ToolCall", "TemplateTools", "forced_schema", "parse_forced", "template_conversation",
            "fallback_conversation", "render_with_tools", "tool_name", "new_call_id", "ToolCallParser", "TOOL_PROMPT"]
@@ -255,7 +255,7 @@ def render_with_tools(render: Render, items: list[Any], raw: bool, system: str, 
     """``render(items, raw, system, template)`` (a backend's) for prompts that may carry tools, tool
     turns and template arguments: conversations are rewritten for what the model's template cannot
     render (probed once per ``cache_key``), and the tools go to the template where it takes them."""
-    has_tool_turns = any(not isinstance(item, str) and any(
+    has_tool_turns = any(not isinstance(item, (str, TokenPrompt)) and any(
         m.get("tool_calls") or m.get("role") == "tool" for m in item) for item in items)
     if not tools and not template_kwargs and not has_tool_turns:
         return render(items, raw, system, None)
@@ -268,7 +268,7 @@ def render_with_tools(render: Render, items: list[Any], raw: bool, system: str, 
     converted: list[Any] = []
     template_tools = None
     for item in items:
-        if isinstance(item, str) and raw:
+        if isinstance(item, TokenPrompt) or (isinstance(item, str) and raw):
             converted.append(item)
             continue
         messages, template_tools = template_conversation(cache_key, conversation_of(item, system), tools, probe)
