@@ -479,3 +479,45 @@ def test_prompts_rendered_here_match_the_servers_rendering_and_fall_back_without
     assert [r.prompt for r in near] == [r.prompt for r in away]
     assert remote.backend._local_renderer() is not None and far.backend._local_renderer() is None
     far.unload()
+
+
+def test_logprobs_grids_branches_and_the_prefix_cache_work_over_a_remote_session(engine, remote):
+    from vllm_magic.engine.requests.prompts import TokenPrompt
+    from vllm_magic.langchain import ChatVLLM
+    from vllm_magic.magics.results import VllmResult
+    from vllm_magic.widgets.explorer import TokenExplorer
+
+    near = engine.generate(QUESTION, temperature=0, max_tokens=16, logprobs=3)
+    handle = remote.submit(QUESTION, temperature=0, max_tokens=16, logprobs=3)[0]
+    far = handle.result(timeout=600)
+    assert far.token_ids == near.token_ids
+    for a, b in zip(far.logprobs, near.logprobs):
+        assert (a.token_id, a.text, a.rank) == (b.token_id, b.text, b.rank) == (b.token_id, b.text, 1)
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
+        assert [c.token_id for c in a.top] == [c.token_id for c in b.top] and [c.rank for c in a.top] == [1, 2, 3]
+    # Prompt logprobs (sent whole: vLLM streams none) of the answer sent back as token ids.
+    back = remote.generate(TokenPrompt(far.prompt_token_ids + far.token_ids), temperature=0, max_tokens=1,
+                           prompt_logprobs=1)
+    scored = back.prompt_logprobs[len(far.prompt_token_ids):]
+    assert [p.token_id for p in scored] == far.token_ids
+    assert [p.logprob for p in scored] == pytest.approx([p.logprob for p in far.logprobs], abs=1e-3)
+    # The server's usage says what its prefix cache served (%vllm_serve starts it with prompt token details).
+    passage = "The river Seine flows through Paris and on to the sea at Le Havre. " * 12 + "Which city?"
+    remote.generate(passage, temperature=0, max_tokens=2)
+    again = remote.generate(passage, temperature=0, max_tokens=2)
+    assert again.cached_tokens and again.cached_tokens >= again.prompt_tokens // 2
+    # A grid: one submission, its answers those of the in-process engine at temperature 0.
+    submissions = remote.submissions
+    grid = remote.grid([QUESTION, "Name a colour."], {"temperature": [0, 1.0], "max_tokens": [4, 8]}, seed=1)
+    results = grid.results()
+    assert remote.submissions == submissions + 1 and len(grid) == 8
+    assert results[1][0].token_ids == near.token_ids[:8] and results[1][0].logprobs is not None
+    # A branch from the explorer continues from the chosen token on the server.
+    explorer = TokenExplorer(VllmResult(far, QUESTION, handle.sampling_params), remote)
+    alternative = far.logprobs[1].alternatives()[0]
+    branch = explorer.branch(1, alternative)
+    assert branch.token_ids[:2] == [far.token_ids[0], alternative.token_id] and len(branch.token_ids) > 2
+    explorer.close()
+    chat = ChatVLLM.from_session(remote, temperature=0, max_tokens=8, logprobs=True, top_logprobs=2)
+    message = chat.invoke(QUESTION)
+    assert "".join(c["token"] for c in message.response_metadata["logprobs"]["content"]) == message.content

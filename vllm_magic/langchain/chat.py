@@ -32,6 +32,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel
 
 from ..engine.requests.handles import GenerationResult, RequestHandle
+from ..engine.requests.logprobs import openai_chat_logprobs, visible_positions
 from ..errors import RequestError
 from .base import EngineBase, await_all, wait_all
 from .tools import StreamReader, ToolRequest, openai_tools
@@ -64,6 +65,25 @@ class ChatVLLM(EngineBase, BaseChatModel):
 
     streaming: bool = False
     """Whether ``invoke`` streams internally (callbacks see every token)."""
+    logprobs: bool | None = None  # type: ignore[assignment]
+    """Whether to return the answer's logprobs in ``response_metadata["logprobs"]`` (OpenAI's shape,
+    as ``ChatOpenAI``); ``top_logprobs`` alternatives per token."""
+    top_logprobs: int | None = None
+    """How many most likely alternatives per token ``logprobs=True`` returns (0 when unset)."""
+
+    @property
+    def _default_params(self) -> dict[str, Any]:
+        params = super()._default_params
+        return _sampling_logprobs(params, params.pop("logprobs", None), self.top_logprobs)
+
+    def _submit(self, prompts: list[Any], stop: list[str] | None, kwargs: dict[str, Any], *, stream: bool,
+                **options: Any) -> list[RequestHandle]:
+        kwargs = dict(kwargs)
+        if "logprobs" in kwargs or "top_logprobs" in kwargs:  # a call's logprobs=True, top_logprobs=K
+            wanted = kwargs.pop("logprobs", self.logprobs)
+            top = kwargs.pop("top_logprobs", self.top_logprobs)
+            kwargs.update(_sampling_logprobs({}, wanted, top) or {"logprobs": None})
+        return super()._submit(prompts, stop, kwargs, stream=stream, **options)
 
     @property
     def _llm_type(self) -> str:
@@ -198,10 +218,12 @@ class ChatVLLM(EngineBase, BaseChatModel):
         generations = []
         for c in result.completions:
             content, calls, invalid = tools.read(c.text) if tools is not None else (c.text, [], [])
+            metadata = {"model_name": self.model_name, "finish_reason": c.finish_reason}
+            if c.logprobs is not None:
+                metadata["logprobs"] = openai_chat_logprobs(visible_positions(c.logprobs, c.text, c.finish_reason))
             message = AIMessage(content=content, tool_calls=calls, invalid_tool_calls=invalid,
                                 additional_kwargs={"reasoning_content": c.reasoning} if c.reasoning else {},
-                                usage_metadata=usage if c.index == 0 else None,
-                                response_metadata={"model_name": self.model_name, "finish_reason": c.finish_reason})
+                                usage_metadata=usage if c.index == 0 else None, response_metadata=metadata)
             generations.append(ChatGeneration(message=message, generation_info={"finish_reason": c.finish_reason}))
         return ChatResult(generations=generations, llm_output={
             "model_name": self.model_name, "token_usage": {
@@ -214,9 +236,12 @@ class ChatVLLM(EngineBase, BaseChatModel):
         if not last:
             return ChatGenerationChunk(message=AIMessageChunk(content=text))
         result = handle.snapshot()
+        metadata = {"model_name": self.model_name, "finish_reason": result.finish_reason}
+        if result.logprobs is not None:  # the whole answer's, once: chunks are added together
+            metadata["logprobs"] = openai_chat_logprobs(visible_positions(result.logprobs, result.text,
+                                                                          result.finish_reason))
         message = AIMessageChunk(content=text, usage_metadata=usage_metadata(result), chunk_position="last",
-                                 response_metadata={"model_name": self.model_name,
-                                                    "finish_reason": result.finish_reason})
+                                 response_metadata=metadata)
         return ChatGenerationChunk(message=message, generation_info={"finish_reason": result.finish_reason})
 
     def _delta_chunks(self, text: str, reasoning: bool, handle: RequestHandle,
@@ -324,6 +349,15 @@ class ChatVLLM(EngineBase, BaseChatModel):
         else:
             parser = JsonOutputParser()
         return _with_raw(bound, parser) if include_raw else bound | parser
+
+
+def _sampling_logprobs(params: dict[str, Any], wanted: Any, top: int | None) -> dict[str, Any]:
+    """ChatOpenAI's ``logprobs=True, top_logprobs=K`` as the engine's ``logprobs=K`` (an int given
+    as ``logprobs`` is taken as K, as ``VLLM`` takes it)."""
+    if wanted is None or wanted is False:
+        return params
+    k = top if top is not None else (0 if wanted is True else int(wanted))
+    return {**params, "logprobs": k}
 
 
 def _with_raw(bound: Runnable, parser: Runnable) -> Runnable:

@@ -8,7 +8,8 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from ..engine.requests.handles import GenerationResult, RequestHandle
+from ..engine.requests.handles import Completion, GenerationResult, RequestHandle
+from ..engine.requests.logprobs import openai_completion_logprobs, visible_positions
 from .base import EngineBase, await_all, usage_counts, wait_all
 
 __all__ = ["VLLM"]
@@ -45,7 +46,7 @@ class VLLM(EngineBase, BaseLLM):
         return self._submit(list(prompts), stop, kwargs, stream=stream, **raw)
 
     def _result(self, results: list[GenerationResult]) -> LLMResult:
-        generations = [[Generation(text=c.text, generation_info=_info(r, c.finish_reason)) for c in r.completions]
+        generations = [[Generation(text=c.text, generation_info=_info(r, c)) for c in r.completions]
                        for r in results]
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for r in results:
@@ -78,6 +79,13 @@ class VLLM(EngineBase, BaseLLM):
             yield chunk
 
 
-def _info(result: GenerationResult, finish_reason: str | None = None) -> dict[str, Any]:
-    """``generation_info``: why the answer ended, and the request's token counts."""
-    return {"finish_reason": finish_reason or result.finish_reason, **usage_counts(result)}
+def _info(result: GenerationResult, completion: Completion | None = None) -> dict[str, Any]:
+    """``generation_info``: why the answer ended, the request's token counts, and with ``logprobs=K``
+    the answer's logprobs in OpenAI's completions shape (as ``langchain_openai.OpenAI`` gives them)."""
+    completion = completion or (result.completions[0] if result.completions else None)
+    finish = completion.finish_reason if completion is not None else None
+    info = {"finish_reason": finish or result.finish_reason, **usage_counts(result)}
+    if completion is not None and completion.logprobs is not None:
+        info["logprobs"] = openai_completion_logprobs(
+            visible_positions(completion.logprobs, completion.text, completion.finish_reason))
+    return info

@@ -183,6 +183,8 @@ def server_command(config: EngineConfig, server_kwargs: dict[str, Any], address:
     server_kwargs = dict(server_kwargs)
     if not config.engine_kwargs.get("served_model_name"):  # clients name it as people do, not by its path
         server_kwargs.setdefault("served_model_name", [config.short_name])
+    # Its answers' usage then says how many prompt tokens the prefix cache served (the stats line shows it).
+    server_kwargs.setdefault("enable_prompt_tokens_details", True)
     from .. import gpu_memory
 
     plan = gpu_memory.plan(config)  # a shared GPU: sized as in-kernel engines are; DoesNotFit in one line

@@ -16,7 +16,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = ["TokenChoice", "TokenLogprobs", "from_vllm_position", "from_vllm_positions", "from_openai_completion",
            "from_server_prompt_logprobs", "openai_ids", "token_id_of", "mean_logprob",
-           "perplexity", "mode_label", "PROCESSED_MODES", "RAW_MODES"]
+           "perplexity", "mode_label", "PROCESSED_MODES", "RAW_MODES", "openai_completion_logprobs",
+           "openai_chat_logprobs", "visible_positions"]
 
 #: vLLM's ``logprobs_mode`` values, by what they measure.
 RAW_MODES = ("raw_logprobs", "raw_logits")
@@ -178,3 +179,35 @@ def from_server_prompt_logprobs(prompt_logprobs: Sequence[Mapping[str, Any] | No
     return [None if position is None else
             from_vllm_position(tid, {int(key): _Logprob(value) for key, value in position.items()}, k)
             for tid, position in zip(token_ids, prompt_logprobs)]
+
+
+# ----- in OpenAI's shapes (what LangChain users read from ChatOpenAI and OpenAI) ---------------------
+
+def openai_completion_logprobs(positions: Sequence[TokenLogprobs]) -> dict[str, Any]:
+    """Logprobs in OpenAI's completions shape (``tokens``, ``token_logprobs``, ``top_logprobs``,
+    ``text_offset``), as ``langchain_openai.OpenAI`` puts them in ``generation_info``."""
+    offsets, offset = [], 0
+    for position in positions:
+        offsets.append(offset)
+        offset += len(position.text)
+    return {"tokens": [p.text for p in positions], "token_logprobs": [p.logprob for p in positions],
+            "top_logprobs": [{c.text: c.logprob for c in p.top} for p in positions], "text_offset": offsets}
+
+
+def openai_chat_logprobs(positions: Sequence[TokenLogprobs]) -> dict[str, Any]:
+    """Logprobs in OpenAI's chat shape (``{"content": [{token, logprob, bytes, top_logprobs}]}``), as
+    ``ChatOpenAI`` puts them in ``response_metadata["logprobs"]``; token ids ride along as ``token_id``."""
+    def entry(choice: TokenChoice) -> dict[str, Any]:
+        return {"token": choice.text, "logprob": choice.logprob, "bytes": list(choice.text.encode("utf-8")),
+                "token_id": choice.token_id}
+
+    return {"content": [{**entry(p), "top_logprobs": [entry(c) for c in p.top]} for p in positions]}
+
+
+def visible_positions(positions: Sequence[TokenLogprobs], text: str, finish_reason: str | None) -> list[TokenLogprobs]:
+    """The positions of the answer's visible text: without the end-of-turn token that stopped it
+    (OpenAI's logprobs leave it out too; vLLM's keep it, as its token ids do)."""
+    positions = list(positions)
+    if finish_reason == "stop" and positions and positions[-1].text and not text.endswith(positions[-1].text):
+        positions.pop()
+    return positions
