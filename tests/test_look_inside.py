@@ -93,7 +93,7 @@ def test_the_branch_keeps_the_answers_sampling_settings(engine):
     from vllm_magic.widgets.explorer import TokenExplorer
 
     handle = engine.submit(QUESTION, temperature=0, max_tokens=10, logprobs=2)[0]
-    result = VllmResult(handle.result(), QUESTION, handle.sampling_params)
+    result = VllmResult(handle.result(timeout=600), QUESTION, handle.sampling_params)
     explorer = TokenExplorer(result, engine)
     branch = explorer.branch(1, result.logprobs[1].alternatives()[0])
     params = branch.sampling_params

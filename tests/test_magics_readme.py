@@ -28,6 +28,12 @@ def test_readme_magic_examples_run(engine, capsys):
         assert "already loaded" in out
         assert "Paris" in ip.user_ns["answers"][0].text
         assert ip.user_ns["verdict"].parsed in ("positive", "negative")
+        capital, branch = ip.user_ns["capital"], ip.user_ns["branch"]
+        assert len(capital.logprobs[0].top) == 3 and capital.perplexity >= 1
+        assert branch.token_ids[5] == capital.logprobs[5].alternatives()[0].token_id
+        assert branch.token_ids[:5] == capital.token_ids[:5] and len(ip.user_ns["explorer"].results) == 2
+        grid = ip.user_ns["grid"]
+        assert len(grid) == 12 and grid.done and all(row["text"] for row in grid.rows())
     finally:
         from vllm_magic.magics import unregister
 

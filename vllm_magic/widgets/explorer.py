@@ -24,7 +24,6 @@ from ..engine.requests.handles import Completion, GenerationResult
 from ..engine.requests.logprobs import TokenChoice, TokenLogprobs, mode_label
 from ..engine.requests.prompts import TokenPrompt
 from ..errors import RequestError
-from ..magics.results import VllmResult
 
 __all__ = ["TokenExplorer", "Branch", "probability_colour", "tokens_html"]
 
@@ -36,7 +35,7 @@ class Branch:
     """One path of the tree: its result, where it left its parent (the position and the token
     chosen there) and how many of its prompt tokens the prefix cache served."""
 
-    result: VllmResult
+    result: Any
     parent: int | None = None
     position: int | None = None
     chosen: TokenChoice | None = None
@@ -85,7 +84,7 @@ class TokenExplorer(widgets.VBox):
     branch that is still growing.
     """
 
-    def __init__(self, result: VllmResult, session: Any = None, **kwargs: Any) -> None:
+    def __init__(self, result: Any, session: Any = None, **kwargs: Any) -> None:
         if session is None:
             from ..engine import get_session
 
@@ -126,12 +125,12 @@ class TokenExplorer(widgets.VBox):
 
     # ----- public API ----------------------------------------------------------------------------
     @property
-    def results(self) -> list[VllmResult]:
+    def results(self) -> list[Any]:
         """Every path's result: the answer first, then the branches in the order they were taken."""
         return [branch.result for branch in self.branches]
 
     @property
-    def result(self) -> VllmResult:
+    def result(self) -> Any:
         """The result of the path shown now."""
         return self.branches[self.current].result
 
@@ -158,7 +157,7 @@ class TokenExplorer(widgets.VBox):
         self._render_detail()
         return logprobs[position]
 
-    def branch(self, position: int, token: int | str | TokenChoice, *, wait: bool = True) -> VllmResult | None:
+    def branch(self, position: int, token: int | str | TokenChoice, *, wait: bool = True) -> Any:
         """Continue the path shown from its tokens before ``position`` plus ``token``.
 
         The branch is generated with the answer's sampling settings (its ``max_tokens`` counting the
@@ -199,7 +198,7 @@ class TokenExplorer(widgets.VBox):
         self.wait()
         return self.branches[index].result
 
-    def wait(self, timeout: float | None = None) -> VllmResult:
+    def wait(self, timeout: float | None = None) -> Any:
         """Wait for the branch that is growing; returns the path shown."""
         thread = self._thread
         if thread is not None:
@@ -260,8 +259,8 @@ class TokenExplorer(widgets.VBox):
         return found
 
     @staticmethod
-    def _compose(parent: VllmResult, position: int, chosen: TokenChoice, tail: GenerationResult,
-                 handle: Any) -> VllmResult:
+    def _compose(parent: Any, position: int, chosen: TokenChoice, tail: GenerationResult,
+                 handle: Any) -> Any:
         """The whole path of a branch: the parent's tokens before ``position``, the chosen token,
         then what the engine generated after it (``tail``)."""
         before = (parent.logprobs or [])[:position]
@@ -277,9 +276,10 @@ class TokenExplorer(widgets.VBox):
             prompt_token_ids=list(parent.generation.prompt_token_ids), completions=[completion], ttft=tail.ttft,
             elapsed=tail.elapsed, aborted=tail.aborted, error=tail.error, cached_tokens=tail.cached_tokens,
             logprobs_mode=tail.logprobs_mode)
-        return VllmResult(generation, parent.user_prompt, handle.sampling_params, None, list(parent.messages))
+        # The parent's own class (a VllmResult): the results module shows the explorer, not the reverse.
+        return type(parent)(generation, parent.user_prompt, handle.sampling_params, None, list(parent.messages))
 
-    def _grow(self, index: int, parent: VllmResult, position: int, chosen: TokenChoice, handle: Any) -> None:
+    def _grow(self, index: int, parent: Any, position: int, chosen: TokenChoice, handle: Any) -> None:
         # Its own thread: it only sets widget traits (comm messages are thread-safe).
         shown = 0.0
         try:
@@ -299,7 +299,7 @@ class TokenExplorer(widgets.VBox):
         finally:
             self._handle = None
 
-    def _update(self, index: int, parent: VllmResult, position: int, chosen: TokenChoice, tail: GenerationResult,
+    def _update(self, index: int, parent: Any, position: int, chosen: TokenChoice, tail: GenerationResult,
                 handle: Any) -> None:
         self.branches[index].result = self._compose(parent, position, chosen, tail, handle)
         if self.current == index:
