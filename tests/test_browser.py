@@ -5,7 +5,8 @@ A JupyterLab server starts on loopback with token auth and the project's kernel;
 notebook loads the demo model and shows the sampling panel. The tests check that the sliders render,
 set max_tokens through the slider's readout and run a ``%%vllm`` cell whose answer is that short,
 watch a playground answer grow in the page while it streams, stop a playground run with the panel's
-Stop button, and press JupyterLab's own interrupt button (■) during a ``%%vllm`` cell. Screenshots go
+Stop button, press JupyterLab's own interrupt button (■) during a ``%%vllm`` cell, and branch from a
+token in the token explorer. Screenshots go
 to ``artifacts/browser/``.
 """
 
@@ -32,6 +33,7 @@ SHOTS = PROJECT / "artifacts" / "browser"
 NOTEBOOK = "widgets-in-the-browser.ipynb"
 SHORT = 5  # max_tokens set through the UI
 STREAM_TOKENS = 80  # max_tokens set in the playground's own controls
+EXPLORED_TOKENS = 48  # max_tokens of the explored answer: its branches grow for a few seconds
 
 CELLS = [
     # 0: load the demo model (greedy, so the answers are reproducible); %vllm_load shows the panel
@@ -51,6 +53,9 @@ CELLS = [
     # 5: the next cell after an interrupt
     "%%vllm -t 0 -m 16\n"
     "What is the capital of France?",
+    # 6: the token explorer of a greedy answer
+    f"%%vllm -t 0 -m {EXPLORED_TOKENS} --explore --quiet\n"
+    "Tell me about the city of Paris.",
 ]
 
 LOAD_TIMEOUT = 420_000  # ms: a kernel start plus a CPU engine load on a busy 2-core machine
@@ -314,3 +319,50 @@ def test_interrupt_button_stops_the_answer_keeps_it_and_the_next_cell_works(load
     following = _run_cell(page, 5, RUN_TIMEOUT)
     _no_errors(following)
     assert "Paris" in following.locator(".jp-OutputArea").inner_text()
+
+
+# Records, in the page, how many tokens the explorer shows while its stats line says it is generating.
+_RECORD_BRANCH = """([tokens, stats]) => {
+    window.__branchTokens = [];
+    new MutationObserver(() => {
+        if (stats.innerText.includes('generating')) window.__branchTokens.push(tokens.children.length);
+    }).observe(tokens, {childList: true});
+}"""
+
+
+def test_explorer_click_a_token_pick_an_alternative_and_the_branch_grows_in_the_page(loaded):
+    page = loaded
+    cell = _run_cell(page, 6, RUN_TIMEOUT)
+    _no_errors(cell)
+    explorer = cell.locator(".vllm-token-explorer")
+    explorer.wait_for(state="visible", timeout=60_000)
+    tokens = explorer.locator(".vllm-explorer-tokens")
+    buttons = tokens.locator(".vllm-explorer-token")
+    answer = buttons.all_inner_texts()
+    assert len(answer) > 10, f"the explorer shows too few tokens: {answer}"
+    # Click the second token: its alternatives appear, the token itself among them (not clickable).
+    buttons.nth(1).click()
+    alternatives = explorer.locator(".vllm-explorer-alternative")
+    expect(alternatives.first).to_be_visible(timeout=30_000)
+    assert alternatives.count() == 5, alternatives.all_inner_texts()
+    expect(explorer.locator(".vllm-explorer-detail")).to_contain_text("token 2")
+    explorer.scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "07-explorer-alternatives.png"))
+    choice = explorer.locator(".vllm-explorer-alternative:not([disabled])").first
+    chosen = choice.inner_text().rsplit(" ", 1)[0].strip()  # "Paris 4.2%" -> "Paris"
+    stats = explorer.locator(".vllm-explorer-stats")
+    page.evaluate(_RECORD_BRANCH, [tokens.element_handle(), stats.element_handle()])
+    choice.click()
+    expect(stats).to_contain_text("from the prefix cache", timeout=RUN_TIMEOUT)
+    seen = page.evaluate("window.__branchTokens")
+    assert len(set(seen)) >= 3 and seen == sorted(seen), f"the branch did not grow in the page: {seen}"
+    branch = buttons.all_inner_texts()
+    assert branch[0] == answer[0] and branch[1].strip() == chosen and branch[1] != answer[1], (answer, branch)
+    assert len(branch) > 2
+    expect(explorer.locator(".vllm-explorer-paths select")).to_contain_text("1: at token 2")
+    explorer.scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "08-explorer-branch.png"))
+    explorer.screenshot(path=str(SHOTS / "08-explorer-branch-closeup.png"))
+    # Walk back to the answer: its tokens are shown again.
+    explorer.locator(".vllm-explorer-parent").click()
+    expect(buttons.nth(1)).to_have_text(answer[1].strip() or answer[1], timeout=30_000)

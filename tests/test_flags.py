@@ -91,3 +91,8 @@ def test_serve_flags_split_into_engine_and_server_ones_and_render_back():
         serve_flags("--no-such-flag")
     with pytest.raises(FlagError, match="expected one argument"):
         serve_flags(["--served-model-name", "smol", "--port"])
+
+
+def test_logprobs_engine_flags_reach_the_engine_arguments():
+    flags = load_flags("--logprobs-mode processed_logprobs --max-logprobs 50")
+    assert flags.engine == {"logprobs_mode": "processed_logprobs", "max_logprobs": 50}

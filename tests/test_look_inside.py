@@ -12,7 +12,7 @@ from vllm_magic.engine.requests.prompts import TokenPrompt
 from vllm_magic.errors import RequestError
 
 QUESTION = "What is the capital of France?"
-# Longer than one KV cache block of a CPU engine (128 tokens): the prefix cache serves whole blocks.
+# Longer than several KV cache blocks: the prefix cache serves whole blocks.
 PASSAGE = ("The river Seine flows through Paris, past the Louvre, Notre-Dame and the Eiffel Tower, and on to "
            "the sea at Le Havre. ") * 8 + "In one sentence: which city does the river flow through?"
 
@@ -61,7 +61,7 @@ def test_the_prefix_cache_serves_a_repeated_long_prompt_and_the_stats_line_says_
     assert f"{again.cached_tokens} of {again.prompt_tokens} prompt tokens cached" in again.summary
 
 
-def test_a_branch_continues_from_exactly_the_chosen_token_and_reuses_the_cached_prefix(ip):
+def test_a_branch_continues_from_exactly_the_chosen_token_and_reuses_the_cached_prefix(ip, engine):
     result = ip.run_cell_magic("vllm", "-t 0 -m 24 --logprobs 4 --quiet", PASSAGE)
     explorer = result.explore()
     position = 2
@@ -73,7 +73,8 @@ def test_a_branch_continues_from_exactly_the_chosen_token_and_reuses_the_cached_
     assert branch.text.startswith("".join(t.text for t in result.logprobs[:position]) + alternative.text)
     assert len(branch.token_ids) > position + 1  # it went on after the chosen token
     # The branch's prompt (the passage and the answer's first tokens) comes from the cache.
-    assert branch.cached_tokens >= (result.prompt_tokens - 1) // 128 * 128 > 0
+    block = engine.backend.block_size
+    assert branch.cached_tokens >= (result.prompt_tokens + position) // block * block > 0
     assert explorer.results == [result, branch] and explorer.current == 1
     # A branch of the branch; then the tree is walked back.
     deeper = explorer.branch(position + 2, branch.logprobs[position + 2].alternatives()[0])

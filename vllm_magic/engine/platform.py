@@ -29,6 +29,11 @@ GiB = 1 << 30
 # About 1 GiB of KV cache on CPU: ~23k tokens of the demo model, and it leaves a 24 GiB machine
 # plenty of room. VLLM_CPU_KVCACHE_SPACE (GiB) or --kv-cache-memory-bytes override it.
 CPU_KV_CACHE_BYTES = 1 * GiB
+#: Tokens per KV cache block on a CPU. vLLM's CPU default (128) lets its prefix cache serve prompts
+#: only in whole blocks of 128 tokens: a conversation recomputed up to 127 tokens of its history every
+#: turn, and a short prompt never hit the cache. 32 is the smallest its CPU attention takes; measured
+#: on the demo model it decodes as fast (one stream) or faster (a batch of 16: 129 against 110 tok/s).
+CPU_BLOCK_SIZE = 32
 # On CPU vLLM reads gpu_memory_utilization as a fraction of RAM; its default 0.92 does not start
 # on a 24 GiB machine that runs anything else.
 CPU_MEMORY_FRACTION = 0.5
@@ -235,6 +240,7 @@ def _with_platform_defaults(platform: str, user: dict[str, Any], threads: str | 
         # Eager mode loads in ~20 s instead of ~60 s for ~6% less throughput: right for notebooks.
         "enforce_eager": True,
         "gpu_memory_utilization": CPU_MEMORY_FRACTION,
+        "block_size": CPU_BLOCK_SIZE,
     }
     if _one_cpu_process_fits(user, threads):
         # vLLM's CPU default runs the model in a worker process beside the engine core. In the

@@ -58,6 +58,10 @@ def _show(text: str) -> str:
     return text.replace("\n", "⏎").replace(" ", "\u00a0") or "∅"
 
 
+def _percent(prob: float) -> str:
+    return f"{prob:.1%}" if prob >= 0.001 else "<0.1%"
+
+
 def _tooltip(position: TokenLogprobs) -> str:
     lines = [f"{position.text!r}: p={position.prob:.3f}, logprob={position.logprob:.3f}, rank {position.rank}"]
     lines += [f"  {c.rank}. {c.text!r} p={c.prob:.3f}" for c in position.top]
@@ -392,7 +396,7 @@ class TokenExplorer(widgets.VBox):
                                  "choose another to branch from here:")
             buttons = []
             for choice in token.top:
-                button = widgets.Button(description=f"{_show(choice.text)} {choice.prob:.1%}",
+                button = widgets.Button(description=f"{_show(choice.text)} {_percent(choice.prob)}",
                                         tooltip=f"branch: continue with {choice.text!r} (logprob {choice.logprob:.3f})",
                                         layout=widgets.Layout(width="auto", margin="1px"),
                                         disabled=choice.token_id == token.token_id)
