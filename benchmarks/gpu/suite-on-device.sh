@@ -8,6 +8,9 @@
 #   notebooks  notebooks 01-05 under nbval (strict, the project's sanitizers)
 #   share      the batch with the shared-card default vs gpu_memory_utilization 0.92 (Llama-3-8B shape)
 #   scenario   load/stream/switch/unload x5 in vLLM's default mode (CUDA graphs), then in eager mode
+#   look       logprobs, branches, grids and the prefix cache: their tests (in process and over a server)
+#              and notebook 06 under nbval
+#   lookbench  benchmarks.look_inside: a branch's and turn 10's time to first token, decode with logprobs
 # Extra wheels (langchain-tests, langchain-community, matplotlib and their dependencies) are installed
 # from ~/chunks/extra when that folder is there. Results and logs go to $OUT.
 set -uo pipefail
@@ -42,6 +45,14 @@ case "$PART" in
   notebooks)
     timeout "$LIMIT" $PYTEST --junitxml="$OUT/notebooks.xml" ${NOTEBOOKS:-notebooks} --nbval \
       --nbval-sanitize-with notebooks/sanitize.cfg 2>&1 | tee "$OUT/notebooks.log" | tail -n 80 ;;
+  look)
+    timeout "$LIMIT" $PYTEST --junitxml="$OUT/look.xml" tests/test_look_inside.py \
+      "tests/test_remote.py::test_logprobs_grids_branches_and_the_prefix_cache_work_over_a_remote_session" \
+      notebooks/06-look-inside.ipynb --nbval --nbval-sanitize-with notebooks/sanitize.cfg 2>&1 \
+      | tee "$OUT/look.log" | tail -n 60 ;;
+  lookbench)
+    timeout "$LIMIT" python3 -m benchmarks.look_inside --rounds 3 --json "$OUT/gpu-look-inside.json" 2>&1 \
+      | tee "$OUT/look-inside.log" | tail -n 30 ;;
   share)
     timeout "$LIMIT" python3 -m benchmarks.gpu_memory_default --model "$HOME/models/llama8b-shape" --rounds 2 \
       --engine-args '{"load_format": "dummy", "dtype": "bfloat16", "max_model_len": 4096}' \
