@@ -36,7 +36,7 @@ def test_greedy_logprobs_rank_first_and_match_the_prompt_logprobs_of_the_same_te
     assert back.prompt_logprobs[0] is None and len(scored) == len(answer.logprobs)
     for again, first in zip(scored, answer.logprobs):
         assert again.token_id == first.token_id and again.rank == 1
-        assert again.logprob == pytest.approx(first.logprob, abs=1e-3)
+        assert again.logprob == pytest.approx(first.logprob, abs=5e-3)  # prefill and decode kernels differ
     assert answer.perplexity == pytest.approx(math.exp(-sum(p.logprob for p in answer.logprobs) / len(answer.logprobs)))
     assert answer.perplexity >= 1.0 and answer.mean_logprob <= 0
     assert answer.logprobs_mode == "raw_logprobs" and "raw" in answer.logprobs_kind
@@ -132,6 +132,8 @@ def test_grid_cells_show_the_table_and_mistakes_are_one_line_before_anything_is_
     grid = ip.run_cell_magic("vllm", "-m 6 --grid temperature=0,1 --out g", f"{QUESTION}\n---\nName a colour.")
     assert grid is ip.user_ns["g"] and len(grid) == 4 and grid.done
     submissions = engine.submissions
+    limit = engine.backend.max_num_seqs
+    too_many = limit // 2 + 1  # seeds, x 2 prompts: more requests than the engine runs at once
     for line, message in [
         ("--grid colour=1,2", "colour is not a sampling option a grid can vary"),
         ("--grid temperature=0,3", "temperature values are between 0.0 and 2.0, not 3.0"),
@@ -140,7 +142,8 @@ def test_grid_cells_show_the_table_and_mistakes_are_one_line_before_anything_is_
         ("--grid temperature=0,1 -t 0.5", "temperature is both varied by the grid and fixed"),
         ("--grid temperature=0 --grid temperature=1", "given twice"),
         ("--grid temperature=0,1 --explore", "drop --explore"),
-        ("--grid max_tokens=" + ",".join(str(n) for n in range(1, 200)), "= 398 requests, more than this engine runs"),
+        (f"--grid seed={','.join(str(n) for n in range(too_many))}",
+         f"= {2 * too_many} requests, more than this engine runs at once ({limit}"),
         ("--logprobs 21", "at most 20 logprobs per token (vLLM's max_logprobs), not 21; load it with --max-logprobs 21"),
         ("--prompt-logprobs 30", "--prompt-logprobs 30: this engine returns at most 20"),
         ("--logprobs -2", "0 or more"),

@@ -101,20 +101,23 @@ class EngineLog:
             f.write(f"\n===== vllm-magic {time.strftime('%H:%M:%S')} {message} =====\n")
 
     def route_python_logger(self, verbose: bool) -> None:
-        """Send the kernel's ``vllm`` logger to the file (and to the cell when verbose)."""
+        """Send the kernel's ``vllm`` and ``transformers`` loggers to the file (and to the cell when
+        verbose): vLLM's detokenizer calls transformers' tokenizers in the kernel, whose warnings
+        (a newer transformers warns on the first decode of a BPE tokenizer) reached the cell on GPUs."""
         self.verbose = verbose
-        logger = logging.getLogger("vllm")
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
         if self._file_handler is None:
             self._file_handler = logging.FileHandler(self.path)
             self._file_handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s",
                                                               "%m-%d %H:%M:%S"))
-        logger.addHandler(self._file_handler)
-        if verbose:
-            self._stream_handler = self._stream_handler or _TeeToCurrentStderr()
-            logger.addHandler(self._stream_handler)
-        logger.propagate = False
+        for name in ("vllm", "transformers"):
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.addHandler(self._file_handler)
+            if verbose:
+                self._stream_handler = self._stream_handler or _TeeToCurrentStderr()
+                logger.addHandler(self._stream_handler)
+            logger.propagate = False
 
     def route_library_warnings(self) -> None:
         """Send Python warnings raised inside vLLM and the libraries it drives (torch, Triton, the

@@ -89,6 +89,8 @@ class TokenExplorer(widgets.VBox):
     """
 
     def __init__(self, result: Any, session: Any = None, **kwargs: Any) -> None:
+        self._handle: Any = None
+        self._thread: threading.Thread | None = None
         if session is None:
             from ..engine import get_session
 
@@ -100,8 +102,6 @@ class TokenExplorer(widgets.VBox):
         self.branches: list[Branch] = [Branch(result)]
         self.current = 0
         self.focused: int | None = None
-        self._thread: threading.Thread | None = None
-        self._handle: Any = None
         self.error: str | None = None
         self._shown: int | None = None  # the path whose token buttons are shown
 

@@ -566,7 +566,7 @@ class RemoteBackend(Backend):
             local = self._local if isinstance(self._local, PromptRenderer) else None
             if local is not None:
                 for tid in missing:
-                    texts[tid] = local.tokenizer.decode([tid])
+                    texts[tid] = local.tokenizer.decode([tid], clean_up_tokenization_spaces=False)
             else:
                 found = await asyncio.gather(*(self._detokenize([tid]) for tid in missing))
                 texts.update(zip(missing, found))

@@ -123,7 +123,7 @@ class PromptRenderer:
         for i, item in enumerate(items):
             if isinstance(item, TokenPrompt):  # sent as is; its text only shown
                 given[i] = list(item.token_ids)
-                texts[i] = self.tokenizer.decode(given[i])
+                texts[i] = self.tokenizer.decode(given[i], clean_up_tokenization_spaces=False)
                 special[i] = None
                 continue
             if isinstance(item, str) and raw:
