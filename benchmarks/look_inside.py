@@ -9,7 +9,8 @@ demo model by default) in this process and measures, each round:
   branch with the prefix cache emptied (the control: what the cache saves);
 * **continue**: ten ``%%vllm --continue`` turns of a conversation (48 tokens each): turn 10's time to
   first token against turn 1's, and turn 10's prompt with the prefix cache emptied (the control);
-* **logprobs**: the decode rate of 128 greedy tokens with ``logprobs=5`` against without, in turn.
+* **logprobs**: the decode rate of 128 greedy tokens with ``logprobs=5`` against without, in turn,
+  through the session and in raw vLLM's own ``step()`` loop (what logprobs cost vLLM itself).
 
 Times to first token are the engine's (``result.ttft``: from submission to the first token). Ratios
 are medians of the per-round ratios.
@@ -89,11 +90,39 @@ def continue_round(session: Any) -> dict[str, float]:
             "turn10_cached_tokens": last.cached_tokens or 0, "uncached_turn10_ttft_ms": control.ttft * 1000}
 
 
+def _raw_decode(session: Any, token_ids: list[int], logprobs: int | None) -> float:
+    """Raw vLLM's decode rate for one greedy stream of 128 tokens (its own ``step()`` loop, on the
+    session's driver thread between steps), with or without ``logprobs``."""
+    def run(llm: Any) -> float:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        from vllm_magic.engine.compat import tokens_prompt
+
+        engine = llm.llm_engine
+        params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True, logprobs=logprobs,
+                                output_kind=RequestOutputKind.DELTA)
+        engine.add_request(f"raw-{time.perf_counter_ns()}", tokens_prompt(token_ids), params)
+        tokens, first = 0, None
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                tokens += len(output.outputs[0].token_ids)
+                if first is None and tokens:
+                    first = time.perf_counter()
+        return (tokens - 1) / (time.perf_counter() - first)
+
+    return session.run_on_engine(run)
+
+
 def logprobs_round(session: Any) -> dict[str, float]:
     prompt = "Tell me a long story about the sea."
     plain = session.generate(prompt, temperature=0, max_tokens=128, ignore_eos=True)
     with_logprobs = session.generate(prompt, temperature=0, max_tokens=128, ignore_eos=True, logprobs=5)
-    return {"decode_tok_s": plain.tokens_per_second, "decode_logprobs5_tok_s": with_logprobs.tokens_per_second}
+    row = {"decode_tok_s": plain.tokens_per_second, "decode_logprobs5_tok_s": with_logprobs.tokens_per_second}
+    if session.backend.kind == "local":  # the same stream in raw vLLM: what logprobs cost vLLM itself
+        row["raw_decode_tok_s"] = _raw_decode(session, plain.prompt_token_ids, None)
+        row["raw_decode_logprobs5_tok_s"] = _raw_decode(session, plain.prompt_token_ids, 5)
+    return row
 
 
 def _median_ratio(rounds: list[dict[str, float]], top: str, bottom: str) -> float:
@@ -127,6 +156,11 @@ def main() -> None:
                                                             "uncached_turn10_ttft_ms"),
         "decode with logprobs=5 / without": _median_ratio(rounds["logprobs"], "decode_logprobs5_tok_s", "decode_tok_s"),
     }
+    if "raw_decode_tok_s" in rounds["logprobs"][0]:
+        ratios["raw vLLM: decode with logprobs=5 / without"] = _median_ratio(
+            rounds["logprobs"], "raw_decode_logprobs5_tok_s", "raw_decode_tok_s")
+        ratios["session / raw vLLM, decode with logprobs=5"] = _median_ratio(
+            rounds["logprobs"], "decode_logprobs5_tok_s", "raw_decode_logprobs5_tok_s")
     status = session.status()
     print(f"\n{status.model} on {status.platform} ({status.dtype}), vLLM {status.vllm_version}, {args.rounds} rounds")
     print("| ratio (median of per-round ratios) | value |\n|---|---|")
