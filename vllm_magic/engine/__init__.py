@@ -9,7 +9,7 @@ From the bottom up (a module imports only from its own layer or the ones below i
   finished requests, on a thread of their own).
 * ``requests/``: ``prompts`` (templates, tokens, context), ``sampling`` (defaults and
   ``SamplingParams``), ``tool_calls``, ``reasoning`` (vLLM's parsers), ``handles`` (what a request
-  gives back).
+  gives back), ``logprobs`` (token probabilities in one form), ``grid`` (settings side by side).
 * ``backends/``: ``base`` (the seam), ``local`` (the in-process vLLM engine, with ``driver`` and
   ``processes``), ``remote`` (a vLLM server over HTTP), ``server`` (``vllm serve`` owned by the
   kernel), ``cpu_int4`` (vLLM plugin: 4-bit matmuls on CPUs without vLLM's kernel).
@@ -18,9 +18,12 @@ From the bottom up (a module imports only from its own layer or the ones below i
 Directories (the cache, logs) come from :mod:`vllm_magic.paths`.
 """
 
+from .requests.grid import Grid
 from .requests.handles import Completion, GenerationResult, RequestHandle
+from .requests.logprobs import TokenChoice, TokenLogprobs
+from .requests.prompts import TokenPrompt
 from .requests.sampling import SamplingDefaults
 from .session import EngineSession, LoadInfo, SessionStatus, UnloadReport, get_session
 
 __all__ = ["EngineSession", "get_session", "LoadInfo", "SessionStatus", "UnloadReport", "SamplingDefaults",
-           "RequestHandle", "GenerationResult", "Completion"]
+           "RequestHandle", "GenerationResult", "Completion", "TokenPrompt", "TokenLogprobs", "TokenChoice", "Grid"]
