@@ -810,6 +810,7 @@ class EngineSession:
             persisted=None if backend.persisted is None or dead else backend.persisted.describe(),
             gpu=None if dead else gpu_line(backend))
 
+
 def check_logprobs(name: str, flag: str, wanted: Any, limit: int | None) -> None:
     """Refuse a logprobs count the engine would refuse, in one line naming the flag that raises it."""
     if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < -1:
@@ -820,7 +821,7 @@ def check_logprobs(name: str, flag: str, wanted: Any, limit: int | None) -> None
     if wanted == -1 or wanted > limit:
         asked = "the whole vocabulary" if wanted == -1 else str(wanted)
         raise RequestError(f"{flag} {wanted}: this engine returns at most {limit} logprobs per token (vLLM's "
-                           f"max_logprobs), not {asked}; load it with --max-logprobs {max(wanted, -1)} to allow more")
+                           f"max_logprobs), not {asked}; load it with --max-logprobs {wanted} to allow more")
 
 
 def _weakly(method: Callable[[Any], None]) -> Callable[[Any], None]:

@@ -88,6 +88,13 @@ class TokenExplorer(widgets.VBox):
     branch that is still growing.
     """
 
+    def __new__(cls, result: Any, session: Any = None, **kwargs: Any) -> "TokenExplorer":
+        # Refused before any widget exists (a half-built widget would be closed again when collected).
+        if result.logprobs is None:
+            raise RequestError("the token explorer needs the answer's logprobs: ask for them with --logprobs K "
+                               "(%%vllm --explore asks for 5), logprobs=K in Python")
+        return super().__new__(cls)
+
     def __init__(self, result: Any, session: Any = None, **kwargs: Any) -> None:
         self._handle: Any = None
         self._thread: threading.Thread | None = None
@@ -95,9 +102,6 @@ class TokenExplorer(widgets.VBox):
             from ..engine import get_session
 
             session = get_session()
-        if result.logprobs is None:
-            raise RequestError("the token explorer needs the answer's logprobs: ask for them with --logprobs K "
-                               "(%%vllm --explore asks for 5), logprobs=K in Python")
         self.session = session
         self.branches: list[Branch] = [Branch(result)]
         self.current = 0
