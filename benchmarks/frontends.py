@@ -86,12 +86,12 @@ def fresh_prefix_cache(llm: Any) -> None:
         raise RuntimeError("vLLM did not reset its prefix cache: requests were still in the engine")
 
 
-def _sampling(max_tokens: int, delta: bool = False) -> Any:
+def _sampling(max_tokens: int, delta: bool = False, **extra: Any) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     kind = RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, output_kind=kind)
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, output_kind=kind, **extra)
 
 
 def batch_raw_generate(w: Workload) -> Sample:
@@ -107,9 +107,10 @@ def batch_raw_generate(w: Workload) -> Sample:
     return Sample(tokens / seconds, {"seconds": seconds, "tokens": tokens})
 
 
-def stream_raw_steps(w: Workload) -> Sample:
-    """``add_request`` + ``step()`` on the driver thread: the floor for any streaming front-end."""
-    params = _sampling(w.stream_tokens, delta=True)
+def stream_raw_steps(w: Workload, **extra: Any) -> Sample:
+    """``add_request`` + ``step()`` on the driver thread: the floor for any streaming front-end.
+    ``extra``: further sampling options (``logprobs=5``)."""
+    params = _sampling(w.stream_tokens, delta=True, **extra)
 
     def work(llm: Any) -> tuple[float, float | None, float, int]:
         engine = llm.llm_engine

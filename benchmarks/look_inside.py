@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .frontends import RecordingShell, fresh_prefix_cache
+from .frontends import RecordingShell, Workload, fresh_prefix_cache, stream_raw_steps
 
 PASSAGE = " ".join(
     f"Chapter {i}: the harbour of Saint-Malo at {['dawn', 'noon', 'dusk', 'night'][i % 4]} held "
@@ -90,38 +90,15 @@ def continue_round(session: Any) -> dict[str, float]:
             "turn10_cached_tokens": last.cached_tokens or 0, "uncached_turn10_ttft_ms": control.ttft * 1000}
 
 
-def _raw_decode(session: Any, token_ids: list[int], logprobs: int | None) -> float:
-    """Raw vLLM's decode rate for one greedy stream of 128 tokens (its own ``step()`` loop, on the
-    session's driver thread between steps), with or without ``logprobs``."""
-    def run(llm: Any) -> float:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        from vllm_magic.engine.compat import tokens_prompt
-
-        engine = llm.llm_engine
-        params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True, logprobs=logprobs,
-                                output_kind=RequestOutputKind.DELTA)
-        engine.add_request(f"raw-{time.perf_counter_ns()}", tokens_prompt(token_ids), params)
-        tokens, first = 0, None
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                tokens += len(output.outputs[0].token_ids)
-                if first is None and tokens:
-                    first = time.perf_counter()
-        return (tokens - 1) / (time.perf_counter() - first)
-
-    return session.run_on_engine(run)
-
-
 def logprobs_round(session: Any) -> dict[str, float]:
     prompt = "Tell me a long story about the sea."
     plain = session.generate(prompt, temperature=0, max_tokens=128, ignore_eos=True)
     with_logprobs = session.generate(prompt, temperature=0, max_tokens=128, ignore_eos=True, logprobs=5)
     row = {"decode_tok_s": plain.tokens_per_second, "decode_logprobs5_tok_s": with_logprobs.tokens_per_second}
-    if session.backend.kind == "local":  # the same stream in raw vLLM: what logprobs cost vLLM itself
-        row["raw_decode_tok_s"] = _raw_decode(session, plain.prompt_token_ids, None)
-        row["raw_decode_logprobs5_tok_s"] = _raw_decode(session, plain.prompt_token_ids, 5)
+    if session.backend.kind == "local":  # the same stream in raw vLLM's step loop: what logprobs cost vLLM itself
+        workload = Workload(session, [prompt], 128, prompt, 128)
+        row["raw_decode_tok_s"] = stream_raw_steps(workload).extra["decode"]
+        row["raw_decode_logprobs5_tok_s"] = stream_raw_steps(workload, logprobs=5).extra["decode"]
     return row
 
 

@@ -13,7 +13,6 @@ import itertools
 from typing import Any, Mapping, Sequence
 
 from ...errors import RequestError
-from .logprobs import mean_logprob
 from .prompts import TokenPrompt
 from .sampling import PER_CALL_FIELDS, SAMPLING_FIELDS, SamplingTraits, option_type
 
@@ -170,7 +169,7 @@ class Grid:
             for index, (prompt, result) in enumerate(zip(self.prompts, row)):
                 rows.append({"prompt_index": index, "prompt": prompt_label(prompt), **setting, "text": result.text,
                              "tokens": result.output_tokens, "ttft": result.ttft,
-                             "mean_logprob": mean_logprob(result.logprobs or ()),
+                             "mean_logprob": result.mean_logprob,
                              "perplexity": result.perplexity, "finish_reason": result.finish_reason})
         return rows
 
@@ -217,7 +216,7 @@ def grid_html(prompts: list[Any], settings: list[dict[str, Any]], results: list[
             stats = [f"{result.output_tokens} tok"]
             if result.ttft is not None:
                 stats.append(f"TTFT {result.ttft * 1000:.0f} ms")
-            mean = mean_logprob(result.logprobs or ())
+            mean = result.mean_logprob
             if mean is not None:
                 stats.append(f"mean logprob {mean:.2f}")
             cells.append(f'<td style="text-align:left;vertical-align:top;white-space:pre-wrap">{esc(result.text)}'

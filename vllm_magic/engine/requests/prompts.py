@@ -63,8 +63,11 @@ class Prepared:
 
 def as_prompt_list(prompts: Any) -> list[PromptLike]:
     """One prompt, one conversation, or a list of either -> a list of prompts."""
-    if isinstance(prompts, str) or token_prompt_of(prompts) is not None:
-        return [token_prompt_of(prompts) or prompts]
+    single = token_prompt_of(prompts)
+    if single is not None:
+        return [single]
+    if isinstance(prompts, str):
+        return [prompts]
     prompts = list(prompts)
     if prompts and isinstance(prompts[0], dict) and token_prompt_of(prompts[0]) is None:
         return [prompts]  # one conversation
