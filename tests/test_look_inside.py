@@ -159,12 +159,14 @@ def test_grid_flags_read_each_options_type():
     assert parse_grid_flag("top-k=1, 5") == ("top_k", [1, 5])
     assert parse_grid_flag("seed=1,none") == ("seed", [1, None])
     assert parse_grid_flag("ignore_eos=true,false") == ("ignore_eos", [True, False])
+    assert parse_grid_flag("lora=base, pirate") == ("lora", ["base", "pirate"])  # adapters by name
+    assert grid_settings({"lora": ["base", "pirate"]}) == [{"lora": "base"}, {"lora": "pirate"}]
     assert grid_settings({"temperature": [0, 1], "n": [1, 2]}) == [
         {"temperature": 0.0, "n": 1}, {"temperature": 0.0, "n": 2}, {"temperature": 1.0, "n": 1},
         {"temperature": 1.0, "n": 2}]
     for axes, message in [({}, "at least one option"), ({"stop": [["a"]]}, "not a sampling option"),
                           ({"n": [0]}, "1 or more"), ({"temperature": []}, "a list of values"),
-                          ({"temperature": 0.5}, "a list of values")]:
+                          ({"temperature": 0.5}, "a list of values"), ({"lora": [3]}, "name registered adapters")]:
         with pytest.raises(RequestError, match=message):
             grid_settings(axes)
 

@@ -70,6 +70,22 @@ def test_a_thinking_budget_without_reasoning_config_is_the_same_line_everywhere(
     assert engine.status().requests_live == 0
 
 
+def test_an_adapter_on_an_engine_without_enable_lora_is_the_same_line_everywhere(engine, ip, tmp_path):
+    with pytest.raises(RequestError, match="--lora pirate: LoRA adapters need an engine started with --enable-lora") \
+            as direct:
+        engine.submit("Hi", lora="pirate")
+    with pytest.raises(UsageError) as cell:
+        ip.run_cell_magic("vllm", "--lora pirate", "Hi")
+    with pytest.raises(RequestError) as llm:
+        VLLM(max_tokens=4).invoke("Hi", lora="pirate")
+    assert str(cell.value) == str(direct.value) == str(llm.value)
+    with pytest.raises(RequestError, match="^LoRA adapters need an engine started with --enable-lora: %vllm_load "
+                                           "MODEL --enable-lora --max-lora-rank R"):
+        engine.add_lora("pirate", tmp_path)
+    assert engine.generate("Hi", temperature=0, max_tokens=4, lora="base").output_tokens > 0
+    assert engine.status().adapters is None and engine.status().requests_live == 0
+
+
 def test_a_negative_thinking_budget_is_refused_by_the_session(engine):
     with pytest.raises(RequestError, match="0 or more"):
         engine.submit("Hi", thinking_token_budget=-1)

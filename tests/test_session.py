@@ -171,7 +171,7 @@ def test_max_tokens_is_bounded_by_the_room_left_in_the_context(engine, monkeypat
     real_add = driver.add
 
     def spy(items):
-        sent.extend(params for _handle, _prompt, params in items)
+        sent.extend(params for _handle, _prompt, params, _lora in items)
         return real_add(items)
 
     monkeypatch.setattr(driver, "add", spy)

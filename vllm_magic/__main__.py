@@ -1,5 +1,6 @@
 """Command line: ``python -m vllm_magic demo-model`` prepares the demo model (``--awq``: its AWQ
-checkpoint), ``tiny-model`` the demo model reshaped for tensor parallel;
+checkpoint), ``tiny-model`` the demo model reshaped for tensor parallel, ``demo-lora`` a LoRA adapter
+for it that makes it talk like a pirate;
 ``python -m vllm_magic demo`` runs the quickstart notebook headless and prints what each cell showed;
 ``download ORG/NAME`` fetches a Hub model into the Hugging Face cache (on a machine with network,
 for notebooks that run where there is none); ``models`` lists what the cache holds.
@@ -46,6 +47,19 @@ def _tiny_model(args: argparse.Namespace) -> int:
     from .demo.variants import prepare_tiny_model
 
     return _prepare(prepare_tiny_model, args)
+
+
+def _demo_lora(args: argparse.Namespace) -> int:
+    from .demo.lora import prepare_demo_lora
+    from .demo.model import DemoModelError
+
+    try:
+        path = prepare_demo_lora(quiet=args.quiet, force=args.force)
+    except DemoModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
 
 
 def _prepare(prepare, args: argparse.Namespace) -> int:
@@ -166,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true", help="re-hash every file and rebuild on a mismatch")
     p.add_argument("--quiet", action="store_true", help="print only the directory")
     p.set_defaults(func=_tiny_model)
+    p = sub.add_parser("demo-lora", help="prepare the demo LoRA adapter (trained here once, on the CPU: the demo "
+                       "model answers like a pirate) and print its directory")
+    p.add_argument("--force", action="store_true", help="train it again even when it is prepared")
+    p.add_argument("--quiet", action="store_true", help="print only the directory")
+    p.set_defaults(func=_demo_lora)
     p = sub.add_parser("demo", help="run the quickstart notebook headless and print its outputs")
     p.add_argument("--notebook", help="another notebook to run")
     p.set_defaults(func=_demo)

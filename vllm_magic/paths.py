@@ -6,7 +6,8 @@ The cache is ``$VLLM_MAGIC_CACHE`` when set, else ``$XDG_CACHE_HOME/vllm-magic``
 * ``downloads/``: what was fetched to prepare a model (the demo model's wheel);
 * ``logs/``: the engine logs of each kernel (``engine-PID.log``) and of the servers it started;
 * one folder per prepared model (the demo model and its variants), named after the model, directly
-  in the cache: caches prepared by earlier versions stay valid where they are.
+  in the cache: caches prepared by earlier versions stay valid where they are;
+* ``adapters/``: one folder per prepared LoRA adapter (the demo adapter), named after it.
 
 Nothing here creates a cache directory: whoever writes there does. The runtime directory
 (:func:`runtime_dir`) is the exception: it holds the sockets and keys of engines that outlive their
@@ -20,8 +21,8 @@ import stat
 import tempfile
 from pathlib import Path
 
-__all__ = ["CACHE_VARIABLE", "RUNTIME_VARIABLE", "cache_dir", "downloads_dir", "logs_dir", "model_dir",
-           "runtime_dir"]
+__all__ = ["CACHE_VARIABLE", "RUNTIME_VARIABLE", "adapter_dir", "cache_dir", "downloads_dir", "logs_dir",
+           "model_dir", "runtime_dir"]
 
 #: The environment variable that moves the whole cache.
 CACHE_VARIABLE = "VLLM_MAGIC_CACHE"
@@ -51,6 +52,11 @@ def logs_dir(cache: Path | None = None) -> Path:
 def model_dir(name: str, cache: Path | None = None) -> Path:
     """Where the prepared model ``name`` lives (in ``cache``, default :func:`cache_dir`)."""
     return (cache or cache_dir()) / name
+
+
+def adapter_dir(name: str, cache: Path | None = None) -> Path:
+    """Where the prepared LoRA adapter ``name`` lives (in ``cache``, default :func:`cache_dir`)."""
+    return (cache or cache_dir()) / "adapters" / name
 
 
 def runtime_dir() -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 import warnings
 from contextlib import contextmanager
 from typing import Any, AsyncIterator, Iterator, Optional
@@ -32,7 +33,7 @@ __all__ = ["EngineBase", "SamplingFields", "engine_request", "without_needless_f
 DEMO_MODEL_ALIASES = frozenset({DEMO_MODEL_NAME, f"HuggingFaceTB/{DEMO_MODEL_NAME}"})
 
 #: Keyword arguments a call may carry besides the sampling options.
-CALL_OPTIONS = frozenset({"raw", "system", "chat_template_kwargs", *STRUCTURED_FIELDS})
+CALL_OPTIONS = frozenset({"raw", "system", "chat_template_kwargs", "lora", *STRUCTURED_FIELDS})
 
 
 def _sampling_field(name: str) -> tuple[Any, Any]:
@@ -73,6 +74,13 @@ class EngineBase(SamplingFields):  # type: ignore[misc, valid-type]
     persisted engine that serves this object is attached to all the same."""
     timeout: float | None = None
     """Seconds to wait for an answer; the request is aborted in the engine after that. None: no limit."""
+    lora: str | None = None
+    """The LoRA adapter to answer with, by the name it was registered under (``%vllm_lora NAME
+    PATH``, ``session.add_lora``); None or ``"base"``: the model without one. A call's
+    ``lora=...`` wins over it. The engine needs ``vllm_kwargs={"enable_lora": True}``, or ``lora_path``."""
+    lora_path: str | Path | None = None
+    """The adapter's directory (peft's ``save_pretrained``): registered as ``lora`` when the object is
+    built, on an engine loaded with ``enable_lora`` (and a ``max_lora_rank`` that takes the adapter)."""
     session: Any = Field(default=None, exclude=True)
     """The engine session to use; the kernel's (``vllm_magic.get_session()``) when None."""
     follow_live: bool = Field(default=False, exclude=True)
@@ -103,8 +111,13 @@ class EngineBase(SamplingFields):  # type: ignore[misc, valid-type]
     @model_validator(mode="after")
     def _attach_engine(self) -> "EngineBase":
         # As langchain_community's VLLM does, constructing the object makes its engine ready.
+        if self.lora_path is not None and self.lora in (None, "base"):
+            raise RequestError("lora_path is the directory of the adapter named by lora: give both, "
+                               "e.g. lora='pirate', lora_path='/path/to/adapter'")
         if not self.follow_live:
             self._ensure_engine(load=True)
+        if self.lora_path is not None:
+            self.engine_session.add_lora(self.lora, self.lora_path)
         return self
 
     # ----- the engine -------------------------------------------------------------------------
@@ -122,6 +135,8 @@ class EngineBase(SamplingFields):  # type: ignore[misc, valid-type]
         if self._wanted is None:
             model, requested = engine_request(self.model, self.tensor_parallel_size, self.trust_remote_code,
                                               self.dtype, self.download_dir, self.vllm_kwargs)
+            if self.lora_path is not None:  # an engine that runs the adapter
+                requested = {**lora_engine_args(self.lora, self.lora_path), **requested}
             if model is not None:  # a Hub model's files first: fails in seconds, before vLLM is imported
                 _download(session, model, requested)
             wanted = session.resolve(model, **requested)
@@ -178,13 +193,16 @@ class EngineBase(SamplingFields):  # type: ignore[misc, valid-type]
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, **self._default_params}
+        return {"model_name": self.model_name, **self._default_params,
+                **({"lora": self.lora} if self.lora is not None else {})}
 
     def _submit(self, prompts: list[Any], stop: list[str] | None, kwargs: dict[str, Any], *, stream: bool,
                 **options: Any) -> list[RequestHandle]:
         """Submit prompts with this object's sampling fields, the call's arguments over them;
         ``stream``: whether the caller reads the answers as they grow (``_stream``), not only whole."""
         sampling, call_options = call_overrides(self._default_params, stop, kwargs, type(self).__name__)
+        if self.lora is not None:
+            call_options.setdefault("lora", self.lora)
         return self._live_session().submit(prompts, **{**call_options, **options}, stream=stream, **sampling)
 
     def _chunk(self, text: str, handle: RequestHandle, last: bool) -> Any:
@@ -233,6 +251,18 @@ class EngineBase(SamplingFields):  # type: ignore[misc, valid-type]
                 yield chunk
         finally:
             handle.abort()
+
+
+def lora_engine_args(name: str, path: str | os.PathLike) -> dict[str, Any]:
+    """The engine arguments that run the adapter in ``path``: ``enable_lora``, and a
+    ``max_lora_rank`` over vLLM's default (16) where the adapter's rank needs it."""
+    from ..engine.requests.adapters import max_rank_for, read_adapter
+
+    adapter = read_adapter(name, path)
+    args: dict[str, Any] = {"enable_lora": True}
+    if adapter.rank is not None and adapter.rank > 16:
+        args["max_lora_rank"] = max_rank_for(adapter.rank)
+    return args
 
 
 def engine_request(model: str | None, tensor_parallel_size: int | None, trust_remote_code: bool | None,

@@ -63,6 +63,8 @@ class VllmResult:
                                      "raw ones or those after temperature and top-p (vLLM's logprobs_mode).")
     cached_tokens = _from_generation("cached_tokens", "Prompt tokens served from vLLM's prefix cache (None where the "
                                      "engine does not say).")
+    lora = _from_generation("lora", "The LoRA adapter that answered (``--lora NAME``), or None for the model "
+                            "without one.")
 
     @property
     def texts(self) -> list[str]:
@@ -74,7 +76,7 @@ class VllmResult:
         """Tokens, timings and rates as a dict (handy for a DataFrame of many results)."""
         return {"prompt_tokens": self.prompt_tokens, "tokens": self.tokens, "ttft": self.ttft,
                 "elapsed": self.elapsed, "tokens_per_second": self.tokens_per_second,
-                "cached_tokens": self.cached_tokens, "mean_logprob": self.mean_logprob,
+                "cached_tokens": self.cached_tokens, "mean_logprob": self.mean_logprob, "lora": self.lora,
                 "finish_reason": self.finish_reason, "interrupted": self.interrupted}
 
     # ----- display -------------------------------------------------------------------------------

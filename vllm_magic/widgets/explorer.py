@@ -190,7 +190,7 @@ class TokenExplorer(widgets.VBox):
                 sampling.values["max_tokens"] = left
             else:
                 sampling.max_tokens = left
-        handle = self.session.submit(prompt, sampling)[0]
+        handle = self.session.submit(prompt, sampling, lora=parent.generation.lora)[0]  # the same adapter
         self._handle = handle
         self.branches.append(Branch(self._compose(parent, position, chosen, handle.snapshot(), handle), self.current,
                                     position, chosen))
@@ -283,7 +283,7 @@ class TokenExplorer(widgets.VBox):
             request_id=tail.request_id, prompt=parent.prompt,
             prompt_token_ids=list(parent.generation.prompt_token_ids), completions=[completion], ttft=tail.ttft,
             elapsed=tail.elapsed, aborted=tail.aborted, error=tail.error, cached_tokens=tail.cached_tokens,
-            logprobs_mode=tail.logprobs_mode)
+            logprobs_mode=tail.logprobs_mode, lora=tail.lora)
         # The parent's own class (a VllmResult): the results module shows the explorer, not the reverse.
         return type(parent)(generation, parent.user_prompt, handle.sampling_params, None, list(parent.messages))
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar, Literal
 
 from ...errors import ConfigError, NoEngineError, SleepError
 from ..config import EngineConfig
+from ..requests.adapters import Adapter, AdapterError, adapter_names, unknown_adapter
 from ..requests.handles import RequestHandle
 from ..requests.prompts import Prepared, PromptLike
 from ..requests.tool_calls import render_with_tools
@@ -92,6 +93,8 @@ class RequestOptions:
     #: whole, the batch in one HTTP request (no per-token events for nobody); the handles then get
     #: each answer in one piece when it is done.
     stream: bool = True
+    #: The registered LoRA adapter to answer with (None or ``"base"``: the model without one).
+    lora: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class ReadyRequest:
     params: Any
     #: :attr:`RequestOptions.stream` of its batch.
     stream: bool = True
+    #: The adapter it runs with, in the engine's form (vLLM's ``LoRARequest``, a server's model
+    #: name), or None.
+    lora: Any = None
 
 
 class Backend(abc.ABC):
@@ -142,6 +148,10 @@ class Backend(abc.ABC):
     max_num_seqs: int | None = None
     #: Tokens per KV cache block: the prefix cache serves whole blocks (None where unknown).
     block_size: int | None = None
+    #: Whether it runs LoRA adapters (vLLM's ``--enable-lora``; a server's: whether it lists any or
+    #: takes them at runtime), and the highest rank it takes (None where unknown).
+    lora_enabled: bool = False
+    max_lora_rank: int | None = None
 
     # ----- requests ---------------------------------------------------------------------------------
     def prepare_requests(self, prompts: list[PromptLike], options: RequestOptions,
@@ -153,9 +163,51 @@ class Backend(abc.ABC):
             sampling = self._given_params(options.sampling)
         else:
             sampling = self._params(defaults, options.overrides, options.structured)
+        lora = self.lora_request(options.lora)
         rendered = render_with_tools(self.render, prompts, options.raw, options.system, options.tools,
                                      options.template, cache_key=self)
-        return [ReadyRequest(prompt, self._fit(sampling, len(prompt.token_ids)), options.stream) for prompt in rendered]
+        return [ReadyRequest(prompt, self._fit(sampling, len(prompt.token_ids)), options.stream, lora)
+                for prompt in rendered]
+
+    # ----- LoRA adapters ----------------------------------------------------------------------------
+    @property
+    def adapters(self) -> dict[str, Adapter]:
+        """The LoRA adapters requests can name here, by name."""
+        return {}
+
+    def lora_refusal(self) -> str | None:
+        """Why requests here cannot name an adapter, or None when they can."""
+        if self.lora_enabled:
+            return None
+        return ("LoRA adapters need an engine started with --enable-lora: %vllm_load MODEL --enable-lora "
+                "--max-lora-rank R (vLLM's flags)")
+
+    def lora_request(self, name: str | None) -> Any:
+        """The adapter ``name`` in this engine's request form (None: no adapter); one line naming
+        the registered adapters when there is no such one."""
+        name = adapter_names(name)
+        if name is None:
+            return None
+        refusal = self.lora_refusal()
+        if refusal is not None and name not in self.adapters:
+            raise AdapterError(f"--lora {name}: {refusal}")
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            raise unknown_adapter(name, sorted(self.adapters))
+        return self._engine_lora(adapter)
+
+    def _engine_lora(self, adapter: Adapter) -> Any:
+        """``adapter`` in this engine's request form."""
+        raise AdapterError(self.lora_refusal() or "this engine runs no adapters")
+
+    def add_adapter(self, name: str, path: str, *, any_base: bool = False) -> Adapter:
+        """Register the LoRA adapter in ``path`` under ``name`` (loading it now, so that a broken
+        one is refused here, in one line, and the first request does not wait for it)."""
+        raise AdapterError(self.lora_refusal() or "this engine takes no adapters")
+
+    def remove_adapter(self, name: str) -> Adapter:
+        """Forget the adapter ``name`` (and free what the engine held for it)."""
+        raise unknown_adapter(name, sorted(self.adapters))
 
     @abc.abstractmethod
     def render(self, prompts: list[PromptLike], raw: bool, system: str,

@@ -42,8 +42,9 @@ class EngineDriver:
         self._thread.start()
 
     # ----- called from any thread --------------------------------------------------------------
-    def add(self, items: list[tuple[RequestHandle, Any, Any]]) -> None:
-        """Queue ``(handle, prompt, sampling_params)`` triples; all join the engine before its next step."""
+    def add(self, items: list[tuple[RequestHandle, Any, Any, Any]]) -> None:
+        """Queue ``(handle, prompt, sampling_params, lora_request)`` items (the last None for no
+        adapter); all join the engine before its next step."""
         self._check_alive()
         self._commands.put(("add", items))
 
@@ -123,9 +124,12 @@ class EngineDriver:
         kind, payload = command
         engine = self._engine
         if kind == "add":
-            for handle, prompt, params in payload:
+            for handle, prompt, params, lora in payload:
                 try:
-                    engine.add_request(handle.request_id, prompt, params)
+                    if lora is None:
+                        engine.add_request(handle.request_id, prompt, params)
+                    else:
+                        engine.add_request(handle.request_id, prompt, params, lora_request=lora)
                 except Exception as exc:  # a bad request fails alone; the engine keeps serving
                     handle.finish(error=ValueError(str(exc)))
                     continue
@@ -156,7 +160,7 @@ class EngineDriver:
         kind, payload = command
         error = EngineDiedError(f"the engine died ({self.dead}); run %vllm_load again")
         if kind == "add":
-            for handle, _, _ in payload:
+            for handle, *_ in payload:
                 handle.finish(error=error)
         elif kind == "abort":
             payload[1].set()

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from ...errors import ConfigError, EngineStartError, SleepError
 from .base import Backend, ReadyRequest, SleepReport, UnloadReport
+from ..requests.adapters import Adapter, AdapterError, check_fits, read_adapter, unknown_adapter
 from ..config import EngineConfig
 from ..gpu_memory import (DoesNotFit, MemoryPlan, device_memory_used, estimate_weight_bytes, gpu_memory_of,
                           memory_error_line, plan as plan_gpu_memory)
@@ -72,6 +73,12 @@ class LocalBackend(Backend):
         self.logprobs_mode = str(getattr(model_config, "logprobs_mode", "raw_logprobs"))
         self.max_num_seqs = getattr(llm.llm_engine.vllm_config.scheduler_config, "max_num_seqs", None)
         self.block_size = getattr(cache, "block_size", None)
+        lora = getattr(llm.llm_engine.vllm_config, "lora_config", None)
+        self.lora_enabled = lora is not None
+        self.max_lora_rank = getattr(lora, "max_lora_rank", None)
+        self._adapters: dict[str, Adapter] = {}
+        self._hidden_size = getattr(getattr(model_config, "hf_config", None), "hidden_size", None)
+        self._served_name = getattr(model_config, "served_model_name", None)
         blocks = getattr(cache, "num_gpu_blocks", None)
         self.kv_cache_tokens = int(blocks * cache.block_size) if blocks else None
         self.renderer = PromptRenderer(llm.get_tokenizer(), self.max_model_len)
@@ -202,7 +209,59 @@ class LocalBackend(Backend):
     def add(self, requests: list[tuple[RequestHandle, ReadyRequest]]) -> None:
         from ..compat import tokens_prompt
 
-        self.driver.add([(handle, tokens_prompt(ready.prompt.token_ids), ready.params) for handle, ready in requests])
+        self.driver.add([(handle, tokens_prompt(ready.prompt.token_ids), ready.params, ready.lora)
+                         for handle, ready in requests])
+
+    # ----- LoRA adapters ---------------------------------------------------------------------------
+    @property
+    def adapters(self) -> dict[str, Adapter]:
+        return dict(self._adapters)
+
+    def _engine_lora(self, adapter: Adapter) -> Any:
+        from ..compat import LoRARequest
+
+        return LoRARequest(adapter.name, adapter.engine_id, adapter.path)
+
+    def add_adapter(self, name: str, path: str, *, any_base: bool = False) -> Adapter:
+        refusal = self.lora_refusal()
+        if refusal is not None:
+            raise AdapterError(refusal)
+        adapter = read_adapter(name, path)
+        known = self._adapters.get(adapter.name)
+        if known is not None and known.path == adapter.path:
+            return known
+        names = (self.config.model, self.config.files, *_names(self._served_name))
+        check_fits(adapter, max_rank=self.max_lora_rank, model=self.config.short_name, model_names=names,
+                   hidden_size=self._hidden_size, any_base=any_base)
+        # A new number each time: vLLM caches adapters by number, and a name may be given a new path.
+        number = max([a.engine_id for a in self._adapters.values()], default=0) + 1
+        from dataclasses import replace
+
+        adapter = replace(adapter, engine_id=number)
+        request = self._engine_lora(adapter)
+        try:  # loaded now: a broken adapter is refused here and the engine keeps serving
+            self.call(lambda llm: llm.llm_engine.add_lora(request))
+        except Exception as exc:
+            raise AdapterError(f"vLLM could not load adapter {adapter.name} from {adapter.path}: "
+                               f"{short_reason(exc)}") from None
+        if known is not None:
+            self._forget(known)
+        self._adapters[adapter.name] = adapter
+        return adapter
+
+    def remove_adapter(self, name: str) -> Adapter:
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            raise unknown_adapter(name, sorted(self._adapters))
+        self._forget(adapter)
+        del self._adapters[name]
+        return adapter
+
+    def _forget(self, adapter: Adapter) -> None:
+        try:
+            self.call(lambda llm: llm.llm_engine.remove_lora(adapter.engine_id))
+        except Exception:  # requests already running with it finish with it; nothing else holds it
+            pass
 
     def abort(self, request_ids: list[str]) -> None:
         self.driver.abort(request_ids)
@@ -337,6 +396,13 @@ class LocalBackend(Backend):
 
 
 # ----- helpers ------------------------------------------------------------------------------------
+
+def _names(served: Any) -> tuple[str, ...]:
+    """vLLM's ``served_model_name`` (a name, a list of names, or None) as a tuple."""
+    if not served:
+        return ()
+    return (served,) if isinstance(served, str) else tuple(served)
+
 
 def short_reason(exc: BaseException) -> str:
     """The innermost message of an exception chain, on one or two lines."""

@@ -35,6 +35,7 @@ from .base import Backend, ReadyRequest, SleepReport, UnloadReport
 from ..compat import version_tuple
 from ..config import EngineConfig
 from ..gpu_memory import gpu_memory_of
+from ..requests.adapters import BASE, Adapter, AdapterError, check_name, read_adapter, unknown_adapter
 from ..requests.handles import RequestHandle
 from ..requests.logprobs import from_openai_completion, from_server_prompt_logprobs, openai_ids
 from ..requests.prompts import Prepared, PromptLike, PromptRenderer, TokenPrompt, conversation_of
@@ -277,6 +278,7 @@ class RemoteBackend(Backend):
         backend = cls(url, api_key, name, int(max_model_len or 0) or 1 << 30, version, on_finished, loop,
                       time.perf_counter() - t0)
         backend.root = str(entry.get("root") or name)  # where the server loaded the model from
+        backend._note_adapters(served)
         return backend
 
     def adopt(self, engine: Any) -> None:
@@ -432,15 +434,81 @@ class RemoteBackend(Backend):
             params.values["max_tokens"] = room
         return params
 
+    # ----- LoRA adapters ---------------------------------------------------------------------------
+    def _note_adapters(self, served: list[dict[str, Any]]) -> None:
+        """The adapters in a ``/v1/models`` answer: the entries whose parent is the served model."""
+        self._adapters = {str(e["id"]): Adapter(name=str(e["id"]), path=str(e.get("root") or e["id"]),
+                                                origin="server")
+                          for e in served if e.get("parent") == self.served_name and e.get("id")}
+        if self._adapters:
+            self.lora_enabled = True
+
+    def _refresh_adapters(self) -> None:
+        models = self._loop.run(_get_json(self._loop.client, "/v1/models", self.url, self.api_key),
+                                timeout=CONNECT_TIMEOUT * 2)
+        self._note_adapters([e for e in models.get("data", []) if isinstance(e, dict)])
+
+    @property
+    def adapters(self) -> dict[str, Adapter]:
+        return dict(self.__dict__.get("_adapters", {}))
+
+    def lora_refusal(self) -> str | None:
+        return None  # the server decides: its /v1/models lists what it runs
+
+    def lora_request(self, name: str | None) -> Any:
+        if name is not None and name != BASE and name not in self.adapters:
+            self._refresh_adapters()  # loaded at runtime by another client since
+        return super().lora_request(name)
+
+    def _engine_lora(self, adapter: Adapter) -> Any:
+        return adapter.name  # a request names its adapter as its model
+
+    def add_adapter(self, name: str, path: str, *, any_base: bool = False) -> Adapter:
+        """Load an adapter into the server at runtime (``/v1/load_lora_adapter``; ``path`` is where
+        the server finds it). Checked here first when this machine sees the same directory."""
+        check_name(name)
+        if os.path.isdir(os.path.expanduser(path)):
+            path = read_adapter(name, path).path
+        self._refresh_adapters()
+        known = self.adapters.get(name)
+        if known is not None:
+            if known.path == path:
+                return known
+            self.remove_adapter(name)
+        response = self._loop.run(_post(self._loop.client, "/v1/load_lora_adapter",
+                                        {"lora_name": name, "lora_path": path}), timeout=None)
+        if response.status_code == 404:
+            raise AdapterError(f"the server at {self.url} does not load adapters at runtime: start it with "
+                               "--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment, or "
+                               "name them when it starts (vllm serve ... --lora-modules NAME=PATH)")
+        if response.status_code != 200:
+            raise AdapterError(f"the server at {self.url} could not load adapter {name} from {path}: "
+                               f"{_error_text(response)}")
+        self._refresh_adapters()
+        return self.adapters.get(name) or Adapter(name=name, path=path)
+
+    def remove_adapter(self, name: str) -> Adapter:
+        self._refresh_adapters()
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            raise unknown_adapter(name, sorted(self.adapters))
+        response = self._loop.run(_post(self._loop.client, "/v1/unload_lora_adapter", {"lora_name": name}),
+                                  timeout=None)
+        if response.status_code != 200:
+            raise AdapterError(f"the server at {self.url} did not unload adapter {name}: {_error_text(response)}")
+        self._refresh_adapters()
+        return adapter
+
     def add(self, requests: list[tuple[RequestHandle, ReadyRequest]]) -> None:
         whole: dict[str, tuple[dict[str, Any], list[tuple[RequestHandle, ReadyRequest]]]] = {}
         for handle, ready in requests:
             body = ready.params.body(self._structured_key)
+            body["model"] = ready.lora or self.served_name
             if body.get("logprobs") is not None or body.get("prompt_logprobs") is not None:
                 body["return_tokens_as_token_ids"] = True  # alternatives by id: a branch continues from one
             # vLLM sends prompt logprobs only in a whole answer, not in a stream's chunks
             if ready.stream and body.get("prompt_logprobs") is None:
-                body = {"model": self.served_name, "prompt": ready.prompt.token_ids, "stream": True,
+                body = {"prompt": ready.prompt.token_ids, "stream": True,
                         "stream_options": {"include_usage": True},  # its usage tells the cached prompt tokens
                         "return_token_ids": True, "request_id": f"{self._prefix}-{handle.request_id}", **body}
                 with self._live_lock:
@@ -449,7 +517,7 @@ class RemoteBackend(Backend):
                 whole.setdefault(json.dumps(body, sort_keys=True, default=str), (body, []))[1].append((handle, ready))
         for options, group in whole.values():
             handles = [handle for handle, _ in group]
-            body = {"model": self.served_name, "prompt": [ready.prompt.token_ids for _, ready in group],
+            body = {"prompt": [ready.prompt.token_ids for _, ready in group],
                     "stream": False, "return_token_ids": True,
                     "request_id": f"{self._prefix}-{handles[0].request_id}-{len(handles)}",
                     **options}

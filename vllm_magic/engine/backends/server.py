@@ -196,6 +196,9 @@ def server_command(config: EngineConfig, server_kwargs: dict[str, Any], address:
         env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` shows it to everyone
     if config.cpu_threads:
         env[THREADS_BIND_VARIABLE] = config.cpu_threads
+    if config.engine_kwargs.get("enable_lora"):
+        # Its /v1/load_lora_adapter route: %vllm_lora registers adapters with a server this user started.
+        env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
     return argv, env
 
 

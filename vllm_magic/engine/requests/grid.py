@@ -20,8 +20,9 @@ __all__ = ["Grid", "grid_settings", "check_grid_size", "parse_grid_flag", "GRID_
 
 #: The most requests one grid submits where the engine does not say how many it runs at once.
 GRID_LIMIT = 256
-#: Options a grid can vary: every single-valued sampling option (``stop`` is a list).
-GRID_FIELDS = tuple(name for name in SAMPLING_FIELDS if name != "stop")
+#: Options a grid can vary: every single-valued sampling option (``stop`` is a list), and ``lora``:
+#: registered LoRA adapters by name (``base``: the model without one).
+GRID_FIELDS = (*(name for name in SAMPLING_FIELDS if name != "stop"), "lora")
 # Lower bounds of the options that have no trait (the per-call ones).
 _PER_CALL_MIN = {"n": 1, "logprobs": 0, "prompt_logprobs": 0, "thinking_token_budget": 0}
 
@@ -33,7 +34,7 @@ def parse_grid_flag(spec: str) -> tuple[str, list[Any]]:
     if not sep or not name or not values.strip():
         raise RequestError(f"--grid {spec}: write an option and its values, e.g. --grid temperature=0,0.7,1.2")
     _check_field(name)
-    kind = option_type(name)
+    kind = str if name == "lora" else option_type(name)
     parsed = []
     for text in (v.strip() for v in values.split(",")):
         if not text:
@@ -43,6 +44,8 @@ def parse_grid_flag(spec: str) -> tuple[str, list[Any]]:
 
 
 def _parse_value(name: str, kind: type, text: str) -> Any:
+    if kind is str:
+        return text
     if name == "seed" and text.lower() == "none":
         return None
     try:
@@ -63,6 +66,10 @@ def _check_field(name: str) -> None:
 
 def _check_value(name: str, value: Any) -> Any:
     """``value`` for option ``name``, checked against the option's range (one line when it is out)."""
+    if name == "lora":  # the engine knows its adapters: an unknown name is refused when the grid is prepared
+        if value is not None and (not isinstance(value, str) or not value):
+            raise RequestError(f"the grid's lora values name registered adapters (or 'base'), not {value!r}")
+        return value
     if name in PER_CALL_FIELDS:
         kind = PER_CALL_FIELDS[name][0]
         if kind is int and (isinstance(value, bool) or not isinstance(value, int)):

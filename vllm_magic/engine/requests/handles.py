@@ -82,6 +82,8 @@ class GenerationResult:
     cached_tokens: int | None = None
     #: vLLM's ``logprobs_mode`` of the engine: which probabilities the logprobs are (None: a server's).
     logprobs_mode: str | None = None
+    #: The LoRA adapter that answered (its registered name), or None for the model without one.
+    lora: str | None = None
 
     @property
     def logprobs(self) -> list[TokenLogprobs] | None:
@@ -148,6 +150,8 @@ class GenerationResult:
         """The stats line every front-end shows: ``9 tokens · TTFT 45 ms · 38.2 tok/s``, plus
         ``⏹ interrupted`` or ``stopped at max tokens`` when that is how the answer ended."""
         parts = [f"{self.output_tokens} token{'s' if self.output_tokens != 1 else ''}"]
+        if self.lora:
+            parts.insert(0, f"adapter {self.lora}")
         if self.ttft is not None:
             parts.append(f"TTFT {self.ttft * 1000:.0f} ms")
         rate = self.tokens_per_second
@@ -177,8 +181,11 @@ class RequestHandle:
 
     def __init__(self, request_id: str, prompt: Any, prompt_token_ids: list[int], n: int,
                  abort: Callable[[str], None], parse: Callable[[str], Any] | None = None,
-                 sampling_params: Any = None, splitter: Any = None, logprobs_mode: str | None = None) -> None:
+                 sampling_params: Any = None, splitter: Any = None, logprobs_mode: str | None = None,
+                 lora: str | None = None) -> None:
         self.request_id = request_id
+        #: The LoRA adapter it runs with (its registered name), or None.
+        self.lora = lora
         #: The ``SamplingParams`` the engine runs this request with.
         self.sampling_params = sampling_params
         self._prompt = prompt
@@ -391,7 +398,7 @@ class RequestHandle:
                 completions=completions, ttft=ttft, elapsed=end - self.submitted_at, aborted=self._aborted,
                 error=None if self._error is None else str(self._error),
                 prompt_logprobs=None if self._prompt_logprobs is None else list(self._prompt_logprobs),
-                cached_tokens=self._cached_tokens, logprobs_mode=self.logprobs_mode)
+                cached_tokens=self._cached_tokens, logprobs_mode=self.logprobs_mode, lora=self.lora)
         if self._parse is not None and self.done and not self._aborted and result.text:
             try:
                 result.parsed = self._parse(result.text)
