@@ -285,3 +285,23 @@ def test_scaling_results_render_to_their_stored_table():
     data = json.loads((results / "cpu-scaling.json").read_text())
     assert data["meta"]["pairing"]
     assert to_markdown(data["rows"], data["meta"]).strip() == (results / "cpu-scaling.md").read_text().strip()
+
+
+def test_the_embeddings_benchmark_pairs_the_session_with_raw_vllm_on_one_engine(engine):
+    from benchmarks.embeddings import run as run_embeddings
+
+    try:
+        results = run_embeddings(["--rounds", "2", "--texts", "8"])
+        embedder = engine.embedder
+        again = run_embeddings(["--rounds", "1", "--texts", "4"])
+        assert engine.embedder is embedder  # the live embedder served the second run: no second engine
+    finally:
+        engine.unload_embedder()
+    assert engine.loaded  # the generation engine stayed
+    assert results["dimension"] == 576 and results["texts"] == 8 and len(again["rounds"]["batch"]) == 1
+    batch, single = results["rounds"]["batch"], results["rounds"]["single"]
+    assert len(batch) == len(single) == 2
+    assert all(r["raw_per_s"] > 0 and r["session_per_s"] > 0 for r in batch)
+    assert all(r["raw_ms"] > 0 and r["session_ms"] > 0 for r in single)
+    assert results["ratios"]["batch: session / raw embeddings per second"] == pytest.approx(
+        statistics.median(r["session_per_s"] / r["raw_per_s"] for r in batch))

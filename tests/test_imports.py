@@ -27,7 +27,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                 "vllm_magic.engine.flags", "vllm_magic.engine.gpu_memory", "vllm_magic.engine.model_list")),
     ("engine.requests", ("vllm_magic.engine.requests.*",)),
     ("engine.backends", ("vllm_magic.engine.backends.*",)),
-    ("engine.session", ("vllm_magic.engine.session", "vllm_magic.engine.status", "vllm_magic.engine")),
+    ("engine.session", ("vllm_magic.engine.session", "vllm_magic.engine.status", "vllm_magic.engine.embeddings",
+                        "vllm_magic.engine")),
     ("front-ends", ("vllm_magic.magics.*", "vllm_magic.widgets.*", "vllm_magic.langchain.*", "vllm_magic.__main__",
                     "vllm_magic")),
 ]

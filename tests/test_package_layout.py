@@ -53,13 +53,15 @@ def test_public_imports_stay_where_users_find_them():
 
     from vllm_magic import get_session
     from vllm_magic.engine.session import EngineSession
-    from vllm_magic.langchain import VLLM, ChatVLLM
+    from langchain_core.embeddings import Embeddings
+    from vllm_magic.langchain import VLLM, ChatVLLM, VLLMEmbeddings
     from vllm_magic.magics import VllmMagics
     from vllm_magic.widgets import Playground, SamplingPanel
 
     # Each name is the object it was, not a placeholder or a re-export of something else.
     assert isinstance(get_session(), EngineSession) and get_session() is get_session()
     assert issubclass(VLLM, BaseLLM) and issubclass(ChatVLLM, BaseChatModel)
+    assert issubclass(VLLMEmbeddings, Embeddings)
     assert issubclass(VllmMagics, Magics) and "vllm_load" in VllmMagics.magics["line"]
     assert issubclass(Playground, ipywidgets.Widget) and issubclass(SamplingPanel, ipywidgets.Widget)
 

@@ -521,3 +521,43 @@ def test_logprobs_grids_branches_and_the_prefix_cache_work_over_a_remote_session
     chat = ChatVLLM.from_session(remote, temperature=0, max_tokens=8, logprobs=True, top_logprobs=2)
     message = chat.invoke(QUESTION)
     assert "".join(c["token"] for c in message.response_metadata["logprobs"]["content"]) == message.content
+
+
+# ----- embeddings from a server -------------------------------------------------------------------------
+
+def test_an_embedding_server_gives_the_in_process_vectors_and_a_generation_server_refuses(engine, demo_server):
+    from vllm_magic.engine.embeddings import cosine
+    from vllm_magic.langchain import VLLMEmbeddings
+
+    texts = ["Leonardo da Vinci painted the Mona Lisa.", "Bread is made from flour, water, yeast and salt.",
+             "word " * 2000]  # longer than the context: truncated there as here
+    owner = EngineSession()
+    # `vllm serve MODEL --runner pooling --convert embed --max-model-len 512` (a short context: quick on a CPU)
+    server = owner.serve(port=0, runner="pooling", convert="embed", max_model_len=512)
+    remote = EngineSession()
+    try:
+        with pytest.raises(ServerError) as refused:  # a text generation server serves no embeddings
+            remote.load_embedder(url=demo_server.url)
+        message = str(refused.value)
+        assert "serves no embeddings" in message and "HTTP 404" in message and "\n" not in message
+        assert remote.embedder is None
+        info = remote.load_embedder(url=server.base_url)
+        assert not info.already_loaded and f"on the vLLM server at {server.url}" in info.summary
+        assert remote.load_embedder(url=server.url).already_loaded
+        assert "576 dimensions" in remote.status()._repr_markdown_()
+        engine.load_embedder(max_model_len=512)  # the same configuration in this kernel
+        there, here = remote.embed(texts), engine.embed(texts)
+        assert len(there) == 3 and all(len(v) == 576 for v in there)
+        assert all(cosine(x, y) > 0.99999 for x, y in zip(there, here))  # the same vectors, up to float noise
+        question = "Who painted the Mona Lisa?"
+        assert remote.score(question, texts[:2]) == pytest.approx(engine.score(question, texts[:2]), abs=1e-4)
+        live = remote.embedder
+        embeddings = VLLMEmbeddings(base_url=server.base_url, session=remote)  # attaches: no new connection
+        assert remote.embedder is live
+        assert cosine(embeddings.embed_query(texts[0]), here[0]) > 0.99999
+        assert remote.unload_embedder() and server.alive  # letting go of a server leaves it running
+    finally:
+        engine.unload_embedder()
+        remote.unload()
+        owner.stop_server()
+    assert not server.processes()

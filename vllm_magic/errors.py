@@ -9,7 +9,7 @@ object is constructed under a ``ValidationError``.
 
 from __future__ import annotations
 
-__all__ = ["VllmMagicError", "ConfigError", "NoEngineError", "EngineStartError", "EngineDiedError",
+__all__ = ["VllmMagicError", "ConfigError", "NoEngineError", "NoEmbedderError", "EngineStartError", "EngineDiedError",
            "PromptTooLongError", "RequestError", "ServerError", "SleepError"]
 
 
@@ -27,6 +27,10 @@ class ConfigError(VllmMagicError):
 
 class NoEngineError(VllmMagicError, RuntimeError):
     """No engine is loaded."""
+
+
+class NoEmbedderError(NoEngineError):
+    """No embedding engine is loaded (``%vllm_load --embed``, ``session.load_embedder()``)."""
 
 
 class EngineStartError(VllmMagicError, RuntimeError):

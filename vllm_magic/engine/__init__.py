@@ -14,6 +14,8 @@ From the bottom up (a module imports only from its own layer or the ones below i
   ``processes``), ``remote`` (a vLLM server over HTTP), ``server`` (``vllm serve`` owned by the
   kernel), ``cpu_int4`` (vLLM plugin: 4-bit matmuls on CPUs without vLLM's kernel).
 * ``session``: lifecycle, the one request path, status; what the front-ends talk to.
+* ``embeddings``: the embedding engine the session holds beside the generation engine
+  (``%vllm_load --embed``): vLLM's pooling runner in this kernel, or a server's embeddings.
 
 Directories (the cache, logs) come from :mod:`vllm_magic.paths`.
 """

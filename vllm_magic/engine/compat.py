@@ -31,6 +31,7 @@ __all__ = [
     "FlexibleArgumentParser",
     "SamplingParams",
     "RequestOutputKind",
+    "LoRARequest",
     "StructuredOutputsParams",
     "structured_outputs_kwargs",
     "abort_requests",
@@ -50,6 +51,10 @@ __all__ = [
     "serve_arg_parser",
     "custom_ops",
     "current_platform",
+    "embed_texts",
+    "score_texts",
+    "embedding_refusal",
+    "scoring_refusal",
 ]
 
 _vllm_imported = False
@@ -100,6 +105,7 @@ def _classes() -> dict[str, Any]:
     import_vllm()
     from vllm import LLM, SamplingParams
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.lora.request import LoRARequest
     from vllm.sampling_params import RequestOutputKind
 
     try:  # vLLM >= 0.11 moved the parser into argparse_utils
@@ -116,13 +122,13 @@ def _classes() -> dict[str, Any]:
         structured_field = "guided_decoding"
     return {"LLM": LLM, "EngineArgs": EngineArgs, "SamplingParams": SamplingParams,
             "RequestOutputKind": RequestOutputKind, "FlexibleArgumentParser": FlexibleArgumentParser,
-            "StructuredOutputsParams": StructuredOutputsParams, "_STRUCTURED_FIELD": structured_field}
+            "LoRARequest": LoRARequest, "StructuredOutputsParams": StructuredOutputsParams, "_STRUCTURED_FIELD": structured_field}
 
 
 def __getattr__(name: str) -> Any:
     # ``from .compat import SamplingParams`` imports vLLM here, on first use, not when compat is imported.
     if name in ("LLM", "EngineArgs", "SamplingParams", "RequestOutputKind", "FlexibleArgumentParser",
-                "StructuredOutputsParams"):
+                "StructuredOutputsParams", "LoRARequest"):
         return _classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -375,7 +381,7 @@ def serve_arg_parser(prog: str) -> Any:
 
 
 # vLLM's general plugins run in vLLM's own processes, where vLLM is already imported and the
-# kernel's log capture (import_vllm) has no business: these two import vLLM's modules as they are.
+# kernel's log capture (import_vllm) has no business: these import vLLM's modules as they are.
 
 def custom_ops() -> Any:
     """vLLM's ``_custom_ops`` module (its compiled kernels, which a plugin may replace)."""
@@ -389,3 +395,66 @@ def current_platform() -> Any:
     from vllm.platforms import current_platform as platform
 
     return platform
+
+
+# ----- pooling engines (embeddings) -----------------------------------------------------------------
+# vLLM 0.26 and 0.32 pool the same way: ``LLM(runner="pooling", convert="embed")``, ``LLM.embed`` and
+# ``LLM.score`` with ``tokenization_kwargs``, and a prompt longer than the context truncated by
+# ``truncate_prompt_tokens=-1`` (its last tokens dropped) instead of refused.
+
+#: Tokenizer arguments that cut a prompt to the model's context rather than refuse it.
+TRUNCATE_TO_CONTEXT = {"truncate_prompt_tokens": -1}
+
+
+def embed_texts(llm: Any, texts: list[str]) -> list[list[float]]:
+    """One embedding per text from a pooling ``LLM``, in order, as plain floats; texts longer than
+    the context are truncated to it."""
+    outputs = llm.embed(list(texts), use_tqdm=False, tokenization_kwargs=dict(TRUNCATE_TO_CONTEXT))
+    # vLLM hands each vector over as ``tensor.tolist()``: a list of floats already, kept as it is
+    return [_floats(output.outputs.embedding) for output in outputs]
+
+
+def _floats(vector: Any) -> list[float]:
+    if type(vector) is list and (not vector or type(vector[0]) is float):
+        return vector
+    return [float(x) for x in vector]
+
+
+def score_texts(llm: Any, query: str, documents: list[str]) -> list[float]:
+    """``LLM.score`` of ``query`` against each document (an embedding model: the cosine similarity
+    of their embeddings), in order; texts longer than the context are truncated to it."""
+    outputs = llm.score(query, list(documents), use_tqdm=False, tokenization_kwargs=dict(TRUNCATE_TO_CONTEXT))
+    return [float(output.outputs.score) for output in outputs]
+
+
+def embedding_refusal(llm: Any) -> str | None:
+    """Why a started pooling ``LLM`` gives no embeddings (``LLM.embed``), or None when it does."""
+    tasks = tuple(getattr(llm, "supported_tasks", ()) or ())
+    task = getattr(llm, "pooling_task", None)
+    if getattr(llm, "runner_type", "pooling") != "pooling":
+        return "vLLM runs it to generate text, not to pool it"
+    if "embed" not in tasks or task not in (None, "embed"):
+        return f"vLLM pools it for {task or ', '.join(tasks) or 'no task'}, not for embeddings"
+    return None
+
+
+def scoring_refusal(llm: Any) -> str | None:
+    """Why ``LLM.score`` refuses this pooling ``LLM``, or None when it scores."""
+    import_vllm()
+    from vllm.tasks import SCORE_TYPE_MAP
+
+    kind = SCORE_TYPE_MAP.get(getattr(llm, "pooling_task", None))
+    if kind is None or kind not in getattr(llm, "pooling_io_processors", {}):
+        return f"vLLM has no scoring for models pooled for {getattr(llm, 'pooling_task', None) or 'this task'}"
+    return None
+
+
+def cpu_lora_op_modules() -> tuple[Any, ...]:
+    """The modules that hold vLLM's PyTorch LoRA ops, by name, as the CPU platform calls them: the
+    ops' own module (whose ``sgmv_*`` call its ``bgmv_*``), their package, and the CPU punica
+    wrapper. ImportError where this vLLM has none."""
+    from vllm.lora.ops import torch_ops
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    return lora_ops, torch_ops, punica_cpu

@@ -23,13 +23,15 @@ import time
 import weakref
 from typing import Any, Callable, Literal, Sequence
 
-from ..errors import (ConfigError, EngineDiedError, EngineStartError, NoEngineError, PromptTooLongError,
-                      RequestError, ServerError, SleepError)
+from ..errors import (ConfigError, EngineDiedError, EngineStartError, NoEmbedderError, NoEngineError,
+                      PromptTooLongError, RequestError, ServerError, SleepError)
 from .backends.base import Backend, RequestOptions, SleepReport, UnloadReport
 from .compat import import_vllm, version_line, version_too_old, vllm_version
 from .config import EngineConfig, Parsers, resolve_engine_config
+from .embeddings import NO_EMBEDDER, Embedder, check_embedding_config, embedding_config
 from .listeners import Listeners
 from .log import EngineLog, quiet_vllm_environment
+from .requests.adapters import Adapter, adapter_names
 from .requests.grid import GRID_LIMIT, Grid, check_grid_size, grid_settings
 from .requests.handles import GenerationResult, RequestHandle
 from .requests.prompts import PromptLike, as_prompt_list
@@ -446,7 +448,7 @@ class EngineSession:
                                 loaded_line(current, already=True))
             backend = RemoteBackend.connect(url, api_key=api_key, model=model, on_finished=_weakly(self._finished))
             if self._backend is not None:
-                self.unload()
+                self.unload(embedder=False)
             self._backend = backend
             return LoadInfo(backend.config, False, time.perf_counter() - start, loaded_line(backend))
 
@@ -501,7 +503,7 @@ class EngineSession:
                                              progress, idle_timeout)
             port = pick_port(host, port)
             if handoff:
-                self.unload()
+                self.unload(embedder=False)
             try:
                 server = ManagedServer.start(config, host=host, port=port, api_key=api_key,
                                              server_kwargs=server_kwargs)
@@ -525,7 +527,7 @@ class EngineSession:
             engine, _ = persisted.find(config, served=True)
             if engine is None:
                 if handoff:
-                    self.unload()
+                    self.unload(embedder=False)
                 engine = persisted.start(
                     config, idle_timeout=persisted.DEFAULT_IDLE_TIMEOUT if idle_timeout == "default" else idle_timeout,
                     server_kwargs=server_kwargs, host=host, port=port, api_key=api_key)
@@ -546,7 +548,7 @@ class EngineSession:
         self.server = engine
         if handoff:
             if self._backend is not None:
-                self.unload()
+                self.unload(embedder=False)
             self._backend = self._attach_persisted(engine, False, progress)
         return engine
 
@@ -558,13 +560,14 @@ class EngineSession:
             if server is None:
                 return None
             if self.url == server.url:
-                self.unload()
+                self.unload(embedder=False)
             server.stop()
             return server
 
-    def unload(self, stop: bool = False) -> bool:
-        """Shut the engine down, and every sleeping engine kept, and wait until their processes
-        (and GPU memory) are gone. A persisted engine is detached from (it ends by itself after its
+    def unload(self, stop: bool = False, *, embedder: bool = True) -> bool:
+        """Shut the engine down, and every sleeping engine kept, and the embedding engine
+        (:meth:`load_embedder`; ``embedder=False`` keeps it), and wait until their processes (and GPU
+        memory) are gone. A persisted engine is detached from (it ends by itself after its
         idle timeout), or ended now with ``stop=True``, whoever else is attached.
 
         Returns False when nothing was loaded. Safe to call twice.
@@ -572,14 +575,15 @@ class EngineSession:
         if stop:
             with self._lock:
                 engines = [b.persisted for b in [self._backend, *self._kept] if b is not None and b.persisted]
-                loaded = self.unload()
+                loaded = self.unload(embedder=embedder)
                 for engine in engines:
                     engine.stop()
                 return loaded
         with self._lock:
+            embedded = embedder and self.unload_embedder()  # first: its memory is awaited on its own
             kept, self._kept = self._kept, []
             if self._backend is None and not kept:
-                return False
+                return embedded
             # Every engine stops before the wait for memory: each one's baseline counted the others.
             baselines = [b.memory_before_load for b in [*kept, self._backend]
                          if b is not None and b.memory_before_load is not None]
@@ -612,6 +616,8 @@ class EngineSession:
 
     def _shut(self, backend: Backend, baseline: Any = "own") -> UnloadReport:
         self.log.mark(f"unloading {backend.config.model}")
+        if baseline == "own" and self._embedder is not None:  # an embedder started since stays in use
+            baseline = self._embedder.remaining_after(backend)
         report = backend.shutdown(baseline)
         if report.processes_killed:
             self.log.mark(f"killed {report.processes_killed} engine process(es) that outlived shutdown")
@@ -621,7 +627,7 @@ class EngineSession:
     def submit(self, prompts: PromptLike | Sequence[PromptLike], sampling: Any = None, *,
                raw: bool | None = None, system: str | None = None, json_schema: Any = None,
                regex: str | None = None, choice: list[str] | None = None, tools: list[dict] | None = None,
-               chat_template_kwargs: dict[str, Any] | None = None, stream: bool = True,
+               chat_template_kwargs: dict[str, Any] | None = None, stream: bool = True, lora: str | None = None,
                **overrides: Any) -> list[RequestHandle]:
         """Submit one or many prompts together; returns one handle per prompt.
 
@@ -637,10 +643,12 @@ class EngineSession:
         ``stream=False`` says nobody watches the answers grow: a server elsewhere then sends each
         one whole, the batch in one HTTP request (much faster for batches); the handles still
         iterate, with each answer in one piece at its end. An engine in this process streams anyway.
+        ``lora`` names a registered LoRA adapter (:meth:`add_lora`) to answer with; None or
+        ``"base"``: the model without one.
         """
         backend = self._require()
         options = self._options(sampling, raw, system, json_schema, regex, choice, tools, chat_template_kwargs,
-                                stream, overrides)
+                                stream, overrides, lora)
         requests = self._requests(backend, as_prompt_list(prompts), options)
         return self._add(backend, requests)
 
@@ -649,7 +657,8 @@ class EngineSession:
         """Every prompt under every combination of sampling settings, in one submission.
 
         ``axes`` maps sampling options to the values to try (``{"temperature": [0, 0.7, 1.2],
-        "top_p": [0.9, 1.0]}``: 6 settings); ``overrides`` hold for all of them. Returns a
+        "top_p": [0.9, 1.0]}``: 6 settings; ``{"lora": ["base", "pirate"]}`` puts registered LoRA
+        adapters beside the model without one); ``overrides`` hold for all of them. Returns a
         :class:`~vllm_magic.engine.requests.grid.Grid` (``results()`` waits, ``to_pandas()``, an HTML
         table in a notebook). Each answer carries its logprobs (``logprobs=0`` unless asked for
         more: the table's mean logprob). Checked before anything is submitted: the options, the
@@ -662,14 +671,15 @@ class EngineSession:
         requests = []
         for setting in settings:
             merged = {"logprobs": 0, **overrides, **setting}
-            options = self._options(None, raw, system, None, None, None, None, None, stream, merged)
+            lora = merged.pop("lora", None)
+            options = self._options(None, raw, system, None, None, None, None, None, stream, merged, lora)
             requests.append(self._requests(backend, items, options))
         handles = self._add(backend, [r for group in requests for r in group])
         return Grid(items, settings, [handles[i * len(items):(i + 1) * len(items)] for i in range(len(settings))])
 
     def _options(self, sampling: Any, raw: bool | None, system: str | None, json_schema: Any, regex: str | None,
                  choice: list[str] | None, tools: list[dict] | None, chat_template_kwargs: dict[str, Any] | None,
-                 stream: bool, overrides: dict[str, Any]) -> RequestOptions:
+                 stream: bool, overrides: dict[str, Any], lora: str | None = None) -> RequestOptions:
         structured = {k: v for k, v in (("json_schema", json_schema), ("regex", regex), ("choice", choice))
                       if v is not None}
         if sampling is not None and (overrides or structured):
@@ -678,7 +688,7 @@ class EngineSession:
             raw=self.defaults.raw if raw is None else raw,
             system=self.defaults.system_prompt if system is None else system,
             overrides=overrides, structured=structured, sampling=sampling, tools=tools,
-            template=chat_template_kwargs, stream=stream)
+            template=chat_template_kwargs, stream=stream, lora=lora)
 
     def _requests(self, backend: Backend, items: list[PromptLike],
                   options: RequestOptions) -> list[tuple[RequestHandle, Any]]:
@@ -693,7 +703,8 @@ class EngineSession:
             splitter = ReasoningSplitter(reasoning, tokenizer) if reasoning else None
             handle = RequestHandle(f"vm-{next(self._ids)}", request.prompt.text, request.prompt.token_ids,
                                    request.params.n, self._abort_one, parse, sampling_params=request.params,
-                                   splitter=splitter, logprobs_mode=backend.logprobs_mode)
+                                   splitter=splitter, logprobs_mode=backend.logprobs_mode,
+                                   lora=None if request.lora is None else adapter_names(options.lora))
             requests.append((handle, request))
         return requests
 
@@ -734,6 +745,41 @@ class EngineSession:
             refusal = backend.thinking_budget_refusal()
             if refusal is not None:
                 raise RequestError(f"a thinking budget (--thinking-budget, thinking_token_budget): {refusal}")
+
+    # ----- LoRA adapters ------------------------------------------------------------------------------
+    def add_lora(self, name: str, path: str | os.PathLike, *, any_base: bool = False) -> Adapter:
+        """Register the LoRA adapter in ``path`` (a directory written by peft's ``save_pretrained``)
+        under ``name``, for requests to name (``submit(..., lora=name)``, ``%%vllm --lora NAME``).
+
+        The engine must have been loaded with ``--enable-lora`` (``enable_lora=True``) and a
+        ``max_lora_rank`` at least the adapter's rank. The adapter is loaded now, so that a broken
+        one is refused here. A server elsewhere loads it at runtime where it allows that
+        (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``; ``path`` is then a path on the server's machine).
+        Every mistake is one :class:`~vllm_magic.engine.requests.adapters.AdapterError` line: not
+        an adapter, a rank over the engine's, weights for another hidden size, a base model of
+        another name (``any_base=True`` allows that one: the same model saved under another name).
+        Registering a name again replaces its adapter. Adapters belong to their engine: loading
+        another model forgets them.
+        """
+        backend = self._require()
+        with self._lock:
+            adapter = backend.add_adapter(name, os.fspath(path), any_base=any_base)
+        self.log.mark(f"adapter {adapter.name} registered from {adapter.path}")
+        return adapter
+
+    def remove_lora(self, name: str) -> Adapter:
+        """Forget the adapter registered as ``name``; returns it."""
+        backend = self._require()
+        with self._lock:
+            return backend.remove_adapter(name)
+
+    @property
+    def adapters(self) -> list[Adapter]:
+        """The LoRA adapters requests can name now, in the order of their names."""
+        backend = self._backend
+        if backend is None or backend.death() is not None:
+            return []
+        return [adapter for _, adapter in sorted(backend.adapters.items())]
 
     def generate(self, prompt: PromptLike, **kwargs: Any) -> GenerationResult:
         """Submit one prompt and wait for its result (Ctrl-C aborts it)."""
@@ -787,6 +833,144 @@ class EngineSession:
             raise EngineDiedError(backend.died_message(death))
         return backend
 
+    # ----- embeddings ----------------------------------------------------------------------------
+    #: The embedding engine beside the generation engine (:meth:`load_embedder`), or None.
+    _embedder: Embedder | None = None
+    #: What the last unload of an embedding engine left behind (processes, device memory).
+    last_embedder_unload: UnloadReport | None = None
+
+    @property
+    def embedder(self) -> Embedder | None:
+        """The embedding engine (None when none is loaded); for tests and benchmarks: front-ends
+        use :meth:`embed` and :meth:`score`."""
+        return self._embedder
+
+    def resolve_embedder(self, model: str | os.PathLike | None = None, **engine_kwargs: Any) -> EngineConfig:
+        """The configuration ``load_embedder(model, **engine_kwargs)`` would run (nothing is started)."""
+        import_vllm()
+        return embedding_config(model, engine_kwargs)
+
+    def load_embedder(self, model: str | os.PathLike | None = None, *, url: str | None = None,
+                      api_key: str | None = None, verbose: bool = False,
+                      progress: Callable[[str, float], None] | None = None, **engine_kwargs: Any) -> LoadInfo:
+        """Load an embedding model beside the generation engine (:meth:`embed`, :meth:`score`), or
+        keep the embedder when it serves that request.
+
+        ``model`` is any model vLLM pools into embeddings, by Hub id (fetched as :meth:`load` fetches
+        it) or directory; None: the demo model, made an embedding model by vLLM's pooling runner
+        (``runner="pooling"``, ``convert="embed"``: the last token's hidden state, normalized).
+        ``engine_kwargs`` are vLLM engine arguments, as for :meth:`load`. ``url`` uses the
+        ``/v1/embeddings`` of a vLLM server instead (``model``: which of its models, None: the
+        first; ``api_key``: its key); a server that serves no embeddings is refused in one
+        :class:`ServerError` line.
+
+        One embedder at a time, by the rule of :meth:`load` (:meth:`EngineConfig.serves`): a request
+        the embedder serves returns at once; another is checked first (a configuration vLLM refuses,
+        or a model it would pool for something else: :class:`ConfigError`, the embedder kept), then
+        replaces it: the old one is shut down and its memory given back before the new one starts.
+        The generation engine is never touched. On an NVIDIA GPU the embedder is sized as every engine
+        vllm-magic starts (:mod:`.gpu_memory`): weights and a KV cache for ``concurrency`` full-length
+        sequences, at most half the memory left free beside the generation engine; one that does
+        not fit is refused in one line (:class:`~.gpu_memory.DoesNotFit`, an
+        :class:`EngineStartError`) before anything starts, and the generation engine goes on
+        serving. On a CPU both live in host RAM, each with its own KV cache (1 GiB by default).
+        """
+        start = time.perf_counter()
+        if url is not None:
+            if engine_kwargs:
+                raise ConfigError(f"engine arguments ({', '.join(sorted(engine_kwargs))}) shape an engine started "
+                                  "here; a server embeds with the arguments it was started with")
+            name = None if model is None else os.fspath(model)
+            with self._lock:
+                current = self._embedder
+                if current is not None and current.attached_to(url, api_key, name):
+                    return LoadInfo(current.config, True, time.perf_counter() - start,
+                                    current.loaded_line(already=True))
+                embedder = Embedder.connect(url, api_key=api_key, model=name)  # before the old one goes
+                self._replace_embedder(embedder)
+                return LoadInfo(embedder.config, False, time.perf_counter() - start, embedder.loaded_line())
+        quiet_vllm_environment(verbose)
+        current = self._embedder
+        if model is not None and (current is None or current.config.model != os.fspath(model)):
+            self.download(os.fspath(model), revision=engine_kwargs.get("revision"),
+                          download_dir=engine_kwargs.get("download_dir"), progress=progress)
+        import_vllm(verbose)
+        installed = vllm_version()
+        if version_too_old(installed):
+            raise ConfigError(version_line(installed))
+        config = embedding_config(model, engine_kwargs)
+        with self._lock:
+            current = self._embedder
+            if current is not None and current.serves(config):
+                return LoadInfo(current.config, True, time.perf_counter() - start, current.loaded_line(already=True))
+            config = self._downloaded(config, progress)
+            check_embedding_config(config, self.log)  # refused while the embedder loaded now still serves
+            self._replace_embedder(None)
+            self._embedder = Embedder.start(config, self.log, verbose=verbose, progress=progress)
+            return LoadInfo(config, False, time.perf_counter() - start, self._embedder.loaded_line())
+
+    def unload_embedder(self) -> bool:
+        """Shut the embedding engine down and wait until its processes (and GPU memory) are gone (a
+        server: let go of it); the generation engine keeps serving. False when none was loaded."""
+        with self._lock:
+            if self._embedder is None:
+                return False
+            self._replace_embedder(None)
+            return True
+
+    def _replace_embedder(self, embedder: Embedder | None) -> None:
+        old, self._embedder = self._embedder, embedder
+        if old is not None:
+            self.log.mark(f"unloading the embedder {old.config.model}")
+            self.last_embedder_unload = old.shutdown()
+
+    def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
+        """The embedding of each text, in order, as lists of plain floats (a single text: a list of
+        one). Texts longer than the model's context are truncated to it (their last tokens are
+        dropped), never refused.
+
+        An embedder in this kernel computes on its engine's one driver thread: Ctrl-C stops the
+        wait here, the engine finishes that call and keeps serving. Raises :class:`NoEmbedderError`
+        when no embedder is loaded (say how to load one), :class:`RequestError` for texts vLLM
+        refuses (an empty one).
+        """
+        items = self._texts(texts, "texts to embed")
+        embedder = self._require_embedder()
+        return embedder.embed(items) if items else []
+
+    def score(self, query: str, documents: str | Sequence[str]) -> list[float]:
+        """How close each document is to ``query``, in order: vLLM's ``LLM.score``, which for an
+        embedding model is the cosine similarity of their embeddings (1.0: the same direction); a
+        server's embeddings are compared here the same way. Texts are truncated as in :meth:`embed`.
+        A model vLLM cannot score with is refused in one :class:`RequestError` line."""
+        if not isinstance(query, str):
+            raise RequestError(f"the query to score against is a string, not {type(query).__name__}")
+        items = self._texts(documents, "documents to score")
+        embedder = self._require_embedder()
+        return embedder.score(query, items) if items else []
+
+    def run_on_embedder(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(llm)`` with the embedder's raw ``vllm.LLM`` on its driver thread (benchmarks)."""
+        return self._require_embedder().call(fn)
+
+    @staticmethod
+    def _texts(texts: str | Sequence[str], what: str) -> list[str]:
+        items = [texts] if isinstance(texts, str) else list(texts)
+        wrong = sorted({type(item).__name__ for item in items if not isinstance(item, str)})
+        if wrong:
+            raise RequestError(f"the {what} are strings, not {', '.join(wrong)}")
+        return items
+
+    def _require_embedder(self) -> Embedder:
+        embedder = self._embedder
+        if embedder is None:
+            raise NoEmbedderError(NO_EMBEDDER)
+        return embedder
+
+    def _embedder_line(self) -> str | None:
+        embedder = self._embedder
+        return None if embedder is None else embedder.describe()
+
     # ----- status --------------------------------------------------------------------------------
     def status(self) -> SessionStatus:
         """Model, engine args, platform, memory, uptime and request counters."""
@@ -794,7 +978,7 @@ class EngineSession:
         kept = self.kept
         if backend is None:
             return SessionStatus(loaded=False, submissions=self.submissions, requests_served=self.requests_served,
-                                 tokens_out=self.tokens_out, kept=kept)
+                                 tokens_out=self.tokens_out, kept=kept, embedder=self._embedder_line())
         dead = backend.death()
         memory, kind = (None, "") if dead else backend.memory()
         config = backend.config
@@ -808,7 +992,8 @@ class EngineSession:
             fingerprint=config.fingerprint, log_path=str(self.log.path), dead=dead,
             server=self.url, asleep=backend.asleep, kept=kept,
             persisted=None if backend.persisted is None or dead else backend.persisted.describe(),
-            gpu=None if dead else gpu_line(backend))
+            gpu=None if dead else gpu_line(backend), embedder=self._embedder_line(),
+            adapters=None if dead or not backend.lora_enabled else [a.summary for a in self.adapters])
 
 
 def check_logprobs(name: str, flag: str, wanted: Any, limit: int | None) -> None:

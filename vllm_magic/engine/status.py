@@ -91,11 +91,18 @@ class SessionStatus:
     persisted: str | None = None
     #: NVIDIA GPU: how the engine was sized (its KV cache) and each card's free memory, or None.
     gpu: str | None = None
+    #: The LoRA adapters requests can name (``%vllm_lora``), one line each; None where the engine
+    #: runs none (loaded without ``--enable-lora``).
+    adapters: list[str] | None = None
+    #: The embedding engine beside it (``%vllm_load --embed``), in one line, or None.
+    embedder: str | None = None
 
     def _repr_markdown_(self) -> str:
         kept = "".join(f"\n- {k.describe()}" for k in self.kept)
         kept = f"\n\nSleeping engines (`%vllm_load` of one wakes it; `%vllm_unload` frees all):{kept}" if kept else ""
-        return self._main_markdown() + kept
+        embedder = (f"\n\nEmbedding engine (`%vllm_unload --embed` frees it): {self.embedder}" if self.embedder
+                    else "")
+        return self._main_markdown() + kept + embedder
 
     def _main_markdown(self) -> str:
         if not self.loaded:
@@ -122,6 +129,8 @@ class SessionStatus:
             ("memory", mem), *([("GPU", self.gpu)] if self.gpu else []), ("uptime", f"{self.uptime:.0f} s"), ("load time", f"{self.load_seconds:.1f} s"),
             ("requests served", self.requests_served), ("tokens out", self.tokens_out),
             ("requests running", self.requests_live),
+            *([("LoRA adapters", "; ".join(self.adapters) or "none registered (%vllm_lora NAME PATH)")]
+              if self.adapters is not None else []),
             ("engine args", ", ".join(f"{k}={v}" for k, v in sorted(self.engine_args.items())) or "-"),
         ]
         return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)

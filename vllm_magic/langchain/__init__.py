@@ -1,4 +1,5 @@
-"""The live engine as LangChain models: ``VLLM`` (an LLM) and ``ChatVLLM`` (a chat model).
+"""The live engine as LangChain models: ``VLLM`` (an LLM) and ``ChatVLLM`` (a chat model), and the
+embedding engine as ``VLLMEmbeddings`` (``%vllm_load --embed``).
 
 ``VLLM`` is a drop-in for ``langchain_community.llms.VLLM`` (same constructor fields), but it
 never builds an engine of its own: it attaches to the kernel's engine, or loads its configuration
@@ -11,6 +12,7 @@ defaults (the sampling widgets, ``%config``); fields you set, and call-time argu
 """
 
 from .chat import ChatVLLM
+from .embeddings import VLLMEmbeddings
 from .llm import VLLM
 
-__all__ = ["VLLM", "ChatVLLM"]
+__all__ = ["VLLM", "ChatVLLM", "VLLMEmbeddings"]

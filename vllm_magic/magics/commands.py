@@ -102,6 +102,9 @@ class VllmMagics(Magics, SamplingTraits):
               "kernel attached, or with %%vllm_unload --stop.")
     @argument("--idle-timeout", metavar="DURATION", help="How long a --persist engine waits with no kernel attached "
               "and no request before it ends: 90s, 15m (default), 2h, or never.")
+    @argument("--embed", action="store_true", help="Load MODEL (none: the demo model) as the embedding engine, "
+              "beside the generation engine and without touching it (session.embed, VLLMEmbeddings); with "
+              "--remote, use the server's embeddings.")
     @argument("engine_flags", nargs="*", metavar="ENGINE FLAGS",
               help="Any `vllm serve` engine flag, same spelling: --max-model-len 2048, --dtype float16, "
                    "--tensor-parallel-size 2, --quantization awq, --enforce-eager, ... "
@@ -153,8 +156,21 @@ class VllmMagics(Magics, SamplingTraits):
         vLLM's parsers for this session's answers: thinking shows apart from the answer, and
         ``ChatVLLM`` reads tool calls. They are applied here, to the generated text, and are not
         engine flags: changing them never restarts the engine.
+
+        With ``--embed`` the model becomes the session's embedding engine instead, beside the
+        generation engine (which it never touches): vLLM's pooling runner in this kernel, with the
+        same engine flags and the same "already loaded" rule, or ``--embed --remote URL`` for a
+        server's embeddings. ``session.embed(texts)``, ``session.score(query, docs)`` and
+        ``VLLMEmbeddings`` use it; ``%vllm_unload --embed`` frees it::
+
+            %vllm_load --embed
+            %vllm_load --embed BAAI/bge-small-en-v1.5 --max-model-len 512
+            %vllm_load --embed --remote http://gpu-box:8001
         """
         args, split = split_vllm_line(self.vllm_load, line)
+        if args.embed:
+            self._load_embedder(args, split)
+            return
         if args.remote:
             for flag in ("keep", "persist"):
                 if getattr(args, flag):
@@ -211,6 +227,25 @@ class VllmMagics(Magics, SamplingTraits):
             info = self.session.connect(args.remote, api_key=args.api_key, model=flags.model)
         self._loaded(info, args)
         self.session.parsers = flags.parsers
+
+    def _load_embedder(self, args: Any, split: MagicLine) -> None:
+        """``%vllm_load --embed``: load the session's embedding engine (the generation engine stays)."""
+        for flag in ("keep", "persist"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag} is about the generation engine; it does not go with --embed")
+        if args.idle_timeout is not None or args.as_name != "llm":
+            raise UsageError("--idle-timeout and --as are about the generation engine; they do not go with --embed")
+        if args.api_key and not args.remote:
+            raise UsageError("--api-key goes with --remote URL")
+        progress = LoadProgress(supports_updates(self.shell))
+        with usage_errors("loading interrupted; no embedding engine is loaded (run %vllm_load --embed again)"), \
+                closing(progress):
+            flags = remote_flags(split.vllm, split.model) if args.remote else load_flags(split.vllm, split.model)
+            if flags.parsers.reasoning or flags.parsers.tool_call:
+                raise UsageError("parsers read generated text: give them to the generation engine's %vllm_load")
+            info = self.session.load_embedder(flags.model, url=args.remote, api_key=args.api_key, verbose=args.verbose,
+                                              progress=progress, **flags.engine)
+        print(("" if info.already_loaded else "✓ ") + info.summary)
 
     def _publish_langchain(self, name: str) -> None:
         """Put a LangChain LLM over the live engine into the namespace as ``name``."""
@@ -328,14 +363,26 @@ class VllmMagics(Magics, SamplingTraits):
     @magic_arguments()
     @argument("--stop", action="store_true", help="Also end the persisted engine this kernel is attached to "
               "(whoever else is attached); with none attached, end those no kernel is attached to.")
+    @argument("--embed", action="store_true", help="Unload only the embedding engine (%%vllm_load --embed).")
     @line_magic
     def vllm_unload(self, line: str = "") -> None:
-        """Shut the engine down and free its memory (sleeping engines kept by --keep too).
+        """Shut the engine down and free its memory (sleeping engines kept by --keep too, and the
+        embedding engine of ``%vllm_load --embed``; ``--embed`` unloads only that one).
 
         A persisted engine (``%vllm_load --persist``) is detached from and keeps running for other
         kernels until its idle timeout; ``--stop`` ends it now.
         """
         args = parse_line(self.vllm_unload, line)
+        embedder = self.session.embedder
+        if args.embed:
+            if args.stop:
+                raise UsageError("--stop ends a persisted generation engine; it does not go with --embed")
+            if not self.session.unload_embedder():
+                print("no embedding model is loaded")
+            else:
+                print(f"unloaded the embedding engine of {embedder.config.short_name}"
+                      + (" (the server keeps running)" if embedder.kind == "remote" else ""))
+            return
         name = self.session.config.short_name if self.session.loaded else None
         url = self.session.url
         persisted = self.session.backend.persisted if self.session.loaded else None
@@ -356,6 +403,8 @@ class VllmMagics(Magics, SamplingTraits):
             else:
                 first = f"unloaded {name}"
             done = [first] if name else []
+            if embedder is not None:
+                done.append(f"unloaded the embedding engine of {embedder.config.short_name}")
             if sleeping:
                 from ..engine.config import short_model_name
 
@@ -458,6 +507,48 @@ class VllmMagics(Magics, SamplingTraits):
         return self.session.status()
 
     @magic_arguments()
+    @argument("name", nargs="?", help="The name requests use for the adapter (%%%%vllm --lora NAME).")
+    @argument("path", nargs="?", help="The adapter's directory (peft's save_pretrained; for a --remote server, "
+              "a path on its machine).")
+    @argument("--remove", action="store_true", help="Forget the adapter NAME.")
+    @argument("--any-base", action="store_true", help="Register it although its base model has another name "
+              "(the same model saved elsewhere).")
+    @line_magic
+    def vllm_lora(self, line: str = "") -> None:
+        """Register a LoRA adapter with the loaded engine, or list them.
+
+        The engine needs vLLM's ``--enable-lora`` (and ``--max-lora-rank R`` for adapters of rank
+        over 16). Cells then answer with it by name, and a grid puts it beside the model::
+
+            %vllm_load --enable-lora
+            %vllm_lora pirate /path/to/adapter
+            %%vllm --lora pirate
+            %%vllm --grid lora=base,pirate
+        """
+        args = parse_line(self.vllm_lora, line)
+        with usage_errors():
+            if args.remove:
+                if not args.name or args.path:
+                    raise UsageError("--remove takes the adapter's name only: %vllm_lora --remove NAME")
+                adapter = self.session.remove_lora(args.name)
+                print(f"adapter {adapter.name} removed")
+                return
+            if args.name and not args.path:
+                raise UsageError(f"%vllm_lora {args.name} needs the adapter's directory: %vllm_lora NAME PATH")
+            if args.name:
+                adapter = self.session.add_lora(args.name, args.path, any_base=args.any_base)
+                print(f"✓ adapter {adapter.summary}: %%vllm --lora {adapter.name}")
+                return
+            if self.session.config is None:
+                raise UsageError("no model is loaded: %vllm_load MODEL --enable-lora first")
+            adapters = self.session.adapters
+            if not adapters:
+                refusal = self.session.backend.lora_refusal()
+                print(f"no adapters registered; {refusal}" if refusal else "no adapters registered: %vllm_lora NAME PATH")
+            for adapter in adapters:
+                print(adapter.summary)
+
+    @magic_arguments()
     @argument("-n", "--lines", type=int, default=40, help="How many of the last lines to show (default 40).")
     @argument("--path", action="store_true", help="Only print where the log file is.")
     @line_magic
@@ -524,8 +615,11 @@ class VllmMagics(Magics, SamplingTraits):
     @argument("--out", metavar="NAME", help="Also store the result (a list for a batch) in NAME.")
     @argument("--explore", action="store_true", help="Show the answer in a token explorer: tokens coloured by "
               "probability, their alternatives, and branches from any of them (asks for --logprobs 5 unless given).")
+    @argument("--lora", metavar="NAME", help="Answer with the LoRA adapter registered as NAME (%%vllm_lora NAME "
+              "PATH); 'base': the model without one.")
     @argument("--grid", action="append", metavar="OPTION=V1,V2",
-              help="Answer under each value of a sampling option (e.g. --grid temperature=0,0.7,1.2); several "
+              help="Answer under each value of a sampling option (e.g. --grid temperature=0,0.7,1.2, or "
+              "lora=base,NAME for adapters beside the model); several "
               "--grid flags make every combination. The cell's prompts x settings go in one submission and show "
               "as a table; the value is a Grid (grid.to_pandas()).")
     @no_var_expand
@@ -569,7 +663,8 @@ class VllmMagics(Magics, SamplingTraits):
             if self.session.asleep is not None:  # the request would wake it: say so, it may take seconds
                 print(f"waking {self.session.config.short_name} (asleep, level {self.session.asleep.level})")
             handles = self.session.submit(items, raw=args.raw, system=args.system, **structured, **thinking,
-                                          stream=len(items) <= STREAMED_PROMPTS, **sampling_overrides(args))
+                                          stream=len(items) <= STREAMED_PROMPTS, lora=args.lora,
+                                          **sampling_overrides(args))
         try:
             return self._answer(handles, prompts, items, parse, args)
         except KeyboardInterrupt:  # outside the streaming loop (which handles it): never leave requests running
@@ -591,7 +686,9 @@ class VllmMagics(Magics, SamplingTraits):
                 if name in axes:
                     raise UsageError(f"--grid {name} is given twice; put all its values in one flag")
                 axes[name] = values
-            grid = self.session.grid(prompts, axes, raw=args.raw, system=args.system, **sampling_overrides(args))
+            fixed = {"lora": args.lora} if args.lora is not None else {}
+            grid = self.session.grid(prompts, axes, raw=args.raw, system=args.system, **fixed,
+                                     **sampling_overrides(args))
         with usage_errors(interrupted="interrupted: the grid's requests were aborted in the engine"):
             progress = GridProgress(grid, live=supports_updates(self.shell))
             progress.wait()
