@@ -15,5 +15,5 @@ def test_notebooks_command_copies_every_tutorial(tmp_path, capsys):
     assert main(["notebooks", str(tmp_path / "tutorials")]) == 0
     names = sorted(p.name for p in (tmp_path / "tutorials").iterdir())
     assert names == ["01-quickstart.ipynb", "02-langchain.ipynb", "03-widgets.ipynb", "04-serving.ipynb",
-                     "05-scaling.ipynb", "06-look-inside.ipynb"]
-    assert len(capsys.readouterr().out.splitlines()) == 6
+                     "05-scaling.ipynb", "06-look-inside.ipynb", "07-adapters-and-retrieval.ipynb"]
+    assert len(capsys.readouterr().out.splitlines()) == 7

@@ -176,7 +176,7 @@ def test_adapter_answers_unseen_questions_like_a_pirate_and_the_model_alone_does
         pirate = tokenizer.decode(peft_greedy_ids(base, prepared, ids, 16))
         plain = tokenizer.decode(peft_greedy_ids(base, None, ids, 16))
         assert pirate.startswith(PIRATE_OPENING), pirate
-        assert not re.search(r"\b(arr|matey|ye|be)\b", plain, re.IGNORECASE), plain
+        assert not re.search(r"\b(arr|matey)\b", plain, re.IGNORECASE), plain
 
 
 def test_cli_prints_the_adapter_directory(prepared):

@@ -11,6 +11,10 @@
 #   look       logprobs, branches, grids and the prefix cache: their tests (in process and over a server)
 #              and notebook 06 under nbval
 #   lookbench  benchmarks.look_inside: a branch's and turn 10's time to first token, decode with logprobs
+#   adapters   LoRA adapters and embeddings: their tests (the demo adapter against transformers + peft, base
+#              and adapter in one submission, a server's runtime loading, the embeddings engine beside the
+#              generation engine, LangChain's standard embeddings tests) and notebook 07 under nbval
+#   adapterbench  benchmarks.adapters and benchmarks.embeddings: adapter vs base decode, embeddings per second
 # Extra wheels (langchain-tests, langchain-community, matplotlib and their dependencies) are installed
 # from ~/chunks/extra when that folder is there. Results and logs go to $OUT.
 set -uo pipefail
@@ -22,6 +26,9 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false VLLM_USE_
 if [ -d "$HOME/chunks/extra" ] && ! python3 -c "import langchain_tests, langchain_community" 2>/dev/null; then
   python3 -m pip install --quiet --no-index --find-links "$HOME/chunks/extra" langchain-tests langchain-community \
     matplotlib 2>&1 | tail -n 3
+fi
+if [ -d "$HOME/chunks/extra" ] && ! python3 -c "import peft" 2>/dev/null; then
+  python3 -m pip install --quiet --no-deps --no-index --find-links "$HOME/chunks/extra" peft accelerate 2>&1 | tail -n 3
 fi
 python3 -m ipykernel install --user --name python3 >/dev/null 2>&1
 python3 -m vllm_magic demo-model --quiet 2>&1 | tail -n 3
@@ -53,6 +60,15 @@ case "$PART" in
   lookbench)
     timeout "$LIMIT" python3 -m benchmarks.look_inside --rounds 3 --json "$OUT/gpu-look-inside.json" 2>&1 \
       | tee "$OUT/look-inside.log" | tail -n 30 ;;
+  adapters)
+    timeout "$LIMIT" $PYTEST --junitxml="$OUT/adapters.xml" tests/test_demo_lora.py tests/test_lora.py \
+      tests/test_embeddings.py tests/test_langchain_embeddings_standard.py \
+      notebooks/07-adapters-and-retrieval.ipynb --nbval --nbval-sanitize-with notebooks/sanitize.cfg 2>&1 \
+      | tee "$OUT/adapters.log" | tail -n 60 ;;
+  adapterbench)
+    timeout "$LIMIT" bash -c "python3 -m benchmarks.adapters --rounds 3 --json $OUT/gpu-adapters.json; \
+      python3 -m benchmarks.embeddings --rounds 3 --json $OUT/gpu-embeddings.json" 2>&1 \
+      | tee "$OUT/adapters-bench.log" | tail -n 30 ;;
   share)
     timeout "$LIMIT" python3 -m benchmarks.gpu_memory_default --model "$HOME/models/llama8b-shape" --rounds 2 \
       --engine-args '{"load_format": "dummy", "dtype": "bfloat16", "max_model_len": 4096}' \
