@@ -28,7 +28,7 @@ class TokenRecorder(BaseCallbackHandler):
 
 
 def test_public_names():
-    assert lc.__all__ == ["VLLM", "ChatVLLM"]
+    assert lc.__all__ == ["VLLM", "ChatVLLM", "VLLMEmbeddings"]
 
 
 # ----- the seed tutorial, with only the import changed ---------------------------------------------
