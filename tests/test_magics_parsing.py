@@ -156,6 +156,8 @@ def test_help_of_the_magics_lists_our_flags_and_points_at_vllm_serve():
     ("--idle-timeout 5m", "--idle-timeout says when a --persist engine ends: add --persist"),
     ("--persist --idle-timeout soon", "--idle-timeout takes a duration such as 90s, 15m or 2h"),
     ("--persist --remote http://127.0.0.1:1", "--persist is about an engine of this user"),
+    ("--idle-timeout 5m --remote http://127.0.0.1:1", "--idle-timeout is about an engine of this user"),
+    ("--embed --as emb", "--as is about the generation engine; it does not go with --embed"),
 ])
 def test_persist_mistakes_are_one_line_before_anything_starts(line, message):
     from ipython_capture import make_shell

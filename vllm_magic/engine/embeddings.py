@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError, EngineDiedError, EngineStartError, RequestError, ServerError
 from .backends.base import UnloadReport
+from .backends.remote import answer_json, error_text, normalize_url, unreachable
 from .config import EngineConfig, resolve_engine_config
 
 __all__ = ["Embedder", "embedding_config", "check_embedding_config", "cosine", "NO_EMBEDDER"]
@@ -327,8 +328,6 @@ class _Server:
     def connect(cls, url: str, api_key: str | None, model: str | None) -> "_Server":
         import httpx
 
-        from .backends.remote import normalize_url
-
         url = normalize_url(url)
         api_key = api_key or os.environ.get("VLLM_API_KEY") or None  # the variable `vllm serve` reads
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -339,7 +338,11 @@ class _Server:
         else:
             client = httpx.Client(base_url=url, headers=headers, timeout=timeout)
         try:
-            served = [e for e in _answer(client, "GET", "/v1/models", url, api_key).json().get("data", [])
+            try:
+                response = client.get("/v1/models")
+            except httpx.HTTPError as exc:
+                raise unreachable(url, exc) from None
+            served = [e for e in answer_json(response, "/v1/models", url, api_key).get("data", [])
                       if isinstance(e, dict)]
             if not served:
                 raise ServerError(f"the server at {url} serves no model")
@@ -352,7 +355,7 @@ class _Server:
             response = server._post([_PROBE])
             if response.status_code != 200:
                 raise ServerError(f"the server at {url} serves no embeddings for {server.name} "
-                                  f"({_error_line(response)}): start one with `vllm serve MODEL --runner pooling`, "
+                                  f"({error_text(response)}): start one with `vllm serve MODEL --runner pooling`, "
                                   "or run the embedder here with %vllm_load --embed")
             server.dimension = len(response.json()["data"][0]["embedding"])
         except BaseException:
@@ -361,8 +364,6 @@ class _Server:
         return server
 
     def is_for(self, url: str, api_key: str | None, model: str | None) -> bool:
-        from .backends.remote import normalize_url
-
         api_key = api_key or os.environ.get("VLLM_API_KEY") or None
         return normalize_url(url) == self.url and api_key == self.api_key and model in (None, self.name)
 
@@ -382,42 +383,12 @@ class _Server:
     def embed(self, texts: list[str]) -> list[list[float]]:
         response = self._post(texts)
         if response.status_code != 200:
-            raise RequestError(f"the server at {self.url} refused the texts: {_error_line(response)}")
+            raise RequestError(f"the server at {self.url} refused the texts: {error_text(response)}")
         data = sorted(response.json()["data"], key=lambda item: item["index"])
         return [[float(x) for x in item["embedding"]] for item in data]
 
     def close(self) -> None:
         self._client.close()
-
-
-def _answer(client: Any, method: str, path: str, url: str, api_key: str | None) -> Any:
-    """A short call's answer, or :class:`ServerError` in one line (unreachable, a key wanted, not vLLM)."""
-    import httpx
-
-    try:
-        response = client.request(method, path)
-    except httpx.HTTPError as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise ServerError(f"could not reach a vLLM server at {url}: {reason}. Is it running, and is the URL "
-                          "right?") from None
-    if response.status_code == 401:
-        raise ServerError(f"the server at {url} refused the API key (HTTP 401): pass the key it was started with"
-                          if api_key else f"the server at {url} wants an API key (HTTP 401): pass it (--api-key KEY)")
-    if response.status_code != 200:
-        raise ServerError(f"the server at {url} answered {path} with {_error_line(response)}: not an "
-                          "OpenAI-compatible vLLM server at that address?")
-    return response
-
-
-def _error_line(response: Any) -> str:
-    """An OpenAI-style error answer on one line: ``HTTP 404: Not Found``."""
-    try:
-        body = response.json()
-    except ValueError:
-        return f"HTTP {response.status_code}: {' '.join(response.text.split())[:300]}"
-    error = body.get("error", body) if isinstance(body, dict) else body
-    message = error.get("message", error.get("detail", error)) if isinstance(error, dict) else error
-    return f"HTTP {response.status_code}: {' '.join(str(message).split())[:300]}"
 
 
 def _nothing(_handle: Any) -> None:

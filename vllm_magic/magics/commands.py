@@ -172,9 +172,7 @@ class VllmMagics(Magics, SamplingTraits):
             self._load_embedder(args, split)
             return
         if args.remote:
-            for flag in ("keep", "persist"):
-                if getattr(args, flag):
-                    raise UsageError(f"--{flag} is about an engine of this user; it does not go with --remote")
+            _refuse_given(args, "remote", "an engine of this user", "keep", "persist", "idle_timeout")
             self._attach(args, split)
             return
         if args.api_key:
@@ -230,11 +228,7 @@ class VllmMagics(Magics, SamplingTraits):
 
     def _load_embedder(self, args: Any, split: MagicLine) -> None:
         """``%vllm_load --embed``: load the session's embedding engine (the generation engine stays)."""
-        for flag in ("keep", "persist"):
-            if getattr(args, flag):
-                raise UsageError(f"--{flag} is about the generation engine; it does not go with --embed")
-        if args.idle_timeout is not None or args.as_name != "llm":
-            raise UsageError("--idle-timeout and --as are about the generation engine; they do not go with --embed")
+        _refuse_given(args, "embed", "the generation engine", "keep", "persist", "idle_timeout", "as_name")
         if args.api_key and not args.remote:
             raise UsageError("--api-key goes with --remote URL")
         progress = LoadProgress(supports_updates(self.shell))
@@ -775,3 +769,12 @@ def unregister(ipython: Any, shutdown: bool = True) -> None:
         if shutdown:
             magics.session.stop_server()
             magics.session.unload()
+
+
+def _refuse_given(args: Any, mode: str, about: str, *flags: str) -> None:
+    """One line for the first of ``flags`` given beside ``--mode``, where it has no meaning."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value not in (None, False) and not (flag == "as_name" and value == "llm"):
+            spelled = "--as" if flag == "as_name" else "--" + flag.replace("_", "-")
+            raise UsageError(f"{spelled} is about {about}; it does not go with --{mode}")

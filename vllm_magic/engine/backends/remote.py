@@ -424,7 +424,7 @@ class RemoteBackend(Backend):
     async def _call(self, path: str, body: dict[str, Any]) -> Any:
         response = await _post(self._loop.client, path, body, url=self.url, on_failure=self._failed)
         if response.status_code != 200:
-            raise RequestError(f"the server refused the prompt: {_error_text(response)}")
+            raise RequestError(f"the server refused the prompt: {error_text(response)}")
         return response.json()
 
     def _fit(self, params: Any, prompt_tokens: int) -> Any:
@@ -483,7 +483,7 @@ class RemoteBackend(Backend):
                                "name them when it starts (vllm serve ... --lora-modules NAME=PATH)")
         if response.status_code != 200:
             raise AdapterError(f"the server at {self.url} could not load adapter {name} from {path}: "
-                               f"{_error_text(response)}")
+                               f"{error_text(response)}")
         self._refresh_adapters()
         return self.adapters.get(name) or Adapter(name=name, path=path)
 
@@ -495,7 +495,7 @@ class RemoteBackend(Backend):
         response = self._loop.run(_post(self._loop.client, "/v1/unload_lora_adapter", {"lora_name": name}),
                                   timeout=None)
         if response.status_code != 200:
-            raise AdapterError(f"the server at {self.url} did not unload adapter {name}: {_error_text(response)}")
+            raise AdapterError(f"the server at {self.url} did not unload adapter {name}: {error_text(response)}")
         self._refresh_adapters()
         return adapter
 
@@ -541,7 +541,7 @@ class RemoteBackend(Backend):
                     handle.finish(aborted=True, then=self._on_finished)
                 raise
             if response.status_code != 200:
-                error = RequestError(f"the server refused the request: {_error_text(response)}")
+                error = RequestError(f"the server refused the request: {error_text(response)}")
                 for handle in handles:
                     handle.finish(error=error)
                 return
@@ -583,7 +583,7 @@ class RemoteBackend(Backend):
             async with self._loop.client.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
                     await response.aread()
-                    handle.finish(error=RequestError(f"the server refused the request: {_error_text(response)}"))
+                    handle.finish(error=RequestError(f"the server refused the request: {error_text(response)}"))
                     return
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
@@ -789,7 +789,7 @@ class RemoteBackend(Backend):
     def _route(self, path: str, params: dict[str, Any] | None, body: dict[str, Any] | None = None) -> None:
         response = self._loop.run(self._loop.client.post(path, params=params, json=body, timeout=None))
         if response.status_code != 200:
-            raise SleepError(f"the persisted engine refused {path}: {_error_text(response)}")
+            raise SleepError(f"the persisted engine refused {path}: {error_text(response)}")
 
     def derived_args(self) -> dict[str, Any]:
         return {"max_model_len": self.max_model_len}
@@ -825,10 +825,21 @@ async def _get_json(client: Any, path: str, url: str, api_key: str | None) -> An
     try:
         response = await client.get(path)
     except httpx.HTTPError as exc:
-        reason = _network_reason(exc)
-        hint = " (%vllm_serve starts one in this kernel)" if "refused" in reason else ""
-        raise ServerError(f"could not reach a vLLM server at {url}: {reason}. Is it running, and is the URL "
-                          f"right?{hint}") from None
+        raise unreachable(url, exc) from None
+    return answer_json(response, path, url, api_key)
+
+
+def unreachable(url: str, exc: BaseException) -> ServerError:
+    """The one-line error for a server that does not answer at all."""
+    reason = _network_reason(exc)
+    hint = " (%vllm_serve starts one in this kernel)" if "refused" in reason else ""
+    return ServerError(f"could not reach a vLLM server at {url}: {reason}. Is it running, and is the URL "
+                       f"right?{hint}")
+
+
+def answer_json(response: Any, path: str, url: str, api_key: str | None) -> Any:
+    """The JSON of a server's answer to a short call, or :class:`ServerError` in one line: a key
+    wanted or refused, a route missing (not a vLLM server), an error, an answer that is not JSON."""
     if response.status_code == 401:
         if api_key:
             raise ServerError(f"the server at {url} refused the API key (HTTP 401): pass the key it was started "
@@ -838,7 +849,7 @@ async def _get_json(client: Any, path: str, url: str, api_key: str | None) -> An
         raise ServerError(f"{url} answered 404 for {path}: not an OpenAI-compatible vLLM server at that address")
     if response.status_code != 200:
         raise ServerError(f"the server at {url} answered HTTP {response.status_code} for {path}: "
-                          f"{_error_text(response)}")
+                          f"{error_text(response)}")
     try:
         return response.json()
     except ValueError:
@@ -861,7 +872,7 @@ async def _settled(future: "asyncio.Future[Any]") -> None:
         pass
 
 
-def _error_text(response: Any) -> str:
+def error_text(response: Any) -> str:
     """The message of an OpenAI-style error answer, on one line."""
     try:
         body = response.json()
