@@ -7,7 +7,9 @@ round, in turn:
 * **one stream**: the decode rate of 128 greedy tokens (``ignore_eos``) of the base model, then of
   the adapter, on the same engine;
 * **a batch**: 8 such requests at once, base then adapter (output tokens per second of the batch);
-* **mixed**: 4 of the prompts without and with the adapter, in one submission (a grid).
+* **mixed**: 4 of the prompts without and with the adapter, in one submission (a grid);
+* **raw vLLM**: the batch of 8 through ``LLM.generate`` on the same engine (the prompts after the chat
+  template, the adapter's own ``LoRARequest``), base then adapter: the floor for the session's batch.
 
 Then it loads the demo model without ``--enable-lora`` and measures the base model's one stream and
 batch the same number of rounds: what enabling LoRA costs requests that use no adapter (these two
@@ -18,12 +20,12 @@ per-round ratios.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from .rounds import median_ratio, medians_of, note_round, print_tables, results, write_json
 
 PROMPTS = ["Tell me a long story about the sea.", "Describe a walk through a forest.", "Explain how ships float.",
            "Write about a day at the market.", "Tell me about the mountains.", "Describe a storm at night.",
@@ -49,18 +51,34 @@ def _mixed(session: Any, lora: str) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def lora_round(session: Any, name: str) -> dict[str, float]:
+def _raw_batch(session: Any, adapter: Any) -> float:
+    """The batch through raw ``LLM.generate`` on the session's engine, with the adapter (or none)."""
+    from vllm import SamplingParams
+
+    from vllm_magic.engine.compat import LoRARequest
+
+    texts = [session.render_prompt(p) for p in PROMPTS]
+    params = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)
+    lora = LoRARequest(adapter.name, adapter.engine_id, adapter.path) if adapter is not None else None
+
+    def work(llm: Any) -> float:
+        start = time.perf_counter()
+        outputs = llm.generate(texts, params, lora_request=lora, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
+
+    return session.run_on_engine(work)
+
+
+def lora_round(session: Any, adapter: Any) -> dict[str, float]:
+    name = adapter.name
     return {"base_stream_tok_s": _stream(session, None), "adapter_stream_tok_s": _stream(session, name),
             "base_batch8_tok_s": _batch(session, None), "adapter_batch8_tok_s": _batch(session, name),
-            "mixed_batch8_tok_s": _mixed(session, name)}
+            "mixed_batch8_tok_s": _mixed(session, name),
+            "raw_base_batch8_tok_s": _raw_batch(session, None), "raw_adapter_batch8_tok_s": _raw_batch(session, adapter)}
 
 
 def plain_round(session: Any) -> dict[str, float]:
     return {"base_stream_tok_s": _stream(session, None), "base_batch8_tok_s": _batch(session, None)}
-
-
-def _median_ratio(rounds: list[dict[str, float]], top: str, bottom: str) -> float:
-    return statistics.median(r[top] / r[bottom] for r in rounds)
 
 
 def main() -> None:
@@ -72,50 +90,42 @@ def main() -> None:
     from vllm_magic import get_session
     from vllm_magic.demo.lora import DEMO_LORA_NAME, prepare_demo_lora
 
-    adapter = prepare_demo_lora(quiet=True)
+    path = prepare_demo_lora(quiet=True)
     session = get_session()
     print(session.load(enable_lora=True).summary, file=sys.stderr)
-    session.add_lora(DEMO_LORA_NAME, adapter)
+    adapter = session.add_lora(DEMO_LORA_NAME, path)
     session.generate("Warm up.", max_tokens=8)
     session.generate("Warm up.", max_tokens=8, lora=DEMO_LORA_NAME)
     status = session.status()
     rounds: dict[str, list[dict[str, float]]] = {"lora_engine": [], "plain_engine": []}
     for number in range(1, args.rounds + 1):
-        row = lora_round(session, DEMO_LORA_NAME)
-        rounds["lora_engine"].append(row)
-        print(f"round {number} lora engine: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), file=sys.stderr)
+        rounds["lora_engine"].append(lora_round(session, adapter))
+        note_round(f"round {number} lora engine", rounds["lora_engine"][-1])
     session.unload()
     print(session.load().summary, file=sys.stderr)
     session.generate("Warm up.", max_tokens=8)
     for number in range(1, args.rounds + 1):
-        row = plain_round(session)
-        rounds["plain_engine"].append(row)
-        print(f"round {number} plain engine: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), file=sys.stderr)
+        rounds["plain_engine"].append(plain_round(session))
+        note_round(f"round {number} plain engine", rounds["plain_engine"][-1])
     session.unload()
     lora_rows = rounds["lora_engine"]
-    medians = {name: {key: statistics.median(r[key] for r in rows) for key in rows[0]} for name, rows in rounds.items()}
+    medians = medians_of(rounds)
     ratios = {
-        "adapter / base, one stream (same engine)": _median_ratio(lora_rows, "adapter_stream_tok_s", "base_stream_tok_s"),
-        "adapter / base, batch of 8 (same engine)": _median_ratio(lora_rows, "adapter_batch8_tok_s", "base_batch8_tok_s"),
-        "mixed 4+4 / base, batch of 8 (same engine)": _median_ratio(lora_rows, "mixed_batch8_tok_s",
-                                                                    "base_batch8_tok_s"),
+        "adapter / base, one stream (same engine)": median_ratio(lora_rows, "adapter_stream_tok_s", "base_stream_tok_s"),
+        "adapter / base, batch of 8 (same engine)": median_ratio(lora_rows, "adapter_batch8_tok_s", "base_batch8_tok_s"),
+        "mixed 4+4 / base, batch of 8 (same engine)": median_ratio(lora_rows, "mixed_batch8_tok_s", "base_batch8_tok_s"),
+        "session / raw vLLM, adapter batch of 8": median_ratio(lora_rows, "adapter_batch8_tok_s",
+                                                               "raw_adapter_batch8_tok_s"),
+        "session / raw vLLM, base batch of 8 (LoRA engine)": median_ratio(lora_rows, "base_batch8_tok_s",
+                                                                          "raw_base_batch8_tok_s"),
         "base on a LoRA engine / on a plain engine, one stream (medians)":
             medians["lora_engine"]["base_stream_tok_s"] / medians["plain_engine"]["base_stream_tok_s"],
         "base on a LoRA engine / on a plain engine, batch of 8 (medians)":
             medians["lora_engine"]["base_batch8_tok_s"] / medians["plain_engine"]["base_batch8_tok_s"],
     }
-    print(f"\n{status.model} on {status.platform} ({status.dtype}), vLLM {status.vllm_version}, {args.rounds} rounds")
-    print("| ratio | value |\n|---|---|")
-    for name, value in ratios.items():
-        print(f"| {name} | {value:.3f} |")
-    print("\n| medians (tokens per second) | |\n|---|---|")
-    for name, values in medians.items():
-        for key, value in values.items():
-            print(f"| {name}: {key} | {value:.1f} |")
-    if args.json:
-        args.json.write_text(json.dumps({"model": status.model, "platform": status.platform,
-                                         "vllm": status.vllm_version, "when": time.strftime("%Y-%m-%d %H:%M"),
-                                         "rounds": rounds, "ratios": ratios, "medians": medians}, indent=2))
+    print_tables(f"{status.model} on {status.platform} ({status.dtype}), vLLM {status.vllm_version}, "
+                 f"{args.rounds} rounds (medians in output tokens per second)", ratios, medians)
+    write_json(args.json, results(status.model, status.platform, status.vllm_version, rounds, ratios, medians))
 
 
 if __name__ == "__main__":

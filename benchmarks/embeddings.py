@@ -18,13 +18,13 @@ medians of the per-round ratios (session / raw vLLM; 1.0: no cost).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .rounds import median_ratio, medians_of, note_round, print_tables, results, write_json
 from .run import make_prompts
 
 SINGLE_CALLS = 16
@@ -92,31 +92,20 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raw_first = number % 2 == 0
         rounds["batch"].append(batch_round(session, texts, raw_first))
         rounds["single"].append(single_round(session, singles, raw_first))
-        print(f"round {number + 1}: " + ", ".join(f"{k} {v:.1f}" for r in (rounds["batch"][-1], rounds["single"][-1])
-                                             for k, v in r.items()), file=sys.stderr)
+        note_round(f"round {number + 1}", {**rounds["batch"][-1], **rounds["single"][-1]})
     ratios = {
-        "batch: session / raw embeddings per second": statistics.median(
-            r["session_per_s"] / r["raw_per_s"] for r in rounds["batch"]),
-        "one text: session / raw time": statistics.median(r["session_ms"] / r["raw_ms"] for r in rounds["single"]),
+        "batch: session / raw embeddings per second": median_ratio(rounds["batch"], "session_per_s", "raw_per_s"),
+        "one text: session / raw time": median_ratio(rounds["single"], "session_ms", "raw_ms"),
     }
-    medians = {name: {key: statistics.median(r[key] for r in rows) for key in rows[0]} for name, rows in rounds.items()}
+    medians = medians_of(rounds)
     embedder = session.embedder
-    results = {"model": embedder.config.model, "platform": embedder.config.platform, "dtype": embedder.dtype,
-               "vllm": embedder.backend.vllm_version if embedder.backend is not None else "n/a",
-               "dimension": embedder.dimension, "texts": args.texts, "single_calls": SINGLE_CALLS,
-               "when": time.strftime("%Y-%m-%d %H:%M"), "rounds": rounds, "ratios": ratios, "medians": medians}
-    print(f"\n{embedder.config.short_name} on {embedder.config.platform} ({embedder.dtype}), {args.texts} texts, "
-          f"{args.rounds} rounds")
-    print("| ratio (median of per-round ratios) | value |\n|---|---|")
-    for name, value in ratios.items():
-        print(f"| {name} | {value:.3f} |")
-    print("\n| medians | |\n|---|---|")
-    for name, values in medians.items():
-        for key, value in values.items():
-            print(f"| {name}: {key} | {value:.1f} |")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    return results
+    data = results(embedder.config.model, embedder.config.platform,
+                   embedder.backend.vllm_version if embedder.backend is not None else "n/a", rounds, ratios, medians,
+                   dtype=embedder.dtype, dimension=embedder.dimension, texts=args.texts, single_calls=SINGLE_CALLS)
+    print_tables(f"{embedder.config.short_name} on {embedder.config.platform} ({embedder.dtype}), {args.texts} texts, "
+                 f"{args.rounds} rounds", ratios, medians)
+    write_json(args.json, data)
+    return data
 
 
 def main() -> None:

@@ -19,14 +19,12 @@ are medians of the per-round ratios.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from .frontends import RecordingShell, Workload, fresh_prefix_cache, stream_raw_steps
+from .rounds import median_ratio, medians_of, note_round, print_tables, results, write_json
 
 PASSAGE = " ".join(
     f"Chapter {i}: the harbour of Saint-Malo at {['dawn', 'noon', 'dusk', 'night'][i % 4]} held "
@@ -102,10 +100,6 @@ def logprobs_round(session: Any) -> dict[str, float]:
     return row
 
 
-def _median_ratio(rounds: list[dict[str, float]], top: str, bottom: str) -> float:
-    return statistics.median(r[top] / r[bottom] for r in rounds)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -124,34 +118,25 @@ def main() -> None:
         for name, measure in (("branch", branch_round), ("continue", continue_round), ("logprobs", logprobs_round)):
             row = measure(session)
             rounds[name].append(row)
-            print(f"round {number} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), file=sys.stderr)
+            note_round(f"round {number} {name}", row)
     ratios = {
-        "branch_ttft / answer_ttft": _median_ratio(rounds["branch"], "branch_ttft_ms", "answer_ttft_ms"),
-        "branch_ttft / uncached_branch_ttft": _median_ratio(rounds["branch"], "branch_ttft_ms", "uncached_branch_ttft_ms"),
-        "turn10_ttft / turn1_ttft": _median_ratio(rounds["continue"], "turn10_ttft_ms", "turn1_ttft_ms"),
-        "turn10_ttft / uncached_turn10_ttft": _median_ratio(rounds["continue"], "turn10_ttft_ms",
+        "branch_ttft / answer_ttft": median_ratio(rounds["branch"], "branch_ttft_ms", "answer_ttft_ms"),
+        "branch_ttft / uncached_branch_ttft": median_ratio(rounds["branch"], "branch_ttft_ms", "uncached_branch_ttft_ms"),
+        "turn10_ttft / turn1_ttft": median_ratio(rounds["continue"], "turn10_ttft_ms", "turn1_ttft_ms"),
+        "turn10_ttft / uncached_turn10_ttft": median_ratio(rounds["continue"], "turn10_ttft_ms",
                                                             "uncached_turn10_ttft_ms"),
-        "decode with logprobs=5 / without": _median_ratio(rounds["logprobs"], "decode_logprobs5_tok_s", "decode_tok_s"),
+        "decode with logprobs=5 / without": median_ratio(rounds["logprobs"], "decode_logprobs5_tok_s", "decode_tok_s"),
     }
     if "raw_decode_tok_s" in rounds["logprobs"][0]:
-        ratios["raw vLLM: decode with logprobs=5 / without"] = _median_ratio(
+        ratios["raw vLLM: decode with logprobs=5 / without"] = median_ratio(
             rounds["logprobs"], "raw_decode_logprobs5_tok_s", "raw_decode_tok_s")
-        ratios["session / raw vLLM, decode with logprobs=5"] = _median_ratio(
+        ratios["session / raw vLLM, decode with logprobs=5"] = median_ratio(
             rounds["logprobs"], "decode_logprobs5_tok_s", "raw_decode_logprobs5_tok_s")
     status = session.status()
-    print(f"\n{status.model} on {status.platform} ({status.dtype}), vLLM {status.vllm_version}, {args.rounds} rounds")
-    print("| ratio (median of per-round ratios) | value |\n|---|---|")
-    for name, value in ratios.items():
-        print(f"| {name} | {value:.3f} |")
-    medians = {name: {key: statistics.median(r[key] for r in rows) for key in rows[0]} for name, rows in rounds.items()}
-    print("\n| medians | |\n|---|---|")
-    for name, values in medians.items():
-        for key, value in values.items():
-            print(f"| {name}: {key} | {value:.1f} |")
-    if args.json:
-        args.json.write_text(json.dumps({"model": status.model, "platform": status.platform,
-                                         "vllm": status.vllm_version, "when": time.strftime("%Y-%m-%d %H:%M"),
-                                         "rounds": rounds, "ratios": ratios, "medians": medians}, indent=2))
+    print_tables(f"{status.model} on {status.platform} ({status.dtype}), vLLM {status.vllm_version}, "
+                 f"{args.rounds} rounds", ratios, medians_of(rounds))
+    write_json(args.json, results(status.model, status.platform, status.vllm_version, rounds, ratios,
+                                  medians_of(rounds)))
     session.unload()
 
 

@@ -305,3 +305,20 @@ def test_the_embeddings_benchmark_pairs_the_session_with_raw_vllm_on_one_engine(
     assert all(r["raw_ms"] > 0 and r["session_ms"] > 0 for r in single)
     assert results["ratios"]["batch: session / raw embeddings per second"] == pytest.approx(
         statistics.median(r["session_per_s"] / r["raw_per_s"] for r in batch))
+
+
+def test_feature_benchmarks_take_each_ratio_within_a_round_and_report_its_median(tmp_path, capsys):
+    from benchmarks.rounds import median_ratio, medians_of, print_tables, results, write_json
+
+    rows = [{"a": 10.0, "b": 5.0}, {"a": 9.0, "b": 9.0}, {"a": 30.0, "b": 10.0}]
+    assert median_ratio(rows, "a", "b") == 2.0  # the ratios 2, 1, 3: not the ratio of medians (10 / 9)
+    medians = medians_of({"g": rows, "empty": []})
+    assert medians == {"g": {"a": 10.0, "b": 9.0}}
+    print_tables("demo on cpu", {"a / b": 2.0}, medians)
+    printed = capsys.readouterr().out
+    assert "demo on cpu" in printed and "| a / b | 2.000 |" in printed and "| g: b | 9.0 |" in printed
+    data = results("demo", "cpu", "0.32.0", {"g": rows}, {"a / b": 2.0}, medians, texts=8)
+    write_json(tmp_path / "out.json", data)
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written["texts"] == 8 and written["ratios"] == {"a / b": 2.0} and written["rounds"]["g"] == rows
+    assert written["model"] == "demo" and written["vllm"] == "0.32.0" and written["when"]

@@ -14,6 +14,7 @@
 #   adapters   LoRA adapters and embeddings: their tests (the demo adapter against transformers + peft, base
 #              and adapter in one submission, a server's runtime loading, the embeddings engine beside the
 #              generation engine, LangChain's standard embeddings tests) and notebook 07 under nbval
+#   lora       the LoRA part of adapters alone: tests/test_lora.py and notebook 07 under nbval
 #   adapterbench  benchmarks.adapters and benchmarks.embeddings: adapter vs base decode, embeddings per second
 # Extra wheels (langchain-tests, langchain-community, matplotlib and their dependencies) are installed
 # from ~/chunks/extra when that folder is there. Results and logs go to $OUT.
@@ -65,6 +66,10 @@ case "$PART" in
       tests/test_embeddings.py tests/test_langchain_embeddings_standard.py \
       notebooks/07-adapters-and-retrieval.ipynb --nbval --nbval-sanitize-with notebooks/sanitize.cfg 2>&1 \
       | tee "$OUT/adapters.log" | tail -n 60 ;;
+  lora)
+    timeout "$LIMIT" $PYTEST --junitxml="$OUT/lora.xml" tests/test_lora.py \
+      notebooks/07-adapters-and-retrieval.ipynb --nbval --nbval-sanitize-with notebooks/sanitize.cfg 2>&1 \
+      | tee "$OUT/lora.log" | tail -n 60 ;;
   adapterbench)
     timeout "$LIMIT" bash -c "python3 -m benchmarks.adapters --rounds 3 --json $OUT/gpu-adapters.json; \
       python3 -m benchmarks.embeddings --rounds 3 --json $OUT/gpu-embeddings.json" 2>&1 \
