@@ -51,22 +51,20 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 def _demo_lora(args: argparse.Namespace) -> int:
     from .demo.lora import prepare_demo_lora
-    from .demo.model import DemoModelError
 
-    try:
-        path = prepare_demo_lora(quiet=args.quiet, force=args.force)
-    except DemoModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+    return _print_path(lambda: prepare_demo_lora(quiet=args.quiet, force=args.force))
 
 
 def _prepare(prepare, args: argparse.Namespace) -> int:
+    return _print_path(lambda: prepare(verify=args.verify, quiet=args.quiet))
+
+
+def _print_path(make) -> int:
+    """Print the directory ``make()`` prepares; a demo file that cannot be made is one line, exit 1."""
     from .demo.model import DemoModelError
 
     try:
-        path = prepare(verify=args.verify, quiet=args.quiet)
+        path = make()
     except DemoModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
