@@ -8,6 +8,7 @@ loads the shared configuration again. The remote test starts a server of its own
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -110,6 +111,36 @@ def test_langchain_objects_answer_with_the_adapter_per_object_and_per_call(lora,
     assert _pirate(chat.invoke(QUESTIONS[1]).content)
     assert not _pirate(chat.invoke(QUESTIONS[1], lora="base").content)
     assert [a.name for a in lora.adapters] == [NAME]  # registering the same directory again changed nothing
+
+
+def test_load_line_registers_adapters_as_vllm_serve_spells_lora_modules(lora, adapter_dir, shell, capsys, tmp_path):
+    engines = lora.engines_created
+    entry = json.dumps({"name": "third", "path": adapter_dir})
+    try:
+        # the live engine runs --enable-lora already, and rank 8 needs no --max-lora-rank: it serves the line
+        shell.run_line_magic("vllm_load", f"--lora-modules second={adapter_dir} '{entry}' --no-controls")
+        said = capsys.readouterr().out
+        assert "already loaded" in said and "✓ adapters second (rank 8" in said and "third (rank 8" in said
+        assert lora.engines_created == engines
+        assert [a.name for a in lora.adapters] == [NAME, "second", "third"]
+        answer = shell.run_cell_magic("vllm", "-t 0 -m 16 --lora third --quiet", QUESTIONS[0])
+        assert answer.lora == "third" and _pirate(answer.text)
+        for line, words in ((f"--lora-modules {NAME}", "--lora-modules takes NAME=PATH, not 'pirate'"),
+                            ("--lora-modules '{\"name\": \"x\"}'", 'a JSON entry needs "name" and "path"'),
+                            ("--lora-modules --enable-lora", "--lora-modules needs NAME=PATH"),
+                            (f"--lora-modules x={tmp_path / 'missing'}", "no such adapter directory"),
+                            (f"--persist --lora-modules x={adapter_dir}", "for a --persist engine, register them "
+                                                                          "with %vllm_lora NAME PATH"),
+                            (f"--embed --lora-modules x={adapter_dir}", "give --lora-modules to the generation "
+                                                                        "engine's %vllm_load")):
+            with pytest.raises(UsageError, match=re.escape(words)):
+                shell.run_line_magic("vllm_load", line)
+        assert lora.engines_created == engines and lora.loaded and lora.embedder is None
+    finally:
+        for name in ("second", "third"):
+            if name in {a.name for a in lora.adapters}:
+                lora.remove_lora(name)
+    assert [a.name for a in lora.adapters] == [NAME]
 
 
 def _copy_with_config(source: str, target, **changes) -> str:

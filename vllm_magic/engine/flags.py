@@ -68,6 +68,8 @@ class VllmFlags:
     server: dict[str, Any] = field(default_factory=dict)
     #: The session's parsers (``%vllm_load``; ``%vllm_serve`` hands the parser flags to the server).
     parsers: Parsers = field(default_factory=Parsers)
+    #: LoRA adapters to register once the engine runs, ``(name, path)`` (``%vllm_load --lora-modules``).
+    adapters: tuple[tuple[str, str], ...] = ()
 
 
 def split_line(tokens: Sequence[str], own: Mapping[str, bool]) -> MagicLine:
@@ -106,9 +108,10 @@ def load_flags(argv: str | Sequence[str], model: str | None = None) -> VllmFlags
     against vLLM's) and the engine arguments given, ``--concurrency`` (vllm-magic's) among them.
     ``model`` is the one named first on the line."""
     model, parsers, rest = _take_ours(_words(argv), model)
+    adapters, rest = _take_lora_modules(rest)
     own, rest = _take_engine_options(rest)
     engine = _read(_engine_parser, rest, "unrecognized engine arguments: {}", _LOAD_HINT)
-    return VllmFlags(model, {**engine, **own}, {}, parsers)
+    return VllmFlags(model, {**engine, **own}, {}, parsers, adapters)
 
 
 def parser_flags(argv: str | Sequence[str]) -> Parsers:
@@ -199,6 +202,45 @@ def _take_engine_options(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
                             f"holds), not {value!r}")
         own[_ENGINE_OPTION_FLAGS[flag]] = number
     return own, rest
+
+
+def _take_lora_modules(argv: list[str]) -> tuple[tuple[tuple[str, str], ...], list[str]]:
+    """``--lora-modules`` as ``vllm serve`` spells it (``NAME=PATH ...``, or JSON objects with
+    ``name`` and ``path``), and the other flags. ``vllm serve`` registers these adapters when it
+    starts; ``%vllm_load`` registers them once its engine runs."""
+    adapters: list[tuple[str, str]] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        name, equals, value = argv[i].partition("=")
+        if name != "--lora-modules":
+            rest.append(argv[i])
+            i += 1
+            continue
+        values = [value] if equals else []
+        i += 1
+        while not equals and i < len(argv) and not argv[i].startswith("-"):
+            values.append(argv[i])
+            i += 1
+        if not values:
+            raise FlagError("--lora-modules needs NAME=PATH (one or more)")
+        adapters.extend(_lora_module(v) for v in values)
+    return tuple(adapters), rest
+
+
+def _lora_module(value: str) -> tuple[str, str]:
+    if value.lstrip().startswith("{"):
+        try:
+            entry = json.loads(value)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict) or not entry.get("name") or not entry.get("path"):
+            raise FlagError(f"--lora-modules {value}: a JSON entry needs \"name\" and \"path\"")
+        return str(entry["name"]), str(entry["path"])
+    name, equals, path = value.partition("=")
+    if not equals or not name or not path:
+        raise FlagError(f"--lora-modules takes NAME=PATH, not {value!r}")
+    return name, path
 
 
 def _take_model(argv: list[str], model: str | None) -> tuple[str | None, list[str]]:

@@ -256,13 +256,9 @@ class EngineBase(SamplingFields):  # type: ignore[misc, valid-type]
 def lora_engine_args(name: str, path: str | os.PathLike) -> dict[str, Any]:
     """The engine arguments that run the adapter in ``path``: ``enable_lora``, and a
     ``max_lora_rank`` over vLLM's default (16) where the adapter's rank needs it."""
-    from ..engine.requests.adapters import max_rank_for, read_adapter
+    from ..engine.requests.adapters import engine_args_for, read_adapter
 
-    adapter = read_adapter(name, path)
-    args: dict[str, Any] = {"enable_lora": True}
-    if adapter.rank is not None and adapter.rank > 16:
-        args["max_lora_rank"] = max_rank_for(adapter.rank)
-    return args
+    return engine_args_for([read_adapter(name, path)])
 
 
 def engine_request(model: str | None, tensor_parallel_size: int | None, trust_remote_code: bool | None,

@@ -157,6 +157,10 @@ class VllmMagics(Magics, SamplingTraits):
         ``ChatVLLM`` reads tool calls. They are applied here, to the generated text, and are not
         engine flags: changing them never restarts the engine.
 
+        ``--lora-modules NAME=PATH ...`` (``vllm serve``'s spelling, JSON entries too) registers LoRA
+        adapters once the engine runs, as ``%vllm_lora NAME PATH`` does; it implies ``--enable-lora``
+        and a ``--max-lora-rank`` that takes their ranks.
+
         With ``--embed`` the model becomes the session's embedding engine instead, beside the
         generation engine (which it never touches): vLLM's pooling runner in this kernel, with the
         same engine flags and the same "already loaded" rule, or ``--embed --remote URL`` for a
@@ -195,15 +199,22 @@ class VllmMagics(Magics, SamplingTraits):
                         self.session.download(model, progress=progress, **hub)
                 with usage_errors():  # the session's parsers are not engine flags: choosing one never restarts it
                     flags = load_flags(split.vllm, split.model)
+                    engine = {**_adapter_engine_args(flags.adapters, args), **flags.engine}
                 info = self.session.load(flags.model, verbose=args.verbose, progress=progress, keep=args.keep,
                                          persist=args.persist, idle_timeout=idle, flag_words=split.vllm,
-                                         **flags.engine)
+                                         **engine)
                 parsers = flags.parsers
+                adapters = flags.adapters
             else:
                 with usage_errors():
                     parsers = parser_flags(split.vllm)
+                adapters = ()
         self.session.parsers = parsers
         self._loaded(info, args)
+        if adapters:
+            with usage_errors():  # the engine stays loaded: an adapter it refuses is one line
+                registered = [self.session.add_lora(name, path) for name, path in adapters]
+            print("✓ adapters " + ", ".join(a.summary for a in registered) + ": %%vllm --lora NAME")
 
     def _loaded(self, info: Any, args: Any) -> None:
         for line in (getattr(info, "note", None), getattr(info, "kept", None)):
@@ -237,6 +248,9 @@ class VllmMagics(Magics, SamplingTraits):
             flags = remote_flags(split.vllm, split.model) if args.remote else load_flags(split.vllm, split.model)
             if flags.parsers.reasoning or flags.parsers.tool_call:
                 raise UsageError("parsers read generated text: give them to the generation engine's %vllm_load")
+            if flags.adapters:
+                raise UsageError("LoRA adapters change what a model generates: give --lora-modules to the "
+                                 "generation engine's %vllm_load")
             info = self.session.load_embedder(flags.model, url=args.remote, api_key=args.api_key, verbose=args.verbose,
                                               progress=progress, **flags.engine)
         print(("" if info.already_loaded else "✓ ") + info.summary)
@@ -778,3 +792,16 @@ def _refuse_given(args: Any, mode: str, about: str, *flags: str) -> None:
         if value not in (None, False) and not (flag == "as_name" and value == "llm"):
             spelled = "--as" if flag == "as_name" else "--" + flag.replace("_", "-")
             raise UsageError(f"{spelled} is about {about}; it does not go with --{mode}")
+
+
+def _adapter_engine_args(adapters: tuple[tuple[str, str], ...], args: Any) -> dict[str, Any]:
+    """``--lora-modules``: the engine arguments that run those adapters (``enable_lora``, a
+    ``max_lora_rank`` that takes them), read from their files before any engine starts."""
+    if not adapters:
+        return {}
+    if args.persist:
+        raise UsageError("--lora-modules registers adapters with an engine of this kernel; for a --persist "
+                         "engine, register them with %vllm_lora NAME PATH once it runs")
+    from ..engine.requests.adapters import engine_args_for, read_adapter
+
+    return engine_args_for([read_adapter(name, path) for name, path in adapters])

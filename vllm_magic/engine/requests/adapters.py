@@ -15,12 +15,12 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ...errors import RequestError
 
 __all__ = ["Adapter", "AdapterError", "BASE", "read_adapter", "check_name", "check_fits", "unknown_adapter",
-           "adapter_names", "max_rank_for"]
+           "adapter_names", "max_rank_for", "engine_args_for"]
 
 #: The name that asks for no adapter: the base model.
 BASE = "base"
@@ -136,6 +136,16 @@ def adapter_names(value: Any) -> str | None:
 def _model_name(name: str) -> str:
     """A model's name without its folders or Hub organisation, for comparing bases."""
     return os.path.basename(os.path.normpath(str(name))).lower()
+
+
+def engine_args_for(adapters: Sequence[Adapter]) -> dict[str, Any]:
+    """The engine arguments that run these adapters: ``enable_lora``, and a ``max_lora_rank`` over
+    vLLM's default (16) where one of their ranks needs it."""
+    args: dict[str, Any] = {"enable_lora": True}
+    ranks = [adapter.rank for adapter in adapters if adapter.rank is not None]
+    if ranks and max(ranks) > 16:
+        args["max_lora_rank"] = max_rank_for(max(ranks))
+    return args
 
 
 def max_rank_for(rank: int) -> int:
