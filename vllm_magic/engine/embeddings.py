@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError, EngineDiedError, EngineStartError, RequestError, ServerError
 from .backends.base import UnloadReport
-from .backends.remote import answer_json, error_text, normalize_url, unreachable
+from .backends.remote import answer_json, error_text, normalize_url, server_key, unreachable
 from .config import EngineConfig, resolve_engine_config
 
 __all__ = ["Embedder", "embedding_config", "check_embedding_config", "cosine", "NO_EMBEDDER"]
@@ -256,14 +256,11 @@ class Embedder:
         embedder keeps running: what its shutdown waits for. ``"own"`` where the engine's own
         baseline is right: off NVIDIA GPUs, and when this embedder started before it (its baseline
         counts the embedder already)."""
-        from .gpu_memory import device_memory_used
-
         mine = self._backend
         if (mine is None or backend.config.platform != "cuda" or mine.started < backend.started
                 or self.death() is not None):
             return "own"
-        used, (own, _) = device_memory_used("cuda"), backend.memory()
-        return "own" if used is None or own is None else used - own
+        return _in_use_without(backend)
 
     def loaded_line(self, already: bool = False) -> str:
         """The load line: what embeds where, and how long it took (or that it was already there)."""
@@ -302,14 +299,17 @@ class Embedder:
             self._server.close()
             return UnloadReport(self.config.model, 0, 0, None, None)
         backend = self._backend
-        baseline: Any = "own"
-        if backend.config.platform == "cuda":  # what stays in use once its processes are gone, whoever
-            from .gpu_memory import device_memory_used  # else started since (a generation engine)
+        # what stays in use once its processes are gone, whoever else started since (a generation engine)
+        return backend.shutdown(_in_use_without(backend) if backend.config.platform == "cuda" else "own")
 
-            used, (own, _) = device_memory_used("cuda"), backend.memory()
-            if used is not None and own is not None:
-                baseline = used - own
-        return backend.shutdown(baseline)
+
+def _in_use_without(backend: Any) -> Any:
+    """The GPU memory in use once ``backend`` is gone and every other engine stays (what its shutdown
+    waits for), or ``"own"`` (its own baseline) where the card or the engine does not say."""
+    from .gpu_memory import device_memory_used
+
+    used, (own, _) = device_memory_used("cuda"), backend.memory()
+    return "own" if used is None or own is None else used - own
 
 
 class _Server:
@@ -329,7 +329,7 @@ class _Server:
         import httpx
 
         url = normalize_url(url)
-        api_key = api_key or os.environ.get("VLLM_API_KEY") or None  # the variable `vllm serve` reads
+        api_key = server_key(api_key)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(CONNECT_TIMEOUT, read=None)
         if url.startswith("unix:"):  # a server on a Unix socket
@@ -364,7 +364,7 @@ class _Server:
         return server
 
     def is_for(self, url: str, api_key: str | None, model: str | None) -> bool:
-        api_key = api_key or os.environ.get("VLLM_API_KEY") or None
+        api_key = server_key(api_key)
         return normalize_url(url) == self.url and api_key == self.api_key and model in (None, self.name)
 
     def _post(self, texts: list[str]) -> Any:

@@ -230,6 +230,7 @@ class RemoteBackend(Backend):
         self._texts: dict[int, str] = {}  # token id -> its text (logprobs name tokens by id)
         self._structured_key = "structured_outputs" if (version_tuple(version) or (0,)) >= (0, 10, 2) else "guided"
         self._prefix = uuid.uuid4().hex[:8]  # request ids unique on a server that several sessions share
+        self._adapters: dict[str, Adapter] = {}  # what /v1/models lists beside the model (_note_adapters)
         #: The persisted engine this is attached to (``%vllm_load --persist``), or None.
         self.persisted: Any = None
 
@@ -241,7 +242,7 @@ class RemoteBackend(Backend):
         it cannot be reached, wants another key, or does not serve ``model``. ``api_key`` None takes
         ``$VLLM_API_KEY`` (the variable ``vllm serve`` reads) when it is set."""
         url = normalize_url(url)
-        api_key = api_key or os.environ.get("VLLM_API_KEY") or None  # the variable `vllm serve` reads
+        api_key = server_key(api_key)
         t0 = time.perf_counter()
         loop = _Loop(url, api_key)
         try:
@@ -312,7 +313,7 @@ class RemoteBackend(Backend):
         return tokenizer
 
     def attached_to(self, url: str, api_key: str | None, model: str | None) -> bool:
-        api_key = api_key or os.environ.get("VLLM_API_KEY") or None
+        api_key = server_key(api_key)
         return (normalize_url(url) == self.url and api_key == (self.api_key or None)
                 and model in (None, self.served_name))
 
@@ -450,7 +451,7 @@ class RemoteBackend(Backend):
 
     @property
     def adapters(self) -> dict[str, Adapter]:
-        return dict(self.__dict__.get("_adapters", {}))
+        return dict(self._adapters)
 
     def lora_refusal(self) -> str | None:
         return None  # the server decides: its /v1/models lists what it runs
@@ -827,6 +828,12 @@ async def _get_json(client: Any, path: str, url: str, api_key: str | None) -> An
     except httpx.HTTPError as exc:
         raise unreachable(url, exc) from None
     return answer_json(response, path, url, api_key)
+
+
+def server_key(api_key: str | None) -> str | None:
+    """The API key to send: the one given, else ``$VLLM_API_KEY`` (the variable ``vllm serve``
+    reads), else none."""
+    return api_key or os.environ.get("VLLM_API_KEY") or None
 
 
 def unreachable(url: str, exc: BaseException) -> ServerError:
