@@ -55,11 +55,9 @@ def _raw_batch(session: Any, adapter: Any) -> float:
     """The batch through raw ``LLM.generate`` on the session's engine, with the adapter (or none)."""
     from vllm import SamplingParams
 
-    from vllm_magic.engine.compat import LoRARequest
-
     texts = [session.render_prompt(p) for p in PROMPTS]
     params = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)
-    lora = LoRARequest(adapter.name, adapter.engine_id, adapter.path) if adapter is not None else None
+    lora = session.backend.lora_request(None if adapter is None else adapter.name)  # the request's own LoRARequest
 
     def work(llm: Any) -> float:
         start = time.perf_counter()
